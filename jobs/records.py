@@ -1,0 +1,135 @@
+"""Turning one input record into a document or a rejection: pure functions, run by ingest in Spark.
+
+Every record ends as exactly one of the two, so input = kept + rejected always holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+from dataclasses import dataclass
+from typing import Any
+
+# C0 and C1 control characters except tab and newline.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_LINE_BREAKS = re.compile("\r\n|\r|\u2028|\u2029")
+REJECT_TEXT_CHARS = 2_000  # how much of a rejected record is kept for audit
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """What parsing needs to know of a recipe source (a plain, picklable copy)."""
+
+    name: str
+    text_field: str
+    id_field: str | None
+    url_field: str | None
+    max_doc_bytes: int
+
+
+@dataclass(frozen=True)
+class Document:
+    doc_id: str
+    text: str
+    url: str | None
+    meta: str | None
+
+
+@dataclass(frozen=True)
+class Rejection:
+    reason: str
+    detail: str
+    doc_id: str | None
+    text: str | None
+
+
+def normalize_text(text: str) -> str:
+    """Unicode NFC, line endings to ``\\n``, control characters (but tab and newline) removed."""
+    text = _LINE_BREAKS.sub("\n", text)
+    text = unicodedata.normalize("NFC", text)
+    text = _CONTROL.sub("", text)
+    return text.lstrip("\ufeff")
+
+
+def make_doc_id(source: str, record_id: str | None, text: str) -> str:
+    """Stable id: from the source name and the record's own id, else from the content."""
+    key = f"id\x00{record_id}" if record_id is not None else f"text\x00{text}"
+    return hashlib.blake2b(f"{source}\x00{key}".encode("utf-8"), digest_size=12).hexdigest()
+
+
+def parse_json_line(raw: bytes, spec: SourceSpec, where: str) -> Document | Rejection:
+    """One JSONL line (without its newline) → a Document or a Rejection naming ``where``."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return Rejection(
+            "invalid_utf8",
+            f"{where}: byte {err.start} of the line is not UTF-8 ({err.reason})",
+            None,
+            raw.decode("utf-8", "replace")[:REJECT_TEXT_CHARS],
+        )
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        return Rejection("malformed_json", f"{where}: {err.msg} at column {err.colno}", None, line[:REJECT_TEXT_CHARS])
+    if not isinstance(record, dict):
+        return Rejection(
+            "not_an_object", f"{where}: a JSON {type(record).__name__}, expected an object", None, line[:REJECT_TEXT_CHARS]
+        )
+    return parse_record(record, spec, where)
+
+
+def parse_record(record: dict[str, Any], spec: SourceSpec, where: str) -> Document | Rejection:
+    """A decoded record (a JSON object or a Parquet row) → a Document or a Rejection."""
+    record_id = _record_id(record, spec)
+    if spec.id_field is not None and record_id is None:
+        return Rejection(
+            "missing_id", f"{where}: id field {spec.id_field!r} is missing or null", None, _preview(record)
+        )
+    doc_id_hint = make_doc_id(spec.name, record_id, "") if record_id is not None else None
+    if spec.text_field not in record or record[spec.text_field] is None:
+        return Rejection(
+            "missing_text", f"{where}: text field {spec.text_field!r} is missing or null", doc_id_hint, _preview(record)
+        )
+    raw_text = record[spec.text_field]
+    if not isinstance(raw_text, str):
+        return Rejection(
+            "text_not_string",
+            f"{where}: text field {spec.text_field!r} is a {type(raw_text).__name__}, expected a string",
+            doc_id_hint,
+            _preview(record),
+        )
+    size = len(raw_text.encode("utf-8", "surrogatepass"))
+    if size > spec.max_doc_bytes:
+        return Rejection(
+            "too_large",
+            f"{where}: text is {size} bytes, over ingest.max_doc_bytes = {spec.max_doc_bytes}",
+            doc_id_hint,
+            raw_text[:REJECT_TEXT_CHARS],
+        )
+    text = normalize_text(raw_text)
+    if not text.strip():
+        return Rejection("empty_text", f"{where}: text is empty after normalisation", doc_id_hint, raw_text[:REJECT_TEXT_CHARS])
+    url = record.get(spec.url_field) if spec.url_field else None
+    rest = {k: v for k, v in record.items() if k not in (spec.text_field, spec.id_field, spec.url_field)}
+    return Document(
+        doc_id=make_doc_id(spec.name, record_id, text),
+        text=text,
+        url=str(url) if url is not None else None,
+        meta=json.dumps(rest, ensure_ascii=False, sort_keys=True, default=str) if rest else None,
+    )
+
+
+def _record_id(record: dict[str, Any], spec: SourceSpec) -> str | None:
+    if spec.id_field is None:
+        return None
+    value = record.get(spec.id_field)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return str(value)
+
+
+def _preview(record: dict[str, Any]) -> str:
+    return json.dumps(record, ensure_ascii=False, default=str)[:REJECT_TEXT_CHARS]

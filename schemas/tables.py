@@ -1,0 +1,151 @@
+"""One definition per lake table (DESIGN.md, "The lake").
+
+Each table is declared once, as an Arrow schema; the Spark StructType is derived from it, so the
+refinery (Spark) and the trainer (delta-rs, no JVM) can never disagree about a column.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    schema: pa.Schema
+    key: tuple[str, ...]
+    description: str
+
+    @property
+    def columns(self) -> list[str]:
+        return self.schema.names
+
+
+def _schema(*fields: tuple[str, pa.DataType, bool]) -> pa.Schema:
+    return pa.schema([pa.field(name, dtype, nullable=nullable) for name, dtype, nullable in fields])
+
+
+_TS = pa.timestamp("us", tz="UTC")
+
+_RAW = (
+    ("doc_id", pa.string(), False),
+    ("text", pa.string(), False),
+    ("source", pa.string(), False),
+    ("url", pa.string(), True),
+    # The source record's other fields, as a JSON object: kept verbatim, never interpreted.
+    ("meta", pa.string(), True),
+    ("ingested_at", _TS, False),
+)
+_FILTERED = _RAW + (("signals", pa.map_(pa.string(), pa.float64()), True),)
+_CLEAN = _FILTERED + (("pii", pa.map_(pa.string(), pa.int64()), True),)
+_SCORED = _CLEAN + (
+    ("quality", pa.float64(), True),
+    ("domain", pa.string(), True),
+    ("lang", pa.string(), True),
+    ("category", pa.string(), True),
+)
+_DEDUP = _SCORED + (("cluster_id", pa.string(), True),)
+
+TABLES: dict[str, Table] = {
+    t.name: t
+    for t in [
+        Table("documents_raw", _schema(*_RAW), ("doc_id",), "one source document"),
+        Table(
+            "documents_filtered",
+            _schema(*_FILTERED),
+            ("doc_id",),
+            "a document that passed every rule, after line cleanup",
+        ),
+        Table("documents_clean", _schema(*_CLEAN), ("doc_id",), "the same document with PII replaced"),
+        Table("documents_scored", _schema(*_SCORED), ("doc_id",), "+ model outputs"),
+        Table("documents_dedup", _schema(*_DEDUP), ("doc_id",), "a document kept after dedup"),
+        Table(
+            "documents_rejected",
+            _schema(
+                ("doc_id", pa.string(), True),
+                ("source", pa.string(), True),
+                ("stage", pa.string(), False),
+                ("reason", pa.string(), False),
+                ("detail", pa.string(), True),
+                ("text", pa.string(), True),
+                ("rejected_at", _TS, False),
+            ),
+            ("stage", "doc_id"),
+            "a document dropped, and why",
+        ),
+        Table(
+            "dedup_clusters",
+            _schema(
+                ("doc_id", pa.string(), False),
+                ("cluster_id", pa.string(), False),
+                ("kept_doc_id", pa.string(), False),
+                ("similarity", pa.float64(), True),
+                ("threshold", pa.float64(), True),
+                ("category", pa.string(), True),
+            ),
+            ("doc_id",),
+            "one member of a near-duplicate cluster",
+        ),
+        Table(
+            "chunks",
+            _schema(
+                ("chunk_id", pa.string(), False),
+                ("stage", pa.string(), False),
+                ("status", pa.string(), False),
+                ("n_tokens", pa.int64(), False),
+                ("n_rows", pa.int64(), False),
+                ("files", pa.list_(pa.string()), False),
+                ("sha256", pa.list_(pa.string()), False),
+                # tokens per mixing category actually packed into the chunk
+                ("mix", pa.map_(pa.string(), pa.int64()), True),
+                ("times_consumed", pa.int64(), False),
+                ("recipe_hash", pa.string(), True),
+                ("tokenizer_version", pa.string(), True),
+                ("run_id", pa.string(), True),
+                ("reason", pa.string(), True),
+                ("created_at", _TS, False),
+                ("updated_at", _TS, False),
+            ),
+            ("chunk_id",),
+            "one token chunk: the manifest",
+        ),
+        Table(
+            "usage",
+            _schema(
+                ("doc_id", pa.string(), False),
+                ("times_used", pa.int64(), False),
+                ("last_chunk_id", pa.string(), True),
+            ),
+            ("doc_id",),
+            "how often a document went into chunks",
+        ),
+        Table(
+            "trainer_events",
+            _schema(
+                ("run_id", pa.string(), False),
+                ("step", pa.int64(), False),
+                ("chunk_id", pa.string(), True),
+                ("event", pa.string(), False),
+                ("detail", pa.string(), True),
+                ("at", _TS, False),
+            ),
+            ("run_id", "step", "event"),
+            "consumed / spike / rollback / quarantine",
+        ),
+    ]
+}
+
+
+class UnknownTableError(KeyError):
+    pass
+
+
+def table(name: str) -> Table:
+    try:
+        return TABLES[name]
+    except KeyError:
+        raise UnknownTableError(
+            f"unknown lake table {name!r}; the lake has: {', '.join(TABLES)}"
+        ) from None
