@@ -155,9 +155,7 @@ class Lake:
             rows = sum(json.loads(a.stats)["numRecords"] for a in adds)
             props = _commit_properties(job, rows, strict=mode == "overwrite")
             if snapshot is None:
-                create_table_with_add_actions(
-                    uri, DeltaSchema.from_arrow(spec.schema), adds, mode="error", commit_properties=props
-                )
+                _create_with(uri, spec, adds, props)
             elif replace_where:
                 removes, rewritten = _replace_where_actions(snapshot, spec, replace_where, write_dir)
                 snapshot.create_write_transaction(
@@ -299,6 +297,15 @@ class Lake:
 
 class _TableExistsError(Exception):
     pass
+
+
+def _create_with(uri: str, spec: Table, adds: list[AddAction], props: CommitProperties) -> None:
+    try:
+        create_table_with_add_actions(uri, DeltaSchema.from_arrow(spec.schema), adds, mode="error", commit_properties=props)
+    except Exception as err:
+        if DeltaTable.is_deltatable(uri):  # another writer created the table first
+            raise _TableExistsError(str(err)) from err
+        raise
 
 
 def _spark_uri(uri: str) -> str:

@@ -61,8 +61,11 @@ def list_files(pattern: str) -> list[str]:
 def _glob_regex(pattern: str) -> re.Pattern[str]:
     # `**/` matches any number of folders; `*` stays inside one folder, as in a shell.
     parts = pattern.split("**/")
-    translated = [fnmatch.translate(p).removesuffix("\\Z").removeprefix("(?s:").removesuffix(")") for p in parts]
-    return re.compile("(?:.*/)?".join(translated).replace(".*", "[^/]*"))
+    translated = [
+        fnmatch.translate(p).removesuffix("\\Z").removeprefix("(?s:").removesuffix(")").replace(".*", "[^/]*")
+        for p in parts
+    ]
+    return re.compile("(?:.*/)?".join(translated))
 
 
 def compression_of(file: str) -> str | None:

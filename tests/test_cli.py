@@ -1,0 +1,56 @@
+import json
+import re
+
+import pytest
+
+from jobs import cli, ingest
+from jobs.demo_corpus import MESSY_LINES, build_demo_corpus
+
+from conftest import make_recipe, write_jsonl
+
+HAN = re.compile(r"[\u4e00-\u9fff]")
+
+
+def test_status_lists_tables_versions_rows_and_rejections(spark, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": f"doc {i}"} for i in range(7)] + [{"text": 3}])
+    recipe = make_recipe(tmp_path, [{"name": "s", "path": str(data)}])
+    ingest.run(spark, recipe)
+    (tmp_path / "recipe.yaml").write_text(f"lake: {recipe.lake}\nsources: [{{name: s, path: '{data}'}}]\n")
+    assert cli.main(["status", "--recipe", str(tmp_path / "recipe.yaml")]) == 0
+    out = capsys.readouterr().out
+    raw_line = next(line for line in out.splitlines() if line.strip().startswith("documents_raw"))
+    assert raw_line.split()[1:3] == ["0", "7"]  # version 0, 7 rows
+    assert "by ingest" in raw_line
+    assert re.search(r"ingest\s+text_not_string\s+1", out)
+    assert "not written yet:" in out and "chunks" in out
+
+
+def test_bad_recipe_is_one_clear_line_and_exit_code_2(tmp_path, capsys):
+    bad = tmp_path / "r.yaml"
+    bad.write_text("lake: l\nsources: [{name: s, path: x, colour: red}]\n")
+    assert cli.main(["status", "--recipe", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "sources.0.colour: unknown key" in err and "Traceback" not in err
+
+
+def test_demo_corpus_is_real_mixed_text_and_deterministic(tmp_path):
+    first = {b.name: b for b in build_demo_corpus(tmp_path / "a", {"zh_news": 30, "zh_reviews": 30, "en_docs": 30, "code": 30})}
+    second = build_demo_corpus(tmp_path / "b", {"zh_news": 30, "zh_reviews": 30, "en_docs": 30, "code": 30})
+    for b in second:
+        assert b.path.read_bytes() == first[b.name].path.read_bytes()
+    import gzip
+
+    def texts(name):
+        raw = first[name].path.read_bytes()
+        raw = gzip.decompress(raw) if first[name].path.suffix == ".gz" else raw
+        return [json.loads(line)["text"] for line in raw.decode().splitlines()]
+
+    for name in ("zh_news", "zh_reviews"):
+        docs = texts(name)
+        assert len(docs) == 30
+        assert all(len(HAN.findall(t)) / len(t) > 0.5 for t in docs), name
+    english = texts("en_docs")
+    assert all(len(HAN.findall(t)) == 0 for t in english)
+    assert sum(" the " in t for t in english) >= 0.9 * len(english)
+    assert all(re.search(r"^\s*(def|class|import|from|#|@|\w+ = )", t, re.M) for t in texts("code"))
+    assert first["messy"].documents == len(MESSY_LINES)

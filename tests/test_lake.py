@@ -1,0 +1,224 @@
+"""The lake's guarantees, each shown on real writes (DESIGN.md, 'The lake')."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import unquote
+
+import duckdb
+import polars as pl
+import pyarrow as pa
+import pytest
+from deltalake import DeltaTable
+
+import jobs.lake as lake_module
+from jobs.lake import ConflictError, Lake, SchemaMismatchError, TableMissingError
+from jobs.spark import delta_jar_available
+from schemas import table
+from schemas.spark import spark_schema
+
+from conftest import ROOT, make_recipe, write_jsonl
+
+NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+def usage_df(spark, rows):
+    return spark.createDataFrame(rows, spark_schema(table("usage")))
+
+
+def rejected_df(spark, rows):
+    return spark.createDataFrame([(d, "src", st, "r", None, "t", NOW) for d, st in rows], spark_schema(table("documents_rejected")))
+
+
+def replay_log(table_dir: str) -> list[str]:
+    """An independent Delta reader: replay the JSON commit log by hand (no delta-rs, no Spark)."""
+    active: dict[str, bool] = {}
+    for commit in sorted(glob.glob(f"{table_dir}/_delta_log/*.json")):
+        for line in Path(commit).read_text().splitlines():
+            action = json.loads(line)
+            if "add" in action:
+                active[unquote(action["add"]["path"])] = True
+            if "remove" in action:
+                active.pop(unquote(action["remove"]["path"]), None)
+    return [f"{table_dir}/{p}" for p in sorted(active)]
+
+
+def test_round_trip_overwrite_and_independent_readers(spark, lake_root):
+    lake = Lake(lake_root, spark)
+    assert not lake.native  # no Delta jar here: the bridge is under test
+    v0 = lake.write("usage", usage_df(spark, [("a", 1, "c1"), ("b", 2, "c1")]), mode="overwrite", job="t")
+    v1 = lake.write("usage", usage_df(spark, [("c", 5, "c2")]), mode="append")
+    assert (v0, v1) == (0, 1)
+    assert sorted(r.doc_id for r in lake.read("usage").collect()) == ["a", "b", "c"]
+    v2 = lake.write("usage", usage_df(spark, [("z", 9, "c3")]), mode="overwrite")
+    assert v2 == 2
+    uri = lake.uri("usage")
+    # delta-rs, Polars and a hand-written log replay + DuckDB all see only the overwrite's rows.
+    assert DeltaTable(uri).to_pyarrow_table().column("doc_id").to_pylist() == ["z"]
+    assert pl.read_delta(uri)["doc_id"].to_list() == ["z"]
+    files = replay_log(uri)
+    assert duckdb.sql(f"select doc_id, times_used from read_parquet({files})").fetchall() == [("z", 9)]
+    assert pa.schema(DeltaTable(uri).schema().to_arrow()).names == table("usage").columns
+    history = lake.versions("usage")
+    assert [h.version for h in history] == [2, 1, 0]
+    assert history[-1].job == "t" and history[-1].rows_written == 2
+
+
+def test_write_with_wrong_columns_fails_naming_table_and_column(spark, lake_root):
+    lake = Lake(lake_root, spark)
+    df = spark.createDataFrame([("a", "1")], "doc_id string, times_used string")
+    with pytest.raises(SchemaMismatchError) as err:
+        lake.write("usage", df)
+    assert "'usage'" in str(err.value)
+    assert "'times_used' has type string, expected bigint" in str(err.value)
+    assert "'last_chunk_id' is missing" in str(err.value)
+    assert not lake.exists("usage")
+
+
+def test_reading_a_missing_table_says_which_stage_to_run(spark, lake_root):
+    with pytest.raises(TableMissingError, match="documents_raw.*run the stage that writes it"):
+        Lake(lake_root, spark).read("documents_raw")
+
+
+def test_replace_where_replaces_only_matching_rows_even_inside_mixed_files(spark, lake_root):
+    lake = Lake(lake_root, spark)
+    mixed = pa.table(
+        {"doc_id": ["i1", "f1"], "source": ["s", "s"], "stage": ["ingest", "filter"], "reason": ["r", "r"],
+         "detail": [None, None], "text": ["t", "t"], "rejected_at": pa.array([NOW, NOW], pa.timestamp("us", "UTC"))}
+    )
+    lake.write_arrow("documents_rejected", mixed)  # one file holding two stages
+    lake.write("documents_rejected", rejected_df(spark, [("d1", "dedup")]), mode="append")
+    lake.write("documents_rejected", rejected_df(spark, [("i2", "ingest"), ("i3", "ingest")]), mode="overwrite",
+               replace_where={"stage": "ingest"})
+    got = sorted((r.doc_id, r.stage) for r in lake.read("documents_rejected").collect())
+    assert got == [("d1", "dedup"), ("f1", "filter"), ("i2", "ingest"), ("i3", "ingest")]
+    assert sorted(pl.read_delta(lake.uri("documents_rejected"))["doc_id"].to_list()) == ["d1", "f1", "i2", "i3"]
+
+
+def test_merge_counters_increments_and_inserts(lake_root):
+    lake = Lake(lake_root)
+    lake.merge_counters("usage", pa.table({"doc_id": ["a", "b"], "times_used": [1, 1], "last_chunk_id": ["c1", "c1"]}),
+                        key=["doc_id"], add=["times_used"], assign=["last_chunk_id"])
+    lake.merge_counters("usage", pa.table({"doc_id": ["b", "c"], "times_used": [2, 1], "last_chunk_id": ["c2", "c2"]}),
+                        key=["doc_id"], add=["times_used"], assign=["last_chunk_id"])
+    got = sorted(lake.read_arrow("usage").to_pylist(), key=lambda r: r["doc_id"])
+    assert got == [
+        {"doc_id": "a", "times_used": 1, "last_chunk_id": "c1"},
+        {"doc_id": "b", "times_used": 3, "last_chunk_id": "c2"},
+        {"doc_id": "c", "times_used": 1, "last_chunk_id": "c2"},
+    ]
+
+
+def _race(monkeypatch, target, attr, writes):
+    """Run the writes in threads that all reach the commit before any of them commits."""
+    barrier = threading.Barrier(len(writes), timeout=120)
+    original = getattr(target, attr)
+
+    def at_the_same_time(*args, **kwargs):
+        barrier.wait()
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(target, attr, at_the_same_time)
+    outcomes = [None] * len(writes)
+
+    def run(i):
+        try:
+            outcomes[i] = writes[i]()
+        except Exception as err:  # noqa: BLE001 - the test inspects it
+            outcomes[i] = err
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(writes))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return outcomes
+
+
+def test_two_overwrites_racing_one_wins_the_other_gets_a_conflict(spark, lake_root, monkeypatch):
+    lake = Lake(lake_root, spark)
+    lake.write("usage", usage_df(spark, [("old", 1, None)]))
+    a, b = usage_df(spark, [("a1", 1, None), ("a2", 1, None)]), usage_df(spark, [("b1", 1, None)])
+    outcomes = _race(monkeypatch, DeltaTable, "create_write_transaction",
+                     [lambda: lake.write("usage", a), lambda: lake.write("usage", b)])
+    errors = [o for o in outcomes if isinstance(o, Exception)]
+    assert len(errors) == 1 and isinstance(errors[0], ConflictError), outcomes
+    assert "another writer committed" in str(errors[0]) and "Rerun the job" in str(errors[0])
+    winner = ["a1", "a2"] if outcomes[0] == 1 else ["b1"]
+    assert sorted(r.doc_id for r in lake.read("usage").collect()) == winner
+    assert DeltaTable(lake.uri("usage")).version() == 1
+    # The loser's files were removed: only the two committed writes remain on disk.
+    assert len(glob.glob(f"{lake.uri('usage')}/w-*")) == 2
+
+
+def test_two_writers_creating_the_same_table_one_wins(spark, lake_root, monkeypatch):
+    lake = Lake(lake_root, spark)
+    a, b = usage_df(spark, [("a", 1, None)]), usage_df(spark, [("b", 1, None)])
+    outcomes = _race(monkeypatch, lake_module, "create_table_with_add_actions",
+                     [lambda: lake.write("usage", a), lambda: lake.write("usage", b)])
+    assert sorted(type(o).__name__ for o in outcomes) == ["ConflictError", "int"], outcomes
+    assert len(lake.read("usage").collect()) == 1
+
+
+CRASHING_INGEST = """
+import os, signal, sys
+from deltalake import DeltaTable
+
+commit = DeltaTable.create_write_transaction
+
+def killed_before_commit(self, *args, **kwargs):
+    if self.table_uri.rstrip("/").endswith("documents_raw"):
+        os.kill(os.getpid(), signal.SIGKILL)  # Spark has written the files; the commit never happens
+    return commit(self, *args, **kwargs)
+
+DeltaTable.create_write_transaction = killed_before_commit
+from jobs import ingest
+sys.exit(ingest.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_job_killed_before_its_commit_leaves_the_table_as_it_was(spark, tmp_path):
+    from jobs import ingest
+
+    data = tmp_path / "data" / "part-0.jsonl"
+    write_jsonl(data, [{"id": i, "text": f"document number {i}"} for i in range(50)])
+    recipe = make_recipe(tmp_path, [{"name": "web", "path": str(data), "id_field": "id"}])
+    ingest.run(spark, recipe)
+    lake = Lake(recipe.lake, spark)
+    before = DeltaTable(lake.uri("documents_raw")).version()
+    files_before = set(glob.glob(f"{lake.uri('documents_raw')}/w-*/*.parquet"))
+
+    write_jsonl(data, [{"id": i, "text": f"changed document {i}"} for i in range(80)])
+    (tmp_path / "recipe.yaml").write_text(f"lake: {recipe.lake}\nsources: [{{name: web, path: '{data}', id_field: id}}]\n")
+    script = tmp_path / "crash.py"
+    script.write_text(CRASHING_INGEST)
+    env = {**os.environ, "TOKENMILL_SPARK_MASTER": "local[1]", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(script), "--recipe", str(tmp_path / "recipe.yaml")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+
+    # It died midway: Spark had written its files, the commit never happened.
+    assert set(glob.glob(f"{lake.uri('documents_raw')}/w-*/*.parquet")) - files_before
+    assert DeltaTable(lake.uri("documents_raw")).version() == before
+    texts = sorted(r.text for r in lake.read("documents_raw").collect())
+    assert len(texts) == 50 and all(t.startswith("document number") for t in texts)
+    assert sorted(pl.read_delta(lake.uri("documents_raw"))["text"].to_list()) == texts
+
+
+@pytest.mark.delta_jar
+def test_native_delta_spark_path_reads_and_writes_the_same_tables(spark, lake_root):
+    if not delta_jar_available(spark):
+        pytest.skip("the Delta jar is not on Spark's classpath here (no Maven repository is reachable); "
+                    "run with --packages io.delta:delta-spark_2.13:4.0.0 or on a cluster to exercise the native path")
+    bridge, native = Lake(lake_root, spark, native=False), Lake(lake_root, spark, native=True)
+    bridge.write("usage", usage_df(spark, [("a", 1, None)]))
+    assert [r.doc_id for r in native.read("usage").collect()] == ["a"]
+    native.write("usage", usage_df(spark, [("b", 2, None)]), mode="overwrite")
+    assert DeltaTable(native.uri("usage")).to_pyarrow_table().column("doc_id").to_pylist() == ["b"]
