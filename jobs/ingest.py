@@ -74,7 +74,6 @@ class IngestReport:
 
 def run(spark, recipe: Recipe, args=None) -> IngestReport:
     """Read every source of the recipe into documents_raw, rejecting bad records with their reason."""
-    from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     started = time.perf_counter()
@@ -87,24 +86,30 @@ def run(spark, recipe: Recipe, args=None) -> IngestReport:
     split_df = spark.createDataFrame([tuple(asdict(s).values()) for s in splits], _SPLITS_DDL)
     parsed = split_df.repartition(len(splits)).mapInArrow(lambda batches: _parse_splits(batches, specs), _PARSED_DDL)
 
-    # Two documents with one doc_id: the first (by file, line) is kept, the others rejected.
-    first = Window.partitionBy("doc_id", "kind").orderBy("file", "line")
+    # Two documents with one doc_id: the first (by file, line) is kept, the others rejected. Only
+    # the keys are shuffled; the (usually tiny) result is joined back.
+    parsed = parsed.persist()
+    location = F.struct("file", "line")
+    first_seen = (
+        parsed.where(F.col("kind") == "doc")
+        .groupBy("doc_id")
+        .agg(F.count("*").alias("_n"), F.min(location).alias("_first"))
+        .where(F.col("_n") > 1)
+        .select("doc_id", "_first")
+    )
+    is_dup = F.col("_first").isNotNull() & (F.col("kind") == "doc") & (location != F.col("_first"))
     parsed = (
-        parsed.withColumn("_rank", F.when(F.col("kind") == "doc", F.row_number().over(first)))
-        .withColumn("_first", F.first(F.concat_ws(":", "file", "line")).over(first))
-        .withColumn(
-            "reason", F.when(F.col("_rank") > 1, F.lit("duplicate_doc_id")).otherwise(F.col("reason"))
-        )
+        parsed.join(first_seen, "doc_id", "left")
+        .withColumn("reason", F.when(is_dup, F.lit("duplicate_doc_id")).otherwise(F.col("reason")))
         .withColumn(
             "detail",
             F.when(
-                F.col("_rank") > 1,
-                F.concat(F.col("file"), F.lit(":"), F.col("line"), F.lit(": same doc_id as the record at "), F.col("_first")),
+                is_dup,
+                F.format_string("%s:%d: same doc_id as the record at %s:%d", "file", "line", "_first.file", "_first.line"),
             ).otherwise(F.col("detail")),
         )
-        .withColumn("kind", F.when(F.col("_rank") > 1, F.lit("reject")).otherwise(F.col("kind")))
-        .drop("_rank", "_first")
-        .persist()
+        .withColumn("kind", F.when(is_dup, F.lit("reject")).otherwise(F.col("kind")))
+        .drop("_first")
     )
     counts = parsed.groupBy("source", "kind", "reason").count().collect()
     now = datetime.now(timezone.utc)
