@@ -13,6 +13,8 @@ from jobs.recipe import Recipe, RecipeError
 from jobs.stage import recipe_arguments, recipe_from_args
 
 DEMO_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+# stage name → module under jobs/ with run(spark, recipe, args)
+REFINE_STAGES = {"ingest": "ingest", "filter": "filter_rules", "pii": "scrub_pii"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("ingest", help="sources → documents_raw (rejects bad records with their reason)", add_help=False)
+
+    refine = sub.add_parser("refine", help="run refinery stages in order on one Spark session")
+    recipe_arguments(refine)
+    refine.add_argument("--stages", default=",".join(REFINE_STAGES),
+                        help=f"comma-separated, in pipeline order; any of {', '.join(REFINE_STAGES)}")
+    refine.add_argument("--dry-run", action="store_true", help="filter: compute signals and the report only")
 
     status = sub.add_parser("status", help="every table with its version, rows and last commit; chunk backlog")
     recipe_arguments(status)
@@ -37,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return _guarded(lambda: ingest.main(argv[1:]))
     args = parser.parse_args(argv)
+    if args.command == "refine":
+        return _guarded(lambda: run_refine(recipe_from_args(args), args))
     if args.command == "status":
         return _guarded(lambda: print_status(recipe_from_args(args)))
     if args.command == "demo":
@@ -101,6 +111,25 @@ def print_status(recipe: Recipe) -> None:
             print(f"  {row['status']:<12} {row['status_count']:>6} chunks  {row['n_tokens_sum']:>14,} tokens")
         ready = pc.sum(pc.equal(chunks.column("status"), "ready")).as_py() or 0
         print(f"  ready for the trainer: {ready}")
+
+
+def run_refine(recipe: Recipe, args) -> None:
+    """Run the chosen refinery stages in pipeline order on one Spark session."""
+    import importlib
+
+    from jobs.spark import get_spark
+
+    chosen = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in REFINE_STAGES]
+    if unknown:
+        raise RecipeError(f"--stages: unknown stage(s) {unknown}; stages are: {', '.join(REFINE_STAGES)}")
+    spark = get_spark("tokenmill-refine", recipe)
+    for stage in [s for s in REFINE_STAGES if s in chosen]:
+        started = time.perf_counter()
+        print(f"[refine] {stage}")
+        module = importlib.import_module(f"jobs.{REFINE_STAGES[stage]}")
+        print(module.run(spark, recipe, args))
+        print(f"[refine] {stage} finished in {time.perf_counter() - started:.1f} s")
 
 
 def run_demo(recipe: Recipe) -> None:

@@ -253,6 +253,16 @@ class Lake:
                 if not self.exists(name):
                     raise LakeError(f"cannot create table {name!r} at {self.uri(name)}: {err}") from err
 
+    def write_report(self, relative_dir: str, files: dict[str, str]) -> str:
+        """Write text files under ``<lake>/reports/<relative_dir>/``; returns that folder."""
+        folder = f"{self.root}/reports/{relative_dir}"
+        fs, path = _filesystem(folder)
+        fs.create_dir(path, recursive=True)
+        for name, content in files.items():
+            with fs.open_output_stream(f"{path}/{name}") as out:
+                out.write(content.encode("utf-8"))
+        return folder
+
     # -- inspection ---------------------------------------------------------------------------
     def versions(self, name: str, limit: int | None = None) -> list[TableVersion]:
         return [_table_version(h) for h in self.delta(name).history(limit)]

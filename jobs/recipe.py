@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from jobs.rules import DEFAULT_DROP_LINE_PATTERNS, DEFAULT_TRUNCATE_PATTERNS, build_rules
 
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
@@ -43,6 +45,57 @@ class Ingest(_Section):
     )
 
 
+class Filter(_Section):
+    thresholds: dict[str, float | None | dict[str, float | None]] = Field(
+        default_factory=dict,
+        description="rule name → threshold, or {default: x, zh: y, en: z, code: w}; null disables (jobs/rules.py)",
+    )
+    keyword_lists: dict[str, str] = Field(
+        default_factory=dict, description="list name → file with one keyword or phrase per line"
+    )
+    keyword_limits: dict[str, float] = Field(
+        default_factory=dict, description="list name → most hits per 1000 characters a kept document may have (default 1.0)"
+    )
+    drop_line_patterns: list[str] = Field(default_factory=lambda: list(DEFAULT_DROP_LINE_PATTERNS))
+    truncate_patterns: list[str] = Field(default_factory=lambda: list(DEFAULT_TRUNCATE_PATTERNS))
+    report_samples: int = Field(default=5, ge=0, description="removed documents shown per rule in the report")
+
+    @model_validator(mode="after")
+    def _check(self) -> "Filter":
+        build_rules(self.thresholds, self.limits())  # unknown rule names fail here, listing the real ones
+        for pattern in [*self.drop_line_patterns, *self.truncate_patterns]:
+            re.compile(pattern)
+        for name, path in self.keyword_lists.items():
+            if not Path(path).is_file():
+                raise ValueError(f"keyword list {name!r}: file {path} does not exist")
+        unknown = set(self.keyword_limits) - set(self.keyword_lists)
+        if unknown:
+            raise ValueError(f"keyword_limits names lists that keyword_lists does not define: {sorted(unknown)}")
+        return self
+
+    def limits(self) -> dict[str, float]:
+        return {name: self.keyword_limits.get(name, 1.0) for name in self.keyword_lists}
+
+
+class Pii(_Section):
+    patterns: dict[str, str] = Field(default_factory=dict, description="placeholder name → regular expression")
+    word_lists: dict[str, str] = Field(default_factory=dict, description="placeholder name → file, one word per line")
+    max_pii_fraction: float = Field(
+        default=0.3, gt=0, le=1, description="documents whose characters are more PII than this are rejected"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "Pii":
+        for name, pattern in self.patterns.items():
+            if not re.fullmatch(r"[A-Z][A-Z0-9_]*", name):
+                raise ValueError(f"placeholder name {name!r} must be UPPER_CASE (it becomes <{name}>)")
+            re.compile(pattern)
+        for name, path in self.word_lists.items():
+            if not Path(path).is_file():
+                raise ValueError(f"word list {name!r}: file {path} does not exist")
+        return self
+
+
 class Spark(_Section):
     master: str = Field(default="local[*]", description="used only when spark-submit did not set one")
     shuffle_partitions: int = Field(default=8, gt=0)
@@ -54,6 +107,8 @@ class Recipe(_Section):
     lake: str = Field(description="lake root: a local folder or a URI Spark and delta-rs both reach")
     sources: list[Source] = Field(min_length=1)
     ingest: Ingest = Ingest()
+    filter: Filter = Filter()
+    pii: Pii = Pii()
     spark: Spark = Spark()
     # Where the recipe came from, for messages; not a key a user writes.
     origin: str = Field(default="<memory>", exclude=True)
@@ -107,6 +162,10 @@ def parse_recipe(raw: dict[str, Any], base_dir: Path, origin: str = "<memory>") 
             else s
             for s in raw["sources"]
         ]
+    for section, key in (("filter", "keyword_lists"), ("pii", "word_lists")):
+        files = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
+        if isinstance(files, dict):
+            raw[section] = {**raw[section], key: {k: resolve_path(v, base_dir) if isinstance(v, str) else v for k, v in files.items()}}
     try:
         return Recipe(**raw, origin=origin)
     except ValidationError as err:

@@ -1,0 +1,204 @@
+"""Rule filtering: ``documents_raw`` → ``documents_filtered``; dropped documents → ``documents_rejected``.
+
+    spark-submit jobs/filter_rules.py --recipe R [--dry-run]   |   tokenmill refine --recipe R --stages filter
+
+Per document: remove boilerplate lines, compute every signal (kept in ``signals``), then decide with
+the recipe's thresholds for the document's script language (jobs/rules.py). A report of what each
+rule removed (alone and in total, per source, with samples) goes to
+``<lake>/reports/<run>/filter/report.{json,md}``. ``--dry-run`` writes only the report.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by spark-submit: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from jobs.docstage import Outcome, commit_stage, kept_and_rejected, run_document_stage
+from jobs.lake import Lake
+from jobs.recipe import Recipe
+from jobs.rules import LineCleanup, Rule, build_rules, clean_lines, compute_signals, failed_rules, script_lang
+from jobs.stage import stage_main
+
+STAGE = "filter"
+
+
+def read_word_list(path: str) -> list[str]:
+    words = [w.strip() for w in Path(path).read_text(encoding="utf-8").splitlines()]
+    return [w for w in words if w and not w.startswith("#")]
+
+
+def make_filter(recipe: Recipe):
+    """A factory (called once per Spark task) of the per-document filter function."""
+    cfg = recipe.filter
+    rules = build_rules(cfg.thresholds, cfg.limits())
+    keywords = {name: frozenset(w.lower() for w in read_word_list(path)) for name, path in cfg.keyword_lists.items()}
+    drop, truncate = list(cfg.drop_line_patterns), list(cfg.truncate_patterns)
+
+    def make():
+        cleanup = LineCleanup.compile(drop, truncate)
+
+        def filter_document(doc: dict) -> Outcome:
+            text, removed_lines = clean_lines(doc["text"], cleanup)
+            signals = compute_signals(text, keywords)
+            signals["lines_removed"] = float(removed_lines)
+            lang = script_lang(text)
+            columns = {"text": text, "signals": signals}
+            failed = failed_rules(signals, lang, rules)
+            if not failed:
+                return Outcome(columns)
+            detail = "; ".join(_explain(rule, signals, lang) for rule in failed)
+            return Outcome(columns, failed[0].name, detail, tuple(r.name for r in failed))
+
+        return filter_document
+
+    return make
+
+
+def _explain(rule: Rule, signals: dict[str, float], lang: str) -> str:
+    op = "<" if rule.bound == "min" else ">"
+    return f"{rule.name}: {rule.signal}={signals[rule.signal]:.4g} {op} {rule.threshold(lang):g} ({lang})"
+
+
+@dataclass
+class FilterReport:
+    run_id: str
+    documents_in: int
+    kept: int
+    rules: list[dict]
+    by_source: dict[str, dict[str, int]]
+    report_dir: str
+    dry_run: bool
+    seconds: float = 0.0
+    version: int | None = None
+
+    def __str__(self) -> str:
+        removed = self.documents_in - self.kept
+        mode = "dry run, nothing written" if self.dry_run else f"documents_filtered version {self.version}"
+        lines = [
+            f"filter: {self.documents_in} documents in, {self.kept} kept, {removed} removed in {self.seconds:.1f} s "
+            f"({self.documents_in / max(self.seconds, 1e-9):,.0f} docs/s; {mode})",
+            f"  {'rule':<22} {'removed':>8} {'alone':>6} {'flagged':>8}",
+        ]
+        for r in self.rules:
+            if r["flagged"]:
+                lines.append(f"  {r['rule']:<22} {r['removed']:>8} {r['alone']:>6} {r['flagged']:>8}")
+        lines.append(f"  report: {self.report_dir}/report.md")
+        return "\n".join(lines)
+
+
+def run(spark, recipe: Recipe, args=None) -> FilterReport:
+    """Filter documents_raw by rules into documents_filtered, with a report of what each rule removed."""
+    started = time.perf_counter()
+    dry_run = bool(getattr(args, "dry_run", False))
+    lake = Lake(recipe.lake, spark)
+    processed = run_document_stage(lake, STAGE, "documents_raw", "documents_filtered", make_filter(recipe))
+    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    report = _report(processed, recipe, run_id, dry_run)
+    if not dry_run:
+        kept, rejected = kept_and_rejected(processed, STAGE, "documents_filtered")
+        report.version = commit_stage(lake, STAGE, "documents_filtered", kept, rejected)
+    processed.unpersist()
+    report.report_dir = lake.write_report(
+        f"{run_id}/{STAGE}",
+        {"report.json": json.dumps(_as_json(report), indent=2, ensure_ascii=False), "report.md": _markdown(report)},
+    )
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _report(processed, recipe: Recipe, run_id: str, dry_run: bool) -> FilterReport:
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    totals = processed.groupBy("source").agg(
+        F.count("*").alias("n"), F.sum(F.when(F.size("_flags") == 0, 1).otherwise(0)).alias("kept")
+    ).collect()
+    flagged = processed.select("source", "_reject_reason", "_flags", F.explode("_flags").alias("rule"))
+    per_rule_source = flagged.groupBy("rule", "source").agg(
+        F.count("*").alias("flagged"),
+        F.sum(F.when(F.col("_reject_reason") == F.col("rule"), 1).otherwise(0)).alias("removed"),
+        F.sum(F.when(F.size("_flags") == 1, 1).otherwise(0)).alias("alone"),
+    ).collect()
+    n = recipe.filter.report_samples
+    samples = (
+        processed.select("doc_id", "source", "text", "_reject_detail", F.explode("_flags").alias("rule"))
+        .withColumn("_rn", F.row_number().over(Window.partitionBy("rule").orderBy(F.xxhash64("doc_id"), "doc_id")))
+        .where(F.col("_rn") <= n)
+        .select("rule", "doc_id", "source", F.substring("text", 1, 400).alias("text"), F.col("_reject_detail").alias("detail"))
+        .collect()
+    ) if n else []
+    rules = {}
+    for row in per_rule_source:
+        r = rules.setdefault(row["rule"], {"rule": row["rule"], "flagged": 0, "removed": 0, "alone": 0, "by_source": {}, "samples": []})
+        r["flagged"] += row["flagged"]
+        r["removed"] += row["removed"]
+        r["alone"] += row["alone"]
+        r["by_source"][row["source"]] = row["removed"]
+    for row in samples:
+        rules[row["rule"]]["samples"].append(row.asDict())
+    all_rules = [r.name for r in build_rules(recipe.filter.thresholds, recipe.filter.limits())]
+    ordered = [rules.get(name, {"rule": name, "flagged": 0, "removed": 0, "alone": 0, "by_source": {}, "samples": []}) for name in all_rules]
+    return FilterReport(
+        run_id=run_id,
+        documents_in=sum(t["n"] for t in totals),
+        kept=sum(t["kept"] for t in totals),
+        rules=ordered,
+        by_source={t["source"]: {"in": t["n"], "kept": t["kept"]} for t in totals},
+        report_dir="",
+        dry_run=dry_run,
+    )
+
+
+def _as_json(report: FilterReport) -> dict:
+    return {
+        "run_id": report.run_id, "stage": STAGE, "dry_run": report.dry_run, "documents_in": report.documents_in,
+        "kept": report.kept, "removed": report.documents_in - report.kept, "by_source": report.by_source,
+        "rules": report.rules,
+    }
+
+
+def _markdown(report: FilterReport) -> str:
+    out = [
+        f"# Filter report {report.run_id}{' (dry run)' if report.dry_run else ''}",
+        "",
+        f"{report.documents_in} documents in, {report.kept} kept, {report.documents_in - report.kept} removed.",
+        "",
+        "*removed*: documents this rule rejected (the first rule that objected); *alone*: documents no other "
+        "rule objected to; *flagged*: all documents this rule objected to.",
+        "",
+        "| source | in | kept | kept % |",
+        "|---|---:|---:|---:|",
+    ]
+    for source, c in sorted(report.by_source.items()):
+        out.append(f"| {source} | {c['in']} | {c['kept']} | {100 * c['kept'] / max(c['in'], 1):.1f} |")
+    out += ["", "| rule | removed | alone | flagged | removed per source |", "|---|---:|---:|---:|---|"]
+    for r in report.rules:
+        per_source = ", ".join(f"{s}: {n}" for s, n in sorted(r["by_source"].items()) if n)
+        out.append(f"| {r['rule']} | {r['removed']} | {r['alone']} | {r['flagged']} | {per_source} |")
+    for r in report.rules:
+        if r["samples"]:
+            out += ["", f"## {r['rule']}: samples", ""]
+            for s in r["samples"]:
+                preview = s["text"].replace("\n", " ⏎ ")[:300]
+                out.append(f"- `{s['doc_id']}` ({s['source']}): {s['detail'] or ''}  \n  > {preview}")
+    return "\n".join(out) + "\n"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--dry-run", action="store_true", help="compute signals and the report; write no table")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(STAGE, run, argv, add_arguments)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
