@@ -71,7 +71,11 @@ def run_document_stage(lake: Lake, stage: str, source: str, target: str, make_fn
     from schemas.spark import spark_type
 
     ddl = ", ".join(f"`{f.name}` {spark_type(f.type).simpleString()}" for f in intermediate_schema(target))
-    return lake.read(source).mapInArrow(map_documents(source, target, make_fn), ddl).persist()
+    documents = lake.read(source)
+    cores = documents.sparkSession.sparkContext.defaultParallelism
+    if documents.rdd.getNumPartitions() < cores:
+        documents = documents.repartition(cores)  # a table of few large files: use every core anyway
+    return documents.mapInArrow(map_documents(source, target, make_fn), ddl).persist()
 
 
 def kept_and_rejected(processed, stage: str, target: str):

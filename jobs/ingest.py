@@ -25,7 +25,8 @@ import pyarrow as pa
 from jobs.lake import Lake
 from jobs.recipe import Recipe
 from jobs.records import Document, SourceSpec, parse_json_line, parse_record
-from jobs.sources import Split, SourceError, count_newlines, list_files, plan_splits, read_lines, read_parquet_rows
+from jobs.sources import (Split, SourceError, count_newlines, file_size, list_files, plan_splits, read_lines,
+                          read_parquet_rows)
 from jobs.stage import stage_main
 
 STAGE = "ingest"
@@ -145,7 +146,7 @@ def run(spark, recipe: Recipe, args=None) -> IngestReport:
 
 def _planned_splits(spark, recipe: Recipe) -> list[Split]:
     """Every source's splits, with line numbers known; fails before any work if a source is empty."""
-    splits: list[Split] = []
+    found = {}
     for source in recipe.sources:
         files = list_files(source.path)
         if not files:
@@ -153,7 +154,14 @@ def _planned_splits(spark, recipe: Recipe) -> list[Split]:
                 f"source {source.name!r} in {recipe.origin}: no file matches {source.path} "
                 f"(check sources[].path; for configs/demo.yaml, `tokenmill demo` builds the demo corpus)"
             )
-        splits.extend(plan_splits(source.name, source.format, files, recipe.ingest.split_bytes))
+        found[source.name] = (source, files)
+    # Small inputs still get at least two splits per core, or a single file would run on one core
+    # and leave every later stage with one partition too.
+    total = sum(file_size(f) for _, files in found.values() for f in files)
+    split_bytes = max(1 << 20, min(recipe.ingest.split_bytes, total // (2 * spark.sparkContext.defaultParallelism) or 1))
+    splits: list[Split] = []
+    for source, files in found.values():
+        splits.extend(plan_splits(source.name, source.format, files, split_bytes))
     multi = [s for s in splits if s.start > 0 or s.end > 0]
     if multi:
         # Number lines across splits of one file: count each split's newlines in parallel first.

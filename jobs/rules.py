@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 import unicodedata
+
+import numpy as np
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
@@ -96,31 +98,42 @@ def script_lang(text: str) -> Lang:
     return "en" if latin / letters >= 0.7 else "other"
 
 
-def _ngram_signals(tokens: list[str], prefix: str) -> dict[str, float]:
-    """Gopher repetition: top n-gram character coverage (n=2..4), duplicated n-gram coverage (5..10)."""
+def _ngram_signals(token_ids: np.ndarray, token_lens: np.ndarray) -> dict[str, float]:
+    """Gopher repetition: top n-gram character coverage (n=2..4), duplicated n-gram coverage (5..10).
+
+    N-grams are 64-bit rolling hashes of token-id windows, so each n costs a few numpy passes.
+    """
     out: dict[str, float] = {}
-    total_chars = sum(len(t) for t in tokens) or 1
-    for n in (2, 3, 4):
-        grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
-        if not grams:
-            out[f"{prefix}top_{n}gram_frac"] = 0.0
-            continue
-        gram, count = Counter(grams).most_common(1)[0]
-        out[f"{prefix}top_{n}gram_frac"] = (count * sum(len(t) for t in gram)) / total_chars if count > 1 else 0.0
-    for n in range(5, 11):
-        if len(tokens) < n:
-            out[f"{prefix}dup_{n}gram_frac"] = 0.0
-            continue
-        seen: set[tuple[str, ...]] = set()
-        covered = [False] * len(tokens)
-        for i in range(len(tokens) - n + 1):
-            gram = tuple(tokens[i : i + n])
-            if gram in seen:
-                for j in range(i, i + n):
-                    covered[j] = True
+    n_tokens = len(token_ids)
+    total_chars = float(token_lens.sum()) or 1.0
+    prefix = np.concatenate([[0], np.cumsum(token_lens)])
+    hashes = token_ids.astype(np.uint64)
+    for n in range(1, 11):
+        if n > 1:
+            if n_tokens < n:
+                hashes = np.empty(0, np.uint64)
             else:
-                seen.add(gram)
-        out[f"{prefix}dup_{n}gram_frac"] = sum(len(t) for t, c in zip(tokens, covered) if c) / total_chars
+                hashes = hashes[:-1] * np.uint64(1_000_003) + token_ids[n - 1 :].astype(np.uint64) + np.uint64(n)
+        if n < 2:
+            continue
+        if len(hashes) == 0:
+            out[f"top_{n}gram_frac" if n <= 4 else f"dup_{n}gram_frac"] = 0.0
+            continue
+        _, first, inverse, counts = np.unique(hashes, return_index=True, return_inverse=True, return_counts=True)
+        if n <= 4:
+            best = counts.max()
+            if best < 2:
+                out[f"top_{n}gram_frac"] = 0.0
+                continue
+            at = first[counts == best].min()  # ties: the n-gram seen first, as Counter.most_common does
+            out[f"top_{n}gram_frac"] = best * float(prefix[at + n] - prefix[at]) / total_chars
+        else:
+            starts = np.nonzero(first[inverse] != np.arange(len(hashes)))[0]  # repeats of an earlier n-gram
+            cover = np.zeros(n_tokens + 1, np.int32)
+            np.add.at(cover, starts, 1)
+            np.add.at(cover, starts + n, -1)
+            covered = np.cumsum(cover[:-1]) > 0
+            out[f"dup_{n}gram_frac"] = float(token_lens[covered].sum()) / total_chars
     return out
 
 
@@ -139,47 +152,86 @@ def _duplicate_fractions(parts: list[str]) -> tuple[float, float]:
     return dup / len(parts), dup_chars / (sum(len(p) for p in parts) or 1)
 
 
+def _class_tables() -> dict[str, np.ndarray]:
+    """Per-code-point class lookups for the Basic Multilingual Plane (built once, ~64 KB each)."""
+    chars = [chr(i) for i in range(0x10000)]
+    return {
+        "space": np.array([c.isspace() for c in chars]),
+        "symbol": np.array([unicodedata.category(c)[0] in "PS" for c in chars]),
+        "printable": np.array([c.isprintable() for c in chars]),
+        "digit": np.array([c.isdigit() for c in chars]),
+        "han": np.array([bool(_HAN.match(c)) for c in chars]),
+    }
+
+
+_TABLES: dict[str, np.ndarray] | None = None
+
+
+def _char_classes(text: str) -> dict[str, int]:
+    global _TABLES
+    if _TABLES is None:
+        _TABLES = _class_tables()
+    cp = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    # Characters beyond the BMP (emoji, rare CJK) count as visible; as Han in the CJK extension blocks.
+    astral = cp > 0xFFFF
+    bmp = np.where(astral, 0, cp)
+    visible = ~_TABLES["space"][bmp] | astral
+    lower = cp | 0x20
+    return {
+        "visible": int(visible.sum()),
+        "han": int((_TABLES["han"][bmp] & ~astral).sum() + ((cp >= 0x20000) & (cp <= 0x2FA1F)).sum()),
+        "latin": int(((lower >= 0x61) & (lower <= 0x7A) & (cp < 0x80)).sum()),
+        "digit": int((_TABLES["digit"][bmp] & visible & ~astral).sum()),
+        "symbol": int((_TABLES["symbol"][bmp] & visible & ~astral).sum()),
+        "nonprintable": int((~_TABLES["printable"][bmp] & visible & ~astral).sum()),
+    }
+
+
 def compute_signals(text: str, keyword_lists: dict[str, frozenset[str]] | None = None) -> dict[str, float]:
     lines = text.split("\n")
     nonblank = [ln.strip() for ln in lines if ln.strip()]
     paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
     words = _WORD.findall(text)
-    chars = [ch for ch in text if not ch.isspace()]
-    n_chars = len(chars) or 1
-    han = len(_HAN.findall(text))
-    latin = sum(1 for ch in chars if "a" <= ch.lower() <= "z")
-    digits = sum(1 for ch in chars if ch.isdigit())
-    symbols = sum(1 for ch in chars if unicodedata.category(ch)[0] in "PS")
+    classes = _char_classes(text)
+    n_chars = classes["visible"] or 1
+    han = classes["han"]
     urls = _URL.findall(text)
     dup_lines, dup_line_chars = _duplicate_fractions(nonblank)
     dup_paras, dup_para_chars = _duplicate_fractions(paragraphs)
     # Chinese has no spaces: repetition is measured on characters there, on words elsewhere.
-    tokens = list("".join(chars)) if han / n_chars >= 0.3 else [w.lower() for w in words]
-    alpha_words = [w for w in words if any(ch.isalpha() for ch in w)]
+    if han / n_chars >= 0.3:
+        cp = np.frombuffer("".join(text.split()).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        token_ids, token_lens = cp.astype(np.int64), np.ones(len(cp), np.int64)
+    else:
+        vocab: dict[str, int] = {}
+        lowered_words = [w.lower() for w in words]
+        token_ids = np.fromiter((vocab.setdefault(w, len(vocab)) for w in lowered_words), np.int64, len(words))
+        token_lens = np.fromiter((len(w) for w in words), np.int64, len(words))
+    alpha_words = sum(1 for w in words if any(ch.isalpha() for ch in w))
     signals = {
         "n_chars": float(len(text)),
         "n_lines": float(len(nonblank)),
         "n_words": float(len(words)),
-        "n_tokens": float(len(tokens)),
+        "n_tokens": float(len(token_ids)),
         "han_frac": han / n_chars,
-        "latin_frac": latin / n_chars,
-        "digit_frac": digits / n_chars,
-        "symbol_frac": symbols / n_chars,
+        "latin_frac": classes["latin"] / n_chars,
+        "digit_frac": classes["digit"] / n_chars,
+        "symbol_frac": classes["symbol"] / n_chars,
         "url_count": float(len(urls)),
         "url_char_frac": sum(len(u) for u in urls) / n_chars,
         "dup_line_frac": dup_lines,
         "dup_line_char_frac": dup_line_chars,
         "dup_para_frac": dup_paras,
         "dup_para_char_frac": dup_para_chars,
-        "mean_word_len": (sum(len(w) for w in words) / len(words)) if words else 0.0,
-        "alpha_word_frac": len(alpha_words) / (len(words) or 1),
+        "mean_word_len": sum(map(len, words)) / len(words) if words else 0.0,
+        "alpha_word_frac": alpha_words / (len(words) or 1),
         "stop_words": float(sum(1 for w in words if w.lower().strip(".,;:!?\"'()") in EN_STOP_WORDS)),
         "bullet_line_frac": sum(bool(_BULLET.match(ln)) for ln in nonblank) / (len(nonblank) or 1),
         "ellipsis_line_frac": sum(bool(_ELLIPSIS.search(ln)) for ln in nonblank) / (len(nonblank) or 1),
         "replacement_char_frac": text.count("\ufffd") / n_chars,
-        "nonprintable_frac": sum(1 for ch in chars if not ch.isprintable()) / n_chars,
+        "nonprintable_frac": classes["nonprintable"] / n_chars,
         "blank_line_frac": (len(lines) - len(nonblank)) / (len(lines) or 1),
-        **_ngram_signals(tokens, ""),
+        **_ngram_signals(token_ids, token_lens),
     }
     lowered = text.lower()
     for name, words_list in (keyword_lists or {}).items():

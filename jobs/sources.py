@@ -75,11 +75,15 @@ def compression_of(file: str) -> str | None:
     return None
 
 
+def file_size(file: str) -> int:
+    fs, path = filesystem(file)
+    return fs.get_file_info(path).size or 0
+
+
 def plan_splits(source: str, fmt: str, files: list[str], split_bytes: int) -> list[Split]:
     splits = []
     for file in files:
-        fs, path = filesystem(file)
-        size = fs.get_file_info(path).size or 0
+        size = file_size(file)
         if fmt != "jsonl" or compression_of(file) or size <= split_bytes:
             splits.append(Split(source, fmt, file, 0, -1))
             continue

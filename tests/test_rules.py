@@ -95,3 +95,41 @@ def test_real_text_of_every_kind_is_mostly_kept(tmp_path):
         texts = [clean_lines(json.loads(ln)["text"], CLEANUP)[0] for ln in raw.decode().splitlines()]
         kept = sum(first_failure(t) is None for t in texts)
         assert kept >= 0.9 * len(texts), (b.name, kept, [first_failure(t) for t in texts if first_failure(t)])
+
+
+def _naive_ngram_signals(tokens: list[str]) -> dict[str, float]:
+    """The Gopher definitions written the plain way: the reference for the vectorised version."""
+    from collections import Counter
+
+    out = {}
+    total = sum(len(t) for t in tokens) or 1
+    for n in (2, 3, 4):
+        grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+        if not grams:
+            out[f"top_{n}gram_frac"] = 0.0
+            continue
+        gram, count = Counter(grams).most_common(1)[0]
+        out[f"top_{n}gram_frac"] = count * sum(map(len, gram)) / total if count > 1 else 0.0
+    for n in range(5, 11):
+        seen, covered = set(), [False] * len(tokens)
+        for i in range(len(tokens) - n + 1):
+            gram = tuple(tokens[i:i + n])
+            if gram in seen:
+                covered[i:i + n] = [True] * n
+            seen.add(gram)
+        out[f"dup_{n}gram_frac"] = sum(len(t) for t, c in zip(tokens, covered) if c) / total
+    return out
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["a", "bb", "ccc", "the", "of", "x"]), max_size=80))
+def test_vectorised_ngram_signals_equal_the_plain_definitions(tokens):
+    text = " ".join(tokens)
+    got = compute_signals(text)
+    expected = _naive_ngram_signals(tokens)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value), key
