@@ -133,10 +133,8 @@ def run_refine(recipe: Recipe, args) -> None:
 
 
 def run_demo(recipe: Recipe) -> None:
-    """The embedded default end to end: demo corpus → ingest → status."""
-    from jobs import ingest
+    """The embedded default end to end: demo corpus → ingest → filter → pii → status."""
     from jobs.demo_corpus import build_demo_corpus
-    from jobs.spark import get_spark
 
     started = time.perf_counter()
     corpus = Path(recipe.lake).parent / "demo_corpus"
@@ -144,9 +142,7 @@ def run_demo(recipe: Recipe) -> None:
     for built in build_demo_corpus(corpus):
         print(f"  {built.name:<12} {built.documents:>6} documents")
     print("[demo] starting Spark (local mode)")
-    spark = get_spark("tokenmill-demo", recipe)
-    print("[demo] ingest")
-    print(ingest.run(spark, recipe))
+    run_refine(recipe, argparse.Namespace(stages=",".join(REFINE_STAGES), dry_run=False))
     print("[demo] status")
     print_status(recipe)
     print(f"[demo] finished in {time.perf_counter() - started:.1f} s")

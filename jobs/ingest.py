@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
+from jobs.docstage import commit_stage
 from jobs.lake import Lake
 from jobs.recipe import Recipe
 from jobs.records import Document, SourceSpec, parse_json_line, parse_record
@@ -126,8 +127,7 @@ def run(spark, recipe: Recipe, args=None) -> IngestReport:
     docs = parsed.where(F.col("kind") == "doc").select(
         "doc_id", "text", "source", "url", "meta", F.lit(now).cast("timestamp").alias("ingested_at")
     )
-    lake.write("documents_rejected", rejects, mode="overwrite", replace_where={"stage": STAGE}, job=STAGE)
-    raw_version = lake.write("documents_raw", docs, mode="overwrite", job=STAGE)
+    raw_version = commit_stage(lake, STAGE, "documents_raw", docs, rejects)
     parsed.unpersist()
 
     report = IngestReport(files=len({s.file for s in splits}), records=0, kept=0, rejected_by_reason={})

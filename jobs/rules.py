@@ -270,6 +270,10 @@ DEFAULT_RULES: list[Rule] = [
     Rule("too_short_chars", "n_chars", "min", 50),
     Rule("too_few_words", "n_words", "min", 20, {"zh": None, "code": None}),
     Rule("too_many_words", "n_words", "max", 100_000, {"zh": None}),
+    # Off by default (null); set per language in the recipe where a corpus needs them.
+    Rule("too_few_lines", "n_lines", "min", None),
+    Rule("low_han_share", "han_frac", "min", None),
+    Rule("low_latin_share", "latin_frac", "min", None),
     # The most specific rules come first: a document's reason is the first rule it fails.
     Rule("replacement_chars", "replacement_char_frac", "max", 0.01),
     Rule("nonprintable", "nonprintable_frac", "max", 0.01),

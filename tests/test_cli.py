@@ -54,3 +54,28 @@ def test_demo_corpus_is_real_mixed_text_and_deterministic(tmp_path):
     assert sum(" the " in t for t in english) >= 0.9 * len(english)
     assert all(re.search(r"^\s*(def|class|import|from|#|@|\w+ = )", t, re.M) for t in texts("code"))
     assert first["messy"].documents == len(MESSY_LINES)
+
+
+def test_status_shows_the_chunk_backlog_once_chunks_exist(tmp_path, capsys):
+    from datetime import datetime, timezone
+
+    import pyarrow as pa
+
+    from jobs.lake import Lake
+
+    now = datetime.now(timezone.utc)
+    rows = [
+        {"chunk_id": f"c{i}", "stage": "pretrain", "status": status, "n_tokens": 1000 * (i + 1), "n_rows": 1,
+         "files": [], "sha256": [], "mix": None, "times_consumed": 0, "recipe_hash": None, "tokenizer_version": None,
+         "run_id": None, "reason": None, "created_at": now, "updated_at": now}
+        for i, status in enumerate(["ready", "ready", "training", "consumed"])
+    ]
+    from schemas import table
+
+    Lake(str(tmp_path / "lake")).write_arrow("chunks", pa.Table.from_pylist(rows, table("chunks").schema))
+    (tmp_path / "r.yaml").write_text("lake: lake\nsources: [{name: s, path: x}]\n")
+    assert cli.main(["status", "--recipe", str(tmp_path / "r.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"ready\s+2 chunks\s+3,000 tokens", out)
+    assert re.search(r"consumed\s+1 chunks\s+4,000 tokens", out)
+    assert "ready for the trainer: 2" in out

@@ -133,3 +133,27 @@ def test_vectorised_ngram_signals_equal_the_plain_definitions(tokens):
     expected = _naive_ngram_signals(tokens)
     for key, value in expected.items():
         assert got[key] == pytest.approx(value), key
+
+
+def test_keyword_lists_and_recipe_thresholds_reach_the_filter_function(tmp_path):
+    from jobs.filter_rules import make_filter
+    from jobs.recipe import parse_recipe
+
+    (tmp_path / "gambling.txt").write_text("# one phrase per line\ncasino\n在线赌场\n")
+    recipe = parse_recipe(
+        {"lake": "lake", "sources": [{"name": "s", "path": "x"}],
+         "filter": {"keyword_lists": {"gambling": "gambling.txt"}, "keyword_limits": {"gambling": 0.5},
+                    "thresholds": {"too_few_lines": {"default": 3, "code": None}}}},
+        base_dir=tmp_path,
+    )
+    check = make_filter(recipe)()
+    spam = (PROSE + "\nThe report was sent to the board with a summary of the costs and the schedule.\n"
+            "Best casino bonus, casino games and the casino app are waiting for you now.")
+    outcome = check({"text": spam})
+    assert outcome.reject_reason == "keywords_gambling"
+    assert "keywords_gambling: keywords_gambling=" in outcome.reject_detail and "> 0.5 (en)" in outcome.reject_detail
+    one_line = check({"text": PROSE + "It was published in the spring and read widely by the staff of the city."})
+    assert one_line.reject_reason == "too_few_lines"
+    kept = check({"text": PROSE + "\nThe report was sent to the board with a summary of the costs.\n"
+                          "It was published in the spring and read widely by the staff of the city."})
+    assert kept.reject_reason is None and kept.columns["signals"]["n_lines"] == 3
