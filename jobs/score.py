@@ -1,0 +1,128 @@
+"""Scoring: ``documents_clean`` → ``documents_scored`` with ``quality``, ``domain``, ``lang``, ``category``.
+
+    spark-submit jobs/score.py --recipe R   |   tokenmill refine --recipe R --stages score
+
+The models the recipe pins (``score.quality``, ``score.domain``, optionally ``score.cascade``) are
+loaded once per executor process and run on Arrow batches; BERT heads share one encoder pass.
+``lang`` is zh / en / code / other from script statistics; ``category`` (what mixing and dedup use)
+comes from the domain, else the language, by the recipe's maps. Every document is scored: none is
+dropped here.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by spark-submit: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import os
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from jobs.lake import Lake
+from jobs.recipe import Recipe
+from jobs.rules import script_lang
+from jobs.stage import stage_main
+from schemas import table
+
+STAGE = "score"
+_LOADED: dict[str, object] = {}  # per Python worker process: recipe fingerprint → LoadedModels
+
+
+def _models(recipe: Recipe):
+    from quality_models.train import LoadedModels
+
+    key = recipe.fingerprint()
+    if key not in _LOADED:
+        os.environ.setdefault("TOKENMILL_TORCH_THREADS", "1")
+        import torch
+
+        # Spark runs one task per core: one thread per task avoids oversubscribing the cores.
+        torch.set_num_threads(int(os.environ["TOKENMILL_TORCH_THREADS"]))
+        _LOADED[key] = LoadedModels(recipe)
+    return _LOADED[key]
+
+
+def category_of(lang: str, domain: str | None, recipe: Recipe) -> str:
+    cfg = recipe.score
+    if domain is not None and domain in cfg.domain_categories:
+        return cfg.domain_categories[domain]
+    return cfg.lang_categories.get(lang, cfg.default_category)
+
+
+def _score_batches(batches, recipe: Recipe):
+    from quality_models.train import score_batch
+
+    models = _models(recipe)
+    cascade = recipe.score.cascade
+    schema = pa.schema([f.with_nullable(True) for f in table("documents_scored").schema])
+    for batch in batches:
+        texts = batch.column("text").to_pylist()
+        langs = [script_lang(t) for t in texts]
+        quality, domains, _ = score_batch(models, texts, *((cascade.low, cascade.high) if cascade else ()))
+        columns = {name: batch.column(name) for name in batch.schema.names}
+        columns["quality"] = pa.array(quality, pa.float64())
+        columns["domain"] = pa.array(domains, pa.string())
+        columns["lang"] = pa.array(langs, pa.string())
+        columns["category"] = pa.array([category_of(lg, d, recipe) for lg, d in zip(langs, domains)], pa.string())
+        yield pa.RecordBatch.from_arrays([columns[f.name].cast(f.type) for f in schema], schema=schema)
+
+
+@dataclass
+class ScoreReport:
+    documents: int
+    by_category: dict[str, int]
+    by_domain: dict[str, int]
+    models: dict[str, str]
+    mean_quality: float
+    seconds: float
+    version: int
+
+    def __str__(self) -> str:
+        cats = ", ".join(f"{k} {v}" for k, v in sorted(self.by_category.items(), key=lambda kv: -kv[1]))
+        doms = ", ".join(f"{k} {v}" for k, v in sorted(self.by_domain.items(), key=lambda kv: -kv[1]))
+        models = ", ".join(f"{k}={v}" for k, v in self.models.items())
+        return (
+            f"score: {self.documents} documents in {self.seconds:.1f} s ({self.documents / max(self.seconds, 1e-9):,.0f} docs/s); "
+            f"documents_scored version {self.version}\n  models: {models}\n  category: {cats}\n  domain: {doms}\n"
+            f"  mean quality {self.mean_quality:.3f}"
+        )
+
+
+def run(spark, recipe: Recipe, args=None) -> ScoreReport:
+    """Score documents_clean with the pinned quality and domain models into documents_scored."""
+    from pyspark.sql import functions as F
+
+    from schemas.spark import spark_schema
+
+    started = time.perf_counter()
+    models = _models(recipe)  # on the driver first: a missing model fails here, naming the command to train it
+    lake = Lake(recipe.lake, spark)
+    docs = lake.read("documents_clean")
+    cores = spark.sparkContext.defaultParallelism
+    if docs.rdd.getNumPartitions() < cores:
+        docs = docs.repartition(cores)
+    scored = docs.mapInArrow(lambda batches: _score_batches(batches, recipe), spark_schema(table("documents_scored")))
+    version = lake.write("documents_scored", scored, mode="overwrite", job=STAGE)
+    written = lake.read("documents_scored")
+    stats = written.groupBy("category", "domain").agg(F.count("*").alias("n"), F.sum("quality").alias("q")).collect()
+    by_category: dict[str, int] = {}
+    by_domain: dict[str, int] = {}
+    for row in stats:
+        by_category[row["category"]] = by_category.get(row["category"], 0) + row["n"]
+        by_domain[row["domain"]] = by_domain.get(row["domain"], 0) + row["n"]
+    n = sum(by_category.values())
+    return ScoreReport(n, by_category, by_domain, models.versions, sum(r["q"] or 0 for r in stats) / max(n, 1),
+                       time.perf_counter() - started, version)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(STAGE, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

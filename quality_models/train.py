@@ -1,0 +1,213 @@
+"""Training, evaluation and loading of the quality and domain classifiers.
+
+    tokenmill models label --recipe R                             # weak labels from the lake
+    tokenmill models train --recipe R --task domain --backend fasttext [--data labels.jsonl]
+
+Labelled data is JSONL with ``text`` and ``label``. Training holds out a split, prints per-class
+precision / recall / F1, macro-F1 and the confusion matrix on it, and saves the model versioned
+with that evaluation in its metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from quality_models.bert_backend import BertClassifier, Encoder, LinearHead, default_backbone
+from quality_models.fasttext_backend import FastTextClassifier
+from quality_models.labels import weak_domain, weak_quality
+from quality_models.metrics import ClassificationReport, classification_report, split_holdout
+from quality_models.registry import ModelError, ModelRef, new_version_dir, resolve, write_metadata
+
+
+@dataclass
+class TrainResult:
+    folder: Path
+    report: ClassificationReport
+    n_train: int
+    n_holdout: int
+
+
+def labels_dir(lake: str) -> Path:
+    return Path(lake) / "labels"
+
+
+def derive_weak_labels(recipe) -> dict[str, tuple[Path, dict[str, int]]]:
+    """Write ``<lake>/labels/domain.jsonl`` and ``quality.jsonl`` from the lake; returns counts per label."""
+    import pyarrow.compute as pc
+
+    from jobs.lake import Lake
+
+    lake = Lake(recipe.lake)
+    cfg = recipe.score.weak_labels
+    clean = lake.read_arrow("documents_clean", columns=["source", "url", "text"]).to_pylist()
+    rejected = lake.read_arrow("documents_rejected", columns=["source", "text"],
+                               filter=pc.field("stage") == "filter").to_pylist()
+    domain_rows = [
+        {"text": d["text"], "label": lab}
+        for d in clean
+        if (lab := weak_domain(d["source"], d["url"], d["text"], cfg.source_domains)) is not None
+    ]
+    quality_rows = [{"text": d["text"], "label": "low"} for d in rejected if d["text"] and d["text"].strip()] + [
+        {"text": d["text"], "label": lab}
+        for d in clean
+        if (lab := weak_quality(d["source"], False, set(cfg.curated_sources), set(cfg.low_quality_sources))) is not None
+    ]
+    out = {}
+    folder = labels_dir(recipe.lake)
+    folder.mkdir(parents=True, exist_ok=True)
+    for task, rows in (("domain", domain_rows), ("quality", quality_rows)):
+        path = folder / f"{task}.jsonl"
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        counts: dict[str, int] = {}
+        for r in rows:
+            counts[r["label"]] = counts.get(r["label"], 0) + 1
+        out[task] = (path, counts)
+    return out
+
+
+def load_labelled(path: Path) -> tuple[list[str], list[str]]:
+    if not path.is_file():
+        raise ModelError(f"labelled data {path} does not exist: run `tokenmill models label` or pass --data")
+    texts, labels = [], []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if not isinstance(row.get("text"), str) or "label" not in row:
+            raise ModelError(f"{path}:{n}: each line needs a string 'text' and a 'label'")
+        texts.append(row["text"])
+        labels.append(str(row["label"]))
+    if len(set(labels)) < 2:
+        raise ModelError(f"{path}: needs at least two labels to train a classifier, found {sorted(set(labels))}")
+    return texts, labels
+
+
+def balance_classes(texts: list[str], labels: list[str], seed: int) -> tuple[list[str], list[str]]:
+    """Repeat examples of smaller classes until each has as many as the largest (training split only)."""
+    import random
+
+    by_label: dict[str, list[int]] = {}
+    for i, lab in enumerate(labels):
+        by_label.setdefault(lab, []).append(i)
+    target = max(len(v) for v in by_label.values())
+    rnd = random.Random(seed)
+    picked = []
+    for lab in sorted(by_label):
+        idx = by_label[lab]
+        picked.extend(idx * (target // len(idx)) + rnd.sample(idx, target % len(idx)))
+    rnd.shuffle(picked)
+    return [texts[i] for i in picked], [labels[i] for i in picked]
+
+
+def train_model(recipe, task: str, backend: str, data: Path | None = None, seed: int = 0) -> TrainResult:
+    cfg = recipe.score
+    path = data or labels_dir(recipe.lake) / f"{task}.jsonl"
+    texts, labels = load_labelled(path)
+    train_idx, hold_idx = split_holdout(len(texts), cfg.holdout, seed)
+    train_t, train_y = [texts[i] for i in train_idx], [labels[i] for i in train_idx]
+    hold_t, hold_y = [texts[i] for i in hold_idx], [labels[i] for i in hold_idx]
+    train_t, train_y = balance_classes(train_t, train_y, seed)
+    backbone = None
+    if backend == "fasttext":
+        model = FastTextClassifier.train(train_t, train_y, seed=seed)
+        predict = model.predict_proba
+    elif backend == "bert":
+        backbone = cfg.backbone or default_backbone()
+        encoder = Encoder(backbone, cfg.max_tokens)
+        model = LinearHead.train(encoder.embed(train_t, cfg.batch_size), train_y)
+        predict = lambda ts: model.predict_proba(encoder.embed(ts, cfg.batch_size))  # noqa: E731
+    else:
+        raise ModelError(f"unknown backend {backend!r}: fasttext or bert")
+    probs = predict(hold_t)
+    report = classification_report(hold_y, [model.labels[i] for i in probs.argmax(axis=1)], model.labels)
+    folder = new_version_dir(recipe.lake, ModelRef(task, backend, "latest").name)
+    model.save(folder)
+    write_metadata(
+        folder, task=task, backend=backend, backbone=backbone, labels=model.labels,
+        max_tokens=cfg.max_tokens if backend == "bert" else None,
+        training_data=str(path), training_data_sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+        n_train=len(train_idx), n_holdout=len(hold_t), metrics=report.as_dict(),
+    )
+    return TrainResult(folder, report, len(train_idx), len(hold_t))
+
+
+class LoadedModels:
+    """The models a recipe's scoring needs, loaded once; BERT heads share one encoder."""
+
+    def __init__(self, recipe):
+        cfg = recipe.score
+        self._encoder: Encoder | None = None
+        self.quality = self._load(recipe, ModelRef("quality", cfg.quality.backend, cfg.quality.version))
+        self.domain = self._load(recipe, ModelRef("domain", cfg.domain.backend, cfg.domain.version))
+        self.cascade = (
+            self._load(recipe, ModelRef("quality", "bert", cfg.cascade.version)) if cfg.cascade else None
+        )
+        self.versions = {
+            "quality": self.quality.version, "domain": self.domain.version,
+            **({"cascade": self.cascade.version} if self.cascade else {}),
+        }
+
+    def _load(self, recipe, ref: ModelRef):
+        folder, meta = resolve(recipe.lake, ref, recipe.origin)
+        if ref.backend == "fasttext":
+            model = FastTextClassifier.load(folder, meta["labels"])
+        else:
+            cfg = recipe.score
+            backbone = meta["backbone"]
+            if self._encoder is None:
+                self._encoder = Encoder(backbone, meta.get("max_tokens") or cfg.max_tokens, quantize=cfg.quantize)
+            elif self._encoder.backbone != backbone:
+                raise ModelError(f"{folder}: BERT models must share one backbone ({self._encoder.backbone} vs {backbone})")
+            model = BertClassifier(self._encoder, LinearHead.load(folder, meta["labels"]), cfg.batch_size)
+        model.version = f"{ref.name}/{meta['version']}"
+        return model
+
+    @property
+    def encoder(self) -> Encoder | None:
+        return self._encoder
+
+
+def score_batch(models: LoadedModels, texts: list[str], low: float = 0.3, high: float = 0.7
+                ) -> tuple[np.ndarray, list[str], int]:
+    """(quality per document, domain per document, how many documents the cascade sent to BERT).
+
+    BERT heads read one embedding per document, computed once for every head that needs it.
+    """
+    rows = np.arange(len(texts))
+    needs_all = any(m.backend == "bert" for m in (models.quality, models.domain))
+    embedded = models.encoder.embed(texts, 32) if needs_all else None
+
+    def proba(model, idx: np.ndarray) -> np.ndarray:
+        if model.backend == "fasttext":
+            return model.predict_proba([texts[i] for i in idx])
+        emb = embedded[idx] if embedded is not None else models.encoder.embed([texts[i] for i in idx], 32)
+        return model.head.predict_proba(emb)
+
+    quality = quality_value(models.quality.labels, proba(models.quality, rows)).astype(np.float64)
+    sent = 0
+    if models.cascade is not None:
+        band = np.nonzero((quality >= low) & (quality <= high))[0]
+        sent = len(band)
+        if sent:
+            quality[band] = quality_value(models.cascade.labels, proba(models.cascade, band))
+    domain_probs = proba(models.domain, rows)
+    domains = [models.domain.labels[i] for i in domain_probs.argmax(axis=1)]
+    return quality, domains, sent
+
+
+def quality_value(labels: list[str], probs: np.ndarray) -> np.ndarray:
+    """One number per document: P(high) for high/low labels, the expected score for numeric labels."""
+    try:
+        values = np.array([float(lab) for lab in labels])
+        return probs @ values
+    except ValueError:
+        pass
+    # fastText's probabilities can exceed 1 by a rounding error.
+    if "high" in labels:
+        return np.clip(probs[:, labels.index("high")], 0.0, 1.0)
+    return np.clip(probs[:, len(labels) - 1], 0.0, 1.0)  # labels are sorted: the last one stands for "best"
