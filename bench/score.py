@@ -1,0 +1,117 @@
+"""Benchmark: document scoring throughput.
+
+Same documents (demo corpus, ~1.5 KB each), same process:
+- fastText quality + domain, pure (one core) and inside the Spark score job (per core);
+- BERT-family (MiniLM) quality + domain heads: tokenmill's batched, truncated, one-pass scoring
+  (optionally int8-quantised) next to the naive way, a transformers pipeline called per document
+  for each head.
+Trains the models it needs first (weak labels of the demo corpus), in a throwaway lake.
+
+    python bench/score.py [--bert-docs 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import yaml  # noqa: E402
+
+from jobs import filter_rules, ingest, score, scrub_pii  # noqa: E402
+from jobs.lake import Lake  # noqa: E402
+from jobs.recipe import load_recipe  # noqa: E402
+from jobs.spark import get_spark  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--bert-docs", type=int, default=64)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="tokenmill-bench-score-"))
+    try:
+        demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+        demo["lake"] = str(work / "lake")
+        for src in demo["sources"]:
+            src["path"] = str(work / "demo_corpus" / src["name"] / Path(src["path"]).name)
+        recipe_file = work / "recipe.yaml"
+        recipe_file.write_text(yaml.safe_dump(demo))
+        from jobs.demo_corpus import build_demo_corpus
+
+        build_demo_corpus(work / "demo_corpus")
+        recipe = load_recipe(recipe_file)
+        spark = get_spark("tokenmill-bench-score", recipe)
+        for stage in (ingest, filter_rules, scrub_pii):
+            stage.run(spark, recipe)
+        tokenmill = str(Path(sys.executable).parent / "tokenmill")
+        subprocess.run([tokenmill, "models", "label", "--recipe", str(recipe_file)], check=True, capture_output=True)
+        for task in ("quality", "domain"):
+            for backend in ("fasttext", "bert"):
+                subprocess.run([tokenmill, "models", "train", "--recipe", str(recipe_file), "--task", task,
+                                "--backend", backend], check=True, capture_output=True)
+        texts = Lake(recipe.lake).read_arrow("documents_clean", columns=["text"]).column("text").to_pylist()
+        cores = spark.sparkContext.defaultParallelism
+
+        from quality_models.train import LoadedModels, score_batch
+
+        fast = LoadedModels(recipe)
+        started = time.perf_counter()
+        score_batch(fast, texts)
+        fast_pure = len(texts) / (time.perf_counter() - started)
+        started = time.perf_counter()
+        report = score.run(spark, recipe)
+        fast_spark = report.documents / (time.perf_counter() - started) / cores
+
+        import torch
+
+        torch.set_num_threads(cores)
+        sample = texts[: args.bert_docs]
+        rates = {}
+        for quantize in (False, True):
+            bert = recipe.model_copy(update={"score": recipe.score.model_copy(update={
+                "quality": recipe.score.quality.model_copy(update={"backend": "bert"}),
+                "domain": recipe.score.domain.model_copy(update={"backend": "bert"}), "quantize": quantize})})
+            models = LoadedModels(bert)
+            score_batch(models, sample[:4])  # warm up
+            started = time.perf_counter()
+            score_batch(models, sample)
+            rates[quantize] = len(sample) / (time.perf_counter() - started)
+        naive = naive_rate(models, sample)
+
+        print(f"{len(texts)} documents, mean {sum(map(len, texts)) / len(texts):,.0f} characters; {cores} cores")
+        print(f"{'':54} {'docs/s':>10}")
+        print(f"{'fastText quality + domain, pure, per core':54} {fast_pure:10,.0f}")
+        print(f"{'fastText quality + domain, Spark score job, per core':54} {fast_spark:10,.0f}")
+        print(f"{'BERT naive: pipeline per document, per head':54} {naive:10,.1f}")
+        print(f"{'BERT tokenmill: batched, truncated, one pass':54} {rates[False]:10,.1f}   x{rates[False] / naive:.2f} vs naive")
+        print(f"{'BERT tokenmill, int8 dynamic quantisation':54} {rates[True]:10,.1f}   x{rates[True] / naive:.2f} vs naive")
+        print(f"  (BERT on {len(sample)} documents, {recipe.score.max_tokens} tokens max, {cores} torch threads)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def naive_rate(models, texts: list[str]) -> float:
+    """The naive way: a feature-extraction pipeline per document and per head, full length up to 512."""
+    import numpy as np
+    from transformers import pipeline
+
+    extract = pipeline("feature-extraction", model=models.encoder.backbone, framework="pt", device="cpu")
+    started = time.perf_counter()
+    for text in texts:
+        for head in (models.quality.head, models.domain.head):
+            hidden = np.asarray(extract(text, truncation=True, max_length=512))[0]
+            emb = hidden.mean(axis=0)
+            head.predict_proba((emb / np.linalg.norm(emb))[None, :].astype(np.float32))
+    return len(texts) / (time.perf_counter() - started)
+
+
+if __name__ == "__main__":
+    main()
