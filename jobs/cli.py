@@ -174,7 +174,7 @@ def run_refine(recipe: Recipe, args) -> None:
 
 
 def run_demo(recipe: Recipe) -> None:
-    """The embedded default end to end: demo corpus → ingest → filter → pii → status."""
+    """The embedded default end to end: demo corpus → ingest → filter → pii → models → score → status."""
     from jobs.demo_corpus import build_demo_corpus
 
     started = time.perf_counter()
@@ -183,7 +183,24 @@ def run_demo(recipe: Recipe) -> None:
     for built in build_demo_corpus(corpus):
         print(f"  {built.name:<12} {built.documents:>6} documents")
     print("[demo] starting Spark (local mode)")
-    run_refine(recipe, argparse.Namespace(stages=",".join(REFINE_STAGES), dry_run=False))
+    run_refine(recipe, argparse.Namespace(stages="ingest,filter,pii", dry_run=False))
+    from quality_models.registry import versions
+
+    import subprocess
+
+    # Labels and models are made by `tokenmill models` in a child process: inside a process that also
+    # runs Spark, fastText 0.9.3 training aborts with "Encountered NaN" (not understood yet).
+    base = [sys.executable, "-m", "jobs.cli", "models"]
+    where = ["--recipe", recipe.origin, "--lake", recipe.lake]
+    for task in ("domain", "quality"):
+        backend = getattr(recipe.score, task).backend
+        if not versions(recipe.lake, f"{task}-{backend}"):
+            if task == "domain":
+                print("[demo] weak labels for the classifiers")
+                subprocess.run([*base, "label", *where], check=True)
+            print(f"[demo] training the {task} model ({backend})")
+            subprocess.run([*base, "train", *where, "--task", task, "--backend", backend], check=True)
+    run_refine(recipe, argparse.Namespace(stages="score", dry_run=False))
     print("[demo] status")
     print_status(recipe)
     print(f"[demo] finished in {time.perf_counter() - started:.1f} s")
