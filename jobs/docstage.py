@@ -71,11 +71,13 @@ def run_document_stage(lake: Lake, stage: str, source: str, target: str, make_fn
     from schemas.spark import spark_type
 
     ddl = ", ".join(f"`{f.name}` {spark_type(f.type).simpleString()}" for f in intermediate_schema(target))
-    documents = lake.read(source)
+    return spread(lake.read(source)).mapInArrow(map_documents(source, target, make_fn), ddl).persist()
+
+
+def spread(documents):
+    """The DataFrame over at least one partition per core: a table of few large files uses every core."""
     cores = documents.sparkSession.sparkContext.defaultParallelism
-    if documents.rdd.getNumPartitions() < cores:
-        documents = documents.repartition(cores)  # a table of few large files: use every core anyway
-    return documents.mapInArrow(map_documents(source, target, make_fn), ddl).persist()
+    return documents.repartition(cores) if documents.rdd.getNumPartitions() < cores else documents
 
 
 def kept_and_rejected(processed, stage: str, target: str):

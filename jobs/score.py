@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from jobs.docstage import spread
 from jobs.lake import Lake
 from jobs.recipe import Recipe
 from jobs.rules import script_lang
@@ -102,11 +103,7 @@ def run(spark, recipe: Recipe, args=None) -> ScoreReport:
     started = time.perf_counter()
     models = _models(recipe)  # on the driver first: a missing model fails here, naming the command to train it
     lake = Lake(recipe.lake, spark)
-    docs = lake.read("documents_clean")
-    cores = spark.sparkContext.defaultParallelism
-    if docs.rdd.getNumPartitions() < cores:
-        docs = docs.repartition(cores)
-    scored = docs.mapInArrow(lambda batches: _score_batches(batches, recipe), spark_schema(table("documents_scored")))
+    scored = spread(lake.read("documents_clean")).mapInArrow(lambda batches: _score_batches(batches, recipe), spark_schema(table("documents_scored")))
     version = lake.write("documents_scored", scored, mode="overwrite", job=STAGE)
     written = lake.read("documents_scored")
     stats = written.groupBy("category", "domain").agg(F.count("*").alias("n"), F.sum("quality").alias("q")).collect()
