@@ -7,8 +7,6 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow.compute as pc
-
 from jobs.recipe import Recipe, RecipeError
 from jobs.stage import recipe_arguments, recipe_from_args
 
@@ -122,10 +120,10 @@ def print_status(recipe: Recipe) -> None:
         chunks = lake.read_arrow("chunks", columns=["status", "n_tokens"])
         print("chunk backlog by status:")
         grouped = chunks.group_by("status").aggregate([("status", "count"), ("n_tokens", "sum")])
-        for row in sorted(grouped.to_pylist(), key=lambda r: r["status"]):
-            print(f"  {row['status']:<12} {row['status_count']:>6} chunks  {row['n_tokens_sum']:>14,} tokens")
-        ready = pc.sum(pc.equal(chunks.column("status"), "ready")).as_py() or 0
-        print(f"  ready for the trainer: {ready}")
+        by_status = {row["status"]: row for row in grouped.to_pylist()}
+        for status, row in sorted(by_status.items()):
+            print(f"  {status:<12} {row['status_count']:>6} chunks  {row['n_tokens_sum']:>14,} tokens")
+        print(f"  ready for the trainer: {by_status.get('ready', {}).get('status_count', 0)}")
 
 
 def run_models(recipe: Recipe, args) -> None:
@@ -145,10 +143,10 @@ def run_models(recipe: Recipe, args) -> None:
     else:
         from quality_models.registry import model_root
 
+        import json
+
         root = model_root(recipe.lake)
         for meta_path in sorted(root.glob("*/v*/metadata.json")):
-            import json
-
             meta = json.loads(meta_path.read_text())
             print(f"{meta['name']:<18} {meta['version']:<5} {meta['created_at'][:19]}  labels {','.join(meta['labels'])}  "
                   f"macro-F1 {meta['metrics']['macro_f1']:.3f}")
@@ -184,22 +182,25 @@ def run_demo(recipe: Recipe) -> None:
         print(f"  {built.name:<12} {built.documents:>6} documents")
     print("[demo] starting Spark (local mode)")
     run_refine(recipe, argparse.Namespace(stages="ingest,filter,pii", dry_run=False))
-    from quality_models.registry import versions
-
     import subprocess
+
+    from quality_models.registry import ModelRef, versions
 
     # Labels and models are made by `tokenmill models` in a child process: inside a process that also
     # runs Spark, fastText 0.9.3 training aborts with "Encountered NaN" (not understood yet).
     base = [sys.executable, "-m", "jobs.cli", "models"]
     where = ["--recipe", recipe.origin, "--lake", recipe.lake]
-    for task in ("domain", "quality"):
-        backend = getattr(recipe.score, task).backend
-        if not versions(recipe.lake, f"{task}-{backend}"):
-            if task == "domain":
-                print("[demo] weak labels for the classifiers")
-                subprocess.run([*base, "label", *where], check=True)
-            print(f"[demo] training the {task} model ({backend})")
-            subprocess.run([*base, "train", *where, "--task", task, "--backend", backend], check=True)
+    missing = [
+        (task, getattr(recipe.score, task).backend)
+        for task in ("domain", "quality")
+        if not versions(recipe.lake, ModelRef(task, getattr(recipe.score, task).backend, "latest").name)
+    ]
+    if missing:
+        print("[demo] weak labels for the classifiers")
+        subprocess.run([*base, "label", *where], check=True)
+    for task, backend in missing:
+        print(f"[demo] training the {task} model ({backend})")
+        subprocess.run([*base, "train", *where, "--task", task, "--backend", backend], check=True)
     run_refine(recipe, argparse.Namespace(stages="score", dry_run=False))
     print("[demo] status")
     print_status(recipe)

@@ -41,10 +41,11 @@ def intermediate_schema(target: str) -> pa.Schema:
     )
 
 
-def map_documents(source: str, target: str, make_fn: Callable[[], DocumentFn]):
+def map_documents(target: str, make_fn: Callable[[], DocumentFn]):
     """A mapInArrow body: ``make_fn`` is called once per task (load models, compile patterns there)."""
     schema = intermediate_schema(target)
     nullable = pa.schema([f.with_nullable(True) for f in schema])
+    columns = table(target).columns
 
     def run(batches):
         fn = make_fn()
@@ -52,7 +53,7 @@ def map_documents(source: str, target: str, make_fn: Callable[[], DocumentFn]):
             rows = []
             for doc in batch.to_pylist():
                 outcome = fn(doc)
-                row = {name: doc.get(name) for name in table(target).columns}
+                row = {name: doc.get(name) for name in columns}
                 row.update(outcome.columns)
                 row[_REJECT_REASON] = outcome.reject_reason
                 row[_REJECT_DETAIL] = outcome.reject_detail
@@ -71,7 +72,7 @@ def run_document_stage(lake: Lake, stage: str, source: str, target: str, make_fn
     from schemas.spark import spark_type
 
     ddl = ", ".join(f"`{f.name}` {spark_type(f.type).simpleString()}" for f in intermediate_schema(target))
-    return spread(lake.read(source)).mapInArrow(map_documents(source, target, make_fn), ddl).persist()
+    return spread(lake.read(source)).mapInArrow(map_documents(target, make_fn), ddl).persist()
 
 
 def spread(documents):
@@ -81,6 +82,7 @@ def spread(documents):
 
 
 def kept_and_rejected(processed, stage: str, target: str):
+    """The target table's rows, and ``documents_rejected`` rows, of an intermediate DataFrame."""
     from pyspark.sql import functions as F
 
     now = datetime.now(timezone.utc)

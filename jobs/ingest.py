@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
-from jobs.docstage import commit_stage
+from jobs.docstage import commit_stage, kept_and_rejected
 from jobs.lake import Lake
 from jobs.recipe import Recipe
 from jobs.records import Document, SourceSpec, parse_json_line, parse_record
@@ -115,17 +115,12 @@ def run(spark, recipe: Recipe, args=None) -> IngestReport:
     )
     counts = parsed.groupBy("source", "kind", "reason").count().collect()
     now = datetime.now(timezone.utc)
-    rejects = parsed.where(F.col("kind") == "reject").select(
-        "doc_id",
-        "source",
-        F.lit(STAGE).alias("stage"),
-        "reason",
-        "detail",
-        "text",
-        F.lit(now).cast("timestamp").alias("rejected_at"),
-    )
-    docs = parsed.where(F.col("kind") == "doc").select(
-        "doc_id", "text", "source", "url", "meta", F.lit(now).cast("timestamp").alias("ingested_at")
+    docs, rejects = kept_and_rejected(
+        parsed.withColumn("ingested_at", F.lit(now).cast("timestamp"))
+        .withColumnRenamed("reason", "_reject_reason")
+        .withColumnRenamed("detail", "_reject_detail"),
+        STAGE,
+        "documents_raw",
     )
     raw_version = commit_stage(lake, STAGE, "documents_raw", docs, rejects)
     parsed.unpersist()

@@ -29,6 +29,7 @@ from deltalake import Schema as DeltaSchema
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from deltalake.transaction import AddAction, RemoveAction, create_table_with_add_actions
 
+from jobs.sources import filesystem
 from schemas import Table, arrow_differences, conform, table
 
 if TYPE_CHECKING:
@@ -256,7 +257,7 @@ class Lake:
     def write_report(self, relative_dir: str, files: dict[str, str]) -> str:
         """Write text files under ``<lake>/reports/<relative_dir>/``; returns that folder."""
         folder = f"{self.root}/reports/{relative_dir}"
-        fs, path = _filesystem(folder)
+        fs, path = filesystem(folder)
         fs.create_dir(path, recursive=True)
         for name, content in files.items():
             with fs.open_output_stream(f"{path}/{name}") as out:
@@ -323,16 +324,10 @@ def _spark_uri(uri: str) -> str:
     return "s3a://" + uri[len("s3://"):] if uri.startswith("s3://") else uri
 
 
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), uri
-    return pafs.FileSystem.from_uri(uri)
-
-
 def _add_actions(table_uri: str, write_dir: str) -> list[AddAction]:
     """One AddAction, with row count and min/max statistics, per Parquet file Spark wrote."""
-    fs, base = _filesystem(write_dir)
-    _, table_base = _filesystem(table_uri)
+    fs, base = filesystem(write_dir)
+    _, table_base = filesystem(table_uri)
     infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
     adds = []
     for info in sorted(infos, key=lambda i: i.path):
@@ -409,11 +404,11 @@ def _replace_where_actions(
             if any(not (lo <= val <= hi) for lo, hi, val in zip(lows, highs, wanted)):
                 continue  # no row can match: keep the file as it is
         # The file may mix matching and other rows: keep the others in a rewritten file.
-        src_fs, src_path = _filesystem(f"{snapshot.table_uri.rstrip('/')}/{act['path']}")
+        src_fs, src_path = filesystem(f"{snapshot.table_uri.rstrip('/')}/{act['path']}")
         keep = pq.read_table(src_path, filesystem=src_fs, schema=spec.schema).filter(~_match_expression(where))
         removes.append(_remove(act, now))
         if keep.num_rows:
-            out_fs, out = _filesystem(f"{write_dir}/kept-{mixed:05d}.parquet")
+            out_fs, out = filesystem(f"{write_dir}/kept-{mixed:05d}.parquet")
             pq.write_table(keep, out, filesystem=out_fs, compression="zstd")
             mixed += 1
     rewritten = [a for a in _add_actions(snapshot.table_uri, write_dir) if "/kept-" in a.path] if mixed else []
@@ -457,7 +452,7 @@ def _table_version(entry: dict[str, Any]) -> TableVersion:
 
 
 def _delete_dir(uri: str) -> None:
-    fs, path = _filesystem(uri)
+    fs, path = filesystem(uri)
     try:
         fs.delete_dir(path)
     except (FileNotFoundError, OSError):

@@ -101,7 +101,9 @@ def run(spark, recipe: Recipe, args=None) -> ScoreReport:
     from schemas.spark import spark_schema
 
     started = time.perf_counter()
-    models = _models(recipe)  # on the driver first: a missing model fails here, naming the command to train it
+    from quality_models.train import check_pinned
+
+    versions = check_pinned(recipe)  # a missing model fails here, before any Spark work, naming the fix
     lake = Lake(recipe.lake, spark)
     scored = spread(lake.read("documents_clean")).mapInArrow(lambda batches: _score_batches(batches, recipe), spark_schema(table("documents_scored")))
     version = lake.write("documents_scored", scored, mode="overwrite", job=STAGE)
@@ -113,7 +115,7 @@ def run(spark, recipe: Recipe, args=None) -> ScoreReport:
         by_category[row["category"]] = by_category.get(row["category"], 0) + row["n"]
         by_domain[row["domain"]] = by_domain.get(row["domain"], 0) + row["n"]
     n = sum(by_category.values())
-    return ScoreReport(n, by_category, by_domain, models.versions, sum(r["q"] or 0 for r in stats) / max(n, 1),
+    return ScoreReport(n, by_category, by_domain, versions, sum(r["q"] or 0 for r in stats) / max(n, 1),
                        time.perf_counter() - started, version)
 
 

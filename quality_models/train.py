@@ -136,21 +136,34 @@ def train_model(recipe, task: str, backend: str, data: Path | None = None, seed:
     return TrainResult(folder, report, len(train_idx), len(hold_t))
 
 
+def pinned_models(recipe) -> dict[str, ModelRef]:
+    """The models the recipe's scoring uses: quality, domain and, with a cascade, BERT quality."""
+    cfg = recipe.score
+    pins = {
+        "quality": ModelRef("quality", cfg.quality.backend, cfg.quality.version),
+        "domain": ModelRef("domain", cfg.domain.backend, cfg.domain.version),
+    }
+    if cfg.cascade:
+        pins["cascade"] = ModelRef("quality", "bert", cfg.cascade.version)
+    return pins
+
+
+def check_pinned(recipe) -> dict[str, str]:
+    """Resolve every pinned model without loading it: fails naming the command that trains it."""
+    return {role: f"{ref.name}/{resolve(recipe.lake, ref, recipe.origin)[1]['version']}"
+            for role, ref in pinned_models(recipe).items()}
+
+
 class LoadedModels:
     """The models a recipe's scoring needs, loaded once; BERT heads share one encoder."""
 
     def __init__(self, recipe):
-        cfg = recipe.score
         self._encoder: Encoder | None = None
-        self.quality = self._load(recipe, ModelRef("quality", cfg.quality.backend, cfg.quality.version))
-        self.domain = self._load(recipe, ModelRef("domain", cfg.domain.backend, cfg.domain.version))
-        self.cascade = (
-            self._load(recipe, ModelRef("quality", "bert", cfg.cascade.version)) if cfg.cascade else None
-        )
-        self.versions = {
-            "quality": self.quality.version, "domain": self.domain.version,
-            **({"cascade": self.cascade.version} if self.cascade else {}),
-        }
+        self.batch_size = recipe.score.batch_size
+        loaded = {role: self._load(recipe, ref) for role, ref in pinned_models(recipe).items()}
+        self.quality, self.domain = loaded["quality"], loaded["domain"]
+        self.cascade = loaded.get("cascade")
+        self.versions = {role: model.version for role, model in loaded.items()}
 
     def _load(self, recipe, ref: ModelRef):
         folder, meta = resolve(recipe.lake, ref, recipe.origin)
@@ -180,12 +193,12 @@ def score_batch(models: LoadedModels, texts: list[str], low: float = 0.3, high: 
     """
     rows = np.arange(len(texts))
     needs_all = any(m.backend == "bert" for m in (models.quality, models.domain))
-    embedded = models.encoder.embed(texts, 32) if needs_all else None
+    embedded = models.encoder.embed(texts, models.batch_size) if needs_all else None
 
     def proba(model, idx: np.ndarray) -> np.ndarray:
         if model.backend == "fasttext":
             return model.predict_proba([texts[i] for i in idx])
-        emb = embedded[idx] if embedded is not None else models.encoder.embed([texts[i] for i in idx], 32)
+        emb = embedded[idx] if embedded is not None else models.encoder.embed([texts[i] for i in idx], models.batch_size)
         return model.head.predict_proba(emb)
 
     quality = quality_value(models.quality.labels, proba(models.quality, rows)).astype(np.float64)
