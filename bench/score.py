@@ -1,7 +1,8 @@
 """Benchmark: document scoring throughput.
 
 Same documents (demo corpus, ~1.5 KB each), same process:
-- fastText quality + domain, pure (one core) and inside the Spark score job (per core);
+- fastText quality + domain (+ script language), on ~1 KB pieces of those documents repeated to
+  100k rows: the executors' per-batch function on one core, and the whole Spark score job per core;
 - BERT-family (MiniLM) quality + domain heads: tokenmill's batched, truncated, one-pass scoring
   (optionally int8-quantised) next to the naive way, a transformers pipeline called per document
   for each head.
@@ -35,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--bert-docs", type=int, default=64)
+    parser.add_argument("--fast-docs", type=int, default=100_000, help="~1 KB documents for the fastText figures")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tokenmill-bench-score-"))
     try:
@@ -57,20 +59,29 @@ def main() -> None:
             for backend in ("fasttext", "bert"):
                 subprocess.run([tokenmill, "models", "train", "--recipe", str(recipe_file), "--task", task,
                                 "--backend", backend], check=True, capture_output=True)
-        texts = Lake(recipe.lake).read_arrow("documents_clean", columns=["text"]).column("text").to_pylist()
+        clean = Lake(recipe.lake).read_arrow("documents_clean")
+        texts = clean.column("text").to_pylist()
         cores = spark.sparkContext.defaultParallelism
 
-        from quality_models.train import LoadedModels, score_batch
+        # fastText at volume on ~1 KB documents: the demo's clean documents cut at line ends into
+        # pieces of about 1 KB, repeated to --fast-docs rows, in a lake of their own.
+        pieces = kilobyte_pieces(clean, args.fast_docs)
+        big = recipe.model_copy(update={"lake": str(work / "lake1k")})
+        big_lake = Lake(big.lake)
+        big_lake.write_arrow("documents_clean", pieces, mode="overwrite", job="bench")
+        shutil.copytree(Path(recipe.lake) / "models", Path(big.lake) / "models")
+        piece_bytes = sum(len(t.encode()) for t in pieces.column("text").to_pylist()) / len(pieces)
 
-        fast = LoadedModels(recipe)
-        started = time.perf_counter()
-        score_batch(fast, texts)
-        fast_pure = len(texts) / (time.perf_counter() - started)
-        started = time.perf_counter()
-        report = score.run(spark, recipe)
-        fast_spark = report.documents / (time.perf_counter() - started) / cores
+        started = time.perf_counter()  # the executors' per-batch function, in this process, one core
+        for _ in score._score_batches(pieces.to_batches(max_chunksize=10_000), big):
+            pass
+        fast_pure = len(pieces) / (time.perf_counter() - started)
+        report = score.run(spark, big)
+        fast_spark = report.documents / report.seconds / cores
 
         import torch
+
+        from quality_models.train import LoadedModels, score_batch
 
         torch.set_num_threads(cores)
         sample = texts[: args.bert_docs]
@@ -86,16 +97,42 @@ def main() -> None:
             rates[quantize] = len(sample) / (time.perf_counter() - started)
         naive = naive_rate(models, sample)
 
-        print(f"{len(texts)} documents, mean {sum(map(len, texts)) / len(texts):,.0f} characters; {cores} cores")
+        print(f"fastText: {len(pieces):,} documents of {piece_bytes:,.0f} bytes on average; {cores} cores")
         print(f"{'':54} {'docs/s':>10}")
-        print(f"{'fastText quality + domain, pure, per core':54} {fast_pure:10,.0f}")
-        print(f"{'fastText quality + domain, Spark score job, per core':54} {fast_spark:10,.0f}")
+        print(f"{'fastText quality + domain + lang, one core, no Spark':54} {fast_pure:10,.0f}")
+        print(f"{'fastText quality + domain + lang, Spark score job/core':54} {fast_spark:10,.0f}"
+              f"   (whole job: read, score, write, commit; {report.seconds:.1f} s)")
+        print(f"BERT: {len(sample)} demo documents, mean {sum(map(len, sample)) / len(sample):,.0f} characters")
         print(f"{'BERT naive: pipeline per document, per head':54} {naive:10,.1f}")
         print(f"{'BERT tokenmill: batched, truncated, one pass':54} {rates[False]:10,.1f}   x{rates[False] / naive:.2f} vs naive")
         print(f"{'BERT tokenmill, int8 dynamic quantisation':54} {rates[True]:10,.1f}   x{rates[True] / naive:.2f} vs naive")
         print(f"  (BERT on {len(sample)} documents, {recipe.score.max_tokens} tokens max, {cores} torch threads)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def kilobyte_pieces(clean, n: int):
+    """``n`` rows shaped like documents_clean whose texts are ~1 KB pieces of the given documents."""
+    import pyarrow as pa
+
+    pieces: list[str] = []
+    for text in clean.column("text").to_pylist():
+        piece: list[str] = []
+        size = 0
+        for line in text.split("\n"):
+            piece.append(line)
+            size += len(line.encode()) + 1
+            if size >= 1000:
+                pieces.append("\n".join(piece))
+                piece, size = [], 0
+        if size >= 300:
+            pieces.append("\n".join(piece))
+    texts = [pieces[i % len(pieces)] for i in range(n)]
+    first = clean.slice(0, 1).to_pylist()[0]
+    rows = {name: [first[name]] * n for name in clean.schema.names}
+    rows["doc_id"] = [f"kb{i:08d}" for i in range(n)]
+    rows["text"] = texts
+    return pa.table(rows, schema=clean.schema)
 
 
 def naive_rate(models, texts: list[str]) -> float:

@@ -12,7 +12,7 @@ from jobs.stage import recipe_arguments, recipe_from_args
 
 DEMO_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 # stage name → module under jobs/ with run(spark, recipe, args)
-REFINE_STAGES = {"ingest": "ingest", "filter": "filter_rules", "pii": "scrub_pii", "score": "score"}
+REFINE_STAGES = {"ingest": "ingest", "filter": "filter_rules", "pii": "scrub_pii", "score": "score", "dedup": "dedup"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     refine.add_argument("--stages", default=",".join(REFINE_STAGES),
                         help=f"comma-separated, in pipeline order; any of {', '.join(REFINE_STAGES)}")
     refine.add_argument("--dry-run", action="store_true", help="filter: compute signals and the report only")
+    refine.add_argument("--incremental", action="store_true",
+                        help="dedup: only documents not seen before, against the documents kept earlier")
 
     status = sub.add_parser("status", help="every table with its version, rows and last commit; chunk backlog")
     recipe_arguments(status)
@@ -181,7 +183,7 @@ def run_demo(recipe: Recipe) -> None:
     for built in build_demo_corpus(corpus):
         print(f"  {built.name:<12} {built.documents:>6} documents")
     print("[demo] starting Spark (local mode)")
-    run_refine(recipe, argparse.Namespace(stages="ingest,filter,pii", dry_run=False))
+    run_refine(recipe, argparse.Namespace(stages="ingest,filter,pii", dry_run=False, incremental=False))
     import subprocess
 
     from quality_models.registry import ModelRef, versions
@@ -201,7 +203,7 @@ def run_demo(recipe: Recipe) -> None:
     for task, backend in missing:
         print(f"[demo] training the {task} model ({backend})")
         subprocess.run([*base, "train", *where, "--task", task, "--backend", backend], check=True)
-    run_refine(recipe, argparse.Namespace(stages="score", dry_run=False))
+    run_refine(recipe, argparse.Namespace(stages="score", dry_run=False, incremental=False))
     print("[demo] status")
     print_status(recipe)
     print(f"[demo] finished in {time.perf_counter() - started:.1f} s")

@@ -138,6 +138,61 @@ class Score(_Section):
         return self
 
 
+class Shingling(_Section):
+    unit: Literal["word", "char"] = "word"
+    n: int = Field(default=5, gt=0)
+
+
+class LineDedup(_Section):
+    """Remove lines (or paragraphs) that recur across many documents before document dedup."""
+
+    min_repeats: int = Field(default=20, gt=1, description="a line in more than this many documents is boilerplate")
+    unit: Literal["line", "paragraph"] = "line"
+    min_chars: int = Field(default=10, ge=0, description="shorter lines are never removed")
+
+
+class Dedup(_Section):
+    exact: bool = Field(default=True, description="drop copies of the same normalised text first")
+    num_perm: int = Field(default=256, ge=16, le=1024, description="MinHash permutations (signature length)")
+    seed: int = 1
+    thresholds: dict[str, float] = Field(
+        default_factory=lambda: {"news": 0.70, "knowledge": 0.85, "encyclopedia": 0.85},
+        description="domain or category → Jaccard threshold; a pair across two uses the stricter (higher)",
+    )
+    default_threshold: float = Field(default=0.80, gt=0, lt=1)
+    shingles: dict[str, Shingling] = Field(
+        default_factory=lambda: {"zh": Shingling(unit="char", n=5)},
+        description="lang → shingling; other languages use word 5-grams",
+    )
+    fp_weight: float = Field(
+        default=0.1, ge=0, le=1,
+        description="LSH banding: weight of false positives (1 - this weighs false negatives); candidates are "
+        "verified against the full signatures, so a missed pair costs more than an extra candidate",
+    )
+    max_bucket_pairs: int = Field(
+        default=100, gt=0, description="in an LSH bucket, each document is paired with at most this many next ones"
+    )
+    line_dedup: LineDedup | None = None
+
+    @field_validator("thresholds")
+    @classmethod
+    def _in_range(cls, value: dict[str, float]) -> dict[str, float]:
+        for key, th in value.items():
+            if not 0.0 < th < 1.0:
+                raise ValueError(f"thresholds.{key} = {th}: a Jaccard threshold lies strictly between 0 and 1")
+        return value
+
+    def shingling(self, lang: str) -> Shingling:
+        return self.shingles.get(lang, Shingling())
+
+    def threshold_for(self, domain: str | None, category: str | None) -> tuple[float, str]:
+        """(threshold, the key that set it): the domain's, else the category's, else the default."""
+        for key in (domain, category):
+            if key is not None and key in self.thresholds:
+                return self.thresholds[key], key
+        return self.default_threshold, category or "default"
+
+
 class Spark(_Section):
     master: str = Field(default="local[*]", description="used only when spark-submit did not set one")
     shuffle_partitions: int = Field(default=8, gt=0)
@@ -152,6 +207,7 @@ class Recipe(_Section):
     filter: Filter = Filter()
     pii: Pii = Pii()
     score: Score = Score()
+    dedup: Dedup = Dedup()
     spark: Spark = Spark()
     # Where the recipe came from, for messages; not a key a user writes.
     origin: str = Field(default="<memory>", exclude=True)

@@ -26,7 +26,7 @@ import pyarrow as pa
 from jobs.docstage import spread
 from jobs.lake import Lake
 from jobs.recipe import Recipe
-from jobs.rules import script_lang
+from jobs.rules import script_langs
 from jobs.stage import stage_main
 from schemas import table
 
@@ -63,7 +63,7 @@ def _score_batches(batches, recipe: Recipe):
     schema = pa.schema([f.with_nullable(True) for f in table("documents_scored").schema])
     for batch in batches:
         texts = batch.column("text").to_pylist()
-        langs = [script_lang(t) for t in texts]
+        langs = script_langs(texts)
         quality, domains, _ = score_batch(models, texts, *((cascade.low, cascade.high) if cascade else ()))
         columns = {name: batch.column(name) for name in batch.schema.names}
         columns["quality"] = pa.array(quality, pa.float64())

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from quality_models.bert_backend import BertClassifier, Encoder, LinearHead, default_backbone
-from quality_models.fasttext_backend import FastTextClassifier
+from quality_models.fasttext_backend import FastTextClassifier, prepare_many
 from quality_models.labels import weak_domain, weak_quality
 from quality_models.metrics import ClassificationReport, classification_report, split_holdout
 from quality_models.registry import ModelError, ModelRef, new_version_dir, resolve, write_metadata
@@ -194,10 +194,14 @@ def score_batch(models: LoadedModels, texts: list[str], low: float = 0.3, high: 
     rows = np.arange(len(texts))
     needs_all = any(m.backend == "bert" for m in (models.quality, models.domain))
     embedded = models.encoder.embed(texts, models.batch_size) if needs_all else None
+    uses_fasttext = any(m.backend == "fasttext" for m in (models.quality, models.domain))
+    prepared = prepare_many(texts) if uses_fasttext else None  # once for every fastText model
 
     def proba(model, idx: np.ndarray) -> np.ndarray:
         if model.backend == "fasttext":
-            return model.predict_proba([texts[i] for i in idx])
+            if len(idx) == len(texts):
+                return model.predict_proba(texts, prepared)
+            return model.predict_proba([texts[i] for i in idx], [prepared[i] for i in idx])
         emb = embedded[idx] if embedded is not None else models.encoder.embed([texts[i] for i in idx], models.batch_size)
         return model.head.predict_proba(emb)
 
