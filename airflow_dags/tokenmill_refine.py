@@ -22,7 +22,7 @@ from airflow.sdk import DAG, Param, Variable
 
 PROJECT = Path(__file__).resolve().parents[1]
 # In pipeline order; each is jobs/<module>.py with the same --recipe argument.
-STAGES = [("ingest", "ingest"), ("filter", "filter_rules"), ("pii", "scrub_pii")]
+STAGES = [("ingest", "ingest"), ("filter", "filter_rules"), ("pii", "scrub_pii"), ("score", "score"), ("dedup", "dedup")]
 log = logging.getLogger(__name__)
 
 
@@ -41,7 +41,7 @@ def _report_failure(context) -> None:
 
 with DAG(
     dag_id="tokenmill_refine",
-    description="ingest → filter → pii, one spark-submit per stage",
+    description="ingest → filter → pii → score → dedup, one spark-submit per stage",
     schedule=None,
     catchup=False,
     params={

@@ -23,14 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import yaml  # noqa: E402
-
+from bench.common import demo_recipe, kilobyte_pieces  # noqa: E402
 from jobs import filter_rules, ingest, score, scrub_pii  # noqa: E402
 from jobs.lake import Lake  # noqa: E402
 from jobs.recipe import load_recipe  # noqa: E402
 from jobs.spark import get_spark  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -40,15 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tokenmill-bench-score-"))
     try:
-        demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-        demo["lake"] = str(work / "lake")
-        for src in demo["sources"]:
-            src["path"] = str(work / "demo_corpus" / src["name"] / Path(src["path"]).name)
-        recipe_file = work / "recipe.yaml"
-        recipe_file.write_text(yaml.safe_dump(demo))
-        from jobs.demo_corpus import build_demo_corpus
-
-        build_demo_corpus(work / "demo_corpus")
+        recipe_file = demo_recipe(work)
         recipe = load_recipe(recipe_file)
         spark = get_spark("tokenmill-bench-score", recipe)
         for stage in (ingest, filter_rules, scrub_pii):
@@ -65,7 +55,7 @@ def main() -> None:
 
         # fastText at volume on ~1 KB documents: the demo's clean documents cut at line ends into
         # pieces of about 1 KB, repeated to --fast-docs rows, in a lake of their own.
-        pieces = kilobyte_pieces(clean, args.fast_docs)
+        pieces = kilobyte_rows(clean, args.fast_docs)
         big = recipe.model_copy(update={"lake": str(work / "lake1k")})
         big_lake = Lake(big.lake)
         big_lake.write_arrow("documents_clean", pieces, mode="overwrite", job="bench")
@@ -111,27 +101,15 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def kilobyte_pieces(clean, n: int):
+def kilobyte_rows(clean, n: int):
     """``n`` rows shaped like documents_clean whose texts are ~1 KB pieces of the given documents."""
     import pyarrow as pa
 
-    pieces: list[str] = []
-    for text in clean.column("text").to_pylist():
-        piece: list[str] = []
-        size = 0
-        for line in text.split("\n"):
-            piece.append(line)
-            size += len(line.encode()) + 1
-            if size >= 1000:
-                pieces.append("\n".join(piece))
-                piece, size = [], 0
-        if size >= 300:
-            pieces.append("\n".join(piece))
-    texts = [pieces[i % len(pieces)] for i in range(n)]
+    pieces = kilobyte_pieces(clean.column("text").to_pylist())
     first = clean.slice(0, 1).to_pylist()[0]
     rows = {name: [first[name]] * n for name in clean.schema.names}
     rows["doc_id"] = [f"kb{i:08d}" for i in range(n)]
-    rows["text"] = texts
+    rows["text"] = [pieces[i % len(pieces)] for i in range(n)]
     return pa.table(rows, schema=clean.schema)
 
 

@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("ingest", help="sources → documents_raw (rejects bad records with their reason)", add_help=False)
+    sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on the kept documents (a new version)",
+                   add_help=False)
+    sub.add_parser("feed", help="produce token chunks for the trainer (--until-ready N, --follow)", add_help=False)
 
     refine = sub.add_parser("refine", help="run refinery stages in order on one Spark session")
     recipe_arguments(refine)
@@ -52,10 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     recipe_arguments(listing)
 
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "ingest":  # stage commands parse their own arguments
-        from jobs import ingest
+    stage_commands = {"ingest": "ingest", "tokenizer": "train_tokenizer", "feed": "feed"}
+    if argv and argv[0] in stage_commands:  # stage commands parse their own arguments
+        import importlib
 
-        return _guarded(lambda: ingest.main(argv[1:]))
+        module = importlib.import_module(f"jobs.{stage_commands[argv[0]]}")
+        return _guarded(lambda: module.main(argv[1:]))
     args = parser.parse_args(argv)
     if args.command == "models":
         return _guarded(lambda: run_models(recipe_from_args(args), args))
@@ -174,7 +179,7 @@ def run_refine(recipe: Recipe, args) -> None:
 
 
 def run_demo(recipe: Recipe) -> None:
-    """The embedded default end to end: demo corpus → ingest → filter → pii → models → score → status."""
+    """The embedded default end to end: demo corpus → ingest → filter → pii → models → score → dedup → status."""
     from jobs.demo_corpus import build_demo_corpus
 
     started = time.perf_counter()
@@ -203,7 +208,7 @@ def run_demo(recipe: Recipe) -> None:
     for task, backend in missing:
         print(f"[demo] training the {task} model ({backend})")
         subprocess.run([*base, "train", *where, "--task", task, "--backend", backend], check=True)
-    run_refine(recipe, argparse.Namespace(stages="score", dry_run=False, incremental=False))
+    run_refine(recipe, argparse.Namespace(stages="score,dedup", dry_run=False, incremental=False))
     print("[demo] status")
     print_status(recipe)
     print(f"[demo] finished in {time.perf_counter() - started:.1f} s")

@@ -193,6 +193,70 @@ class Dedup(_Section):
         return self.default_threshold, category or "default"
 
 
+class TokenizerCfg(_Section):
+    """Byte-level BPE trained by ``tokenmill tokenizer`` (jobs/train_tokenizer.py)."""
+
+    version: str = Field(default="latest", pattern=r"^(latest|v\d+)$", description="the version feed uses")
+    vocab_size: int = Field(default=32_000, ge=512, description="rounded up to a multiple of 128")
+    sample_bytes: int = Field(default=50_000_000, gt=0, description="training sample, split by the mix")
+    min_frequency: int = Field(default=2, ge=1)
+    special_tokens: list[str] = Field(default_factory=lambda: ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"])
+    domain_tokens: list[str] = Field(default_factory=list, description="whole words kept as one token each")
+    domain_tokens_file: str | None = Field(default=None, description="file with one domain token per line")
+    remove_tokens: list[str] = Field(default_factory=list, description="learned tokens to drop from the vocabulary")
+    embedding_buffer: int = Field(default=1000, ge=0, description="ids reserved between vocabulary and embedding")
+    holdout_docs: int = Field(default=200, gt=0, description="held-out documents per category for compression")
+    seed: int = 0
+
+
+class Curriculum(_Section):
+    """How documents are ordered within each chunk (and, with ``across_chunks``, between chunks)."""
+
+    key: Literal["none", "quality", "length"] = "none"
+    order: Literal["easy_first", "hard_first"] = "easy_first"  # easy = high quality / short
+    buckets: int = Field(default=4, ge=1)
+    across_chunks: bool = Field(default=False, description="walk the buckets over the stage's chunks too")
+
+
+class FeedStage(_Section):
+    mix: dict[str, float] = Field(default_factory=lambda: {"zh": 4.0, "en": 4.0, "code": 2.0},
+                                  description="category → share of tokens")
+    seq_len: int = Field(default=2048, ge=8)
+    min_quality: float | None = Field(default=None, description="only documents at least this good (anneal)")
+    curriculum: Curriculum = Curriculum()
+
+    @field_validator("mix")
+    @classmethod
+    def _positive(cls, value: dict[str, float]) -> dict[str, float]:
+        if not value or any(v < 0 for v in value.values()) or sum(value.values()) <= 0:
+            raise ValueError("mix needs at least one category with a positive share, and no negative share")
+        return value
+
+
+class Feed(_Section):
+    stage: str = Field(default="pretrain", description="the stage whose chunks feed makes now")
+    stages: dict[str, FeedStage] = Field(default_factory=lambda: {"pretrain": FeedStage()})
+    chunk_tokens: int = Field(default=1_000_000_000, gt=0)
+    decay: float = Field(default=0.5, gt=0, le=1, description="a document's weight × decay ** times_used")
+    repeat_cap: int = Field(default=4, ge=1, description="most copies of one document in one chunk")
+    when_dry: Literal["repeat", "renormalize"] = Field(
+        default="renormalize", description="a category without enough tokens: repeat its documents up to "
+        "repeat_cap, or give its share to the others")
+    seed: int = 0
+    rows_per_file: int = Field(default=8192, gt=0)
+    poll_seconds: float = Field(default=30.0, gt=0, description="--follow: how often to check the backlog")
+
+    @model_validator(mode="after")
+    def _stage_exists(self) -> "Feed":
+        if self.stage not in self.stages:
+            raise ValueError(f"feed.stage {self.stage!r} is not one of feed.stages: {', '.join(self.stages)}")
+        return self
+
+    @property
+    def current(self) -> FeedStage:
+        return self.stages[self.stage]
+
+
 class Spark(_Section):
     master: str = Field(default="local[*]", description="used only when spark-submit did not set one")
     shuffle_partitions: int = Field(default=8, gt=0)
@@ -208,6 +272,8 @@ class Recipe(_Section):
     pii: Pii = Pii()
     score: Score = Score()
     dedup: Dedup = Dedup()
+    tokenizer: TokenizerCfg = TokenizerCfg()
+    feed: Feed = Feed()
     spark: Spark = Spark()
     # Where the recipe came from, for messages; not a key a user writes.
     origin: str = Field(default="<memory>", exclude=True)
@@ -265,6 +331,9 @@ def parse_recipe(raw: dict[str, Any], base_dir: Path, origin: str = "<memory>") 
         files = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
         if isinstance(files, dict):
             raw[section] = {**raw[section], key: {k: resolve_path(v, base_dir) if isinstance(v, str) else v for k, v in files.items()}}
+    tok = raw.get("tokenizer")
+    if isinstance(tok, dict) and isinstance(tok.get("domain_tokens_file"), str):
+        raw["tokenizer"] = {**tok, "domain_tokens_file": resolve_path(tok["domain_tokens_file"], base_dir)}
     try:
         return Recipe(**raw, origin=origin)
     except ValidationError as err:

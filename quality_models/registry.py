@@ -54,20 +54,25 @@ def write_metadata(folder: Path, **fields) -> dict:
     return meta
 
 
+def resolve_version(lake: str, name: str, version: str, train: str, pinned_at: str) -> tuple[Path, dict]:
+    """The folder and metadata of ``name`` at ``version`` (vN or latest); fails naming ``train``,
+    the command that makes one, and ``pinned_at``, the recipe key that chose the version."""
+    available = versions(lake, name)
+    if not available:
+        raise ModelError(f"no {name} model in {model_root(lake) / name}; make one first: {train}")
+    chosen = available[-1] if version == "latest" else version
+    if chosen not in available:
+        raise ModelError(
+            f"{name} {chosen} ({pinned_at}) does not exist; available: {', '.join(available)}; or make a new one: {train}"
+        )
+    folder = model_root(lake) / name / chosen
+    return folder, json.loads((folder / "metadata.json").read_text())
+
+
 def resolve(lake: str, ref: ModelRef, recipe_origin: str = "the recipe") -> tuple[Path, dict]:
     """The model's folder and metadata; fails naming the command that trains it."""
     train = f"tokenmill models train --recipe {recipe_origin} --task {ref.task} --backend {ref.backend}"
-    available = versions(lake, ref.name)
-    if not available:
-        raise ModelError(f"no {ref.name} model in {model_root(lake) / ref.name}; train one first: {train}")
-    version = available[-1] if ref.version == "latest" else ref.version
-    if version not in available:
-        raise ModelError(
-            f"model {ref.name} {version} (score.{ref.task}.version in {recipe_origin}) does not exist; "
-            f"available: {', '.join(available)}; or train a new one: {train}"
-        )
-    folder = model_root(lake) / ref.name / version
-    meta = json.loads((folder / "metadata.json").read_text())
+    folder, meta = resolve_version(lake, ref.name, ref.version, train, f"score.{ref.task}.version in {recipe_origin}")
     if meta.get("backend") != ref.backend or meta.get("task") != ref.task:
         raise ModelError(
             f"{folder} holds a {meta.get('task')} model of backend {meta.get('backend')}, not {ref.task}/{ref.backend}; "

@@ -25,7 +25,7 @@ def test_refine_dag_submits_each_stage_in_order(dagbag):
 
     dag = dagbag.dags["tokenmill_refine"]
     order = [t.task_id for t in dag.topological_sort()]
-    assert order == ["ingest", "filter", "pii"]
+    assert order == ["ingest", "filter", "pii", "score", "dedup"]
     for task in dag.tasks:
         assert isinstance(task, SparkSubmitOperator)
         assert task.application.endswith((".py",)) and os.path.isfile(task.application)

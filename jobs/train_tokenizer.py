@@ -1,0 +1,266 @@
+"""Tokenizer training: byte-level BPE on a mix-weighted sample of the kept documents.
+
+    tokenmill tokenizer --recipe R   |   spark-submit jobs/train_tokenizer.py --recipe R
+
+Digits are split one per token; the vocabulary (special tokens, learned tokens, the recipe's domain
+tokens, reserved tokens) is a multiple of 128, and the model's embedding size leaves a buffer of
+about ``tokenizer.embedding_buffer`` ids above it for tokens added later (alignment). Compression
+is measured on held-out documents per category. Saved as ``<lake>/models/tokenizer/vN/`` with
+``tokenizer.json`` and ``metadata.json``; ``tokenizer.version`` in the recipe pins what feed uses.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by spark-submit: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+from jobs.lake import Lake
+from jobs.recipe import Recipe, TokenizerCfg
+from jobs.stage import stage_main
+from quality_models.registry import ModelError
+
+STAGE = "tokenizer"
+NAME = "tokenizer"
+EOS, PAD = "<|endoftext|>", "<|pad|>"
+_HAN_RANGES = ((0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF))
+
+
+def round_up(n: int, multiple: int = 128) -> int:
+    return -(-n // multiple) * multiple
+
+
+def build_tokenizer(texts: Iterable[str], vocab_size: int, special_tokens: list[str], domain_tokens: list[str],
+                    min_frequency: int = 2):
+    """A byte-level BPE tokenizer with one-digit tokens, trained on ``texts``."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=max(vocab_size - len(domain_tokens), 300), min_frequency=min_frequency,
+        special_tokens=special_tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    if domain_tokens:
+        tok.add_tokens([AddedToken(w, single_word=True, normalized=False) for w in domain_tokens])
+    return tok
+
+
+def _merge_parts(merge) -> tuple[str, str]:
+    return tuple(merge) if isinstance(merge, list) else tuple(merge.split(" ", 1))
+
+
+def remove_tokens(tok, remove: list[str]):
+    """The tokenizer without the given learned tokens, nor the tokens only reachable through them;
+    ids are renumbered contiguously. Single bytes of the base alphabet cannot be removed."""
+    from tokenizers import Tokenizer, pre_tokenizers
+
+    if not remove:
+        return tok
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    spec = json.loads(tok.to_str())
+    vocab: dict[str, int] = spec["model"]["vocab"]
+    unknown = [t for t in remove if t not in vocab]
+    if unknown:
+        raise ModelError(f"tokenizer.remove_tokens: {unknown} are not learned tokens of this vocabulary "
+                         "(byte-level form: a leading space is 'Ġ')")
+    base = [t for t in remove if t in alphabet]
+    if base:
+        raise ModelError(f"tokenizer.remove_tokens: {base} are single bytes of the base alphabet and cannot be removed")
+    gone = set(remove)
+    merges = [_merge_parts(m) for m in spec["model"]["merges"]]
+    changed = True
+    while changed:
+        changed = False
+        for a, b in merges:
+            if (a in gone or b in gone) and (a + b) not in gone:
+                gone.add(a + b)
+                changed = True
+    kept = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if t not in gone]
+    remap = {t: i for i, t in enumerate(kept)}
+    spec["model"]["vocab"] = remap
+    spec["model"]["merges"] = [[a, b] for a, b in merges if a not in gone and b not in gone and (a + b) not in gone]
+    offset = len(kept)
+    for i, added in enumerate(sorted(spec.get("added_tokens", []), key=lambda t: t["id"])):
+        if added["content"] in remap:
+            added["id"] = remap[added["content"]]
+        else:
+            added["id"] = offset
+            offset += 1
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+def pad_to_multiple(tok, multiple: int = 128) -> list[str]:
+    """Adds reserved special tokens until the vocabulary is a multiple of ``multiple``; returns them."""
+    size = tok.get_vocab_size(with_added_tokens=True)
+    reserved = [f"<|reserved_{i}|>" for i in range(round_up(size, multiple) - size)]
+    if reserved:
+        tok.add_special_tokens(reserved)
+    return reserved
+
+
+def han_count(text: str) -> int:
+    return sum(1 for ch in text if any(lo <= ord(ch) <= hi for lo, hi in _HAN_RANGES))
+
+
+def compression(tok, texts_by_category: dict[str, list[str]]) -> dict[str, dict[str, float]]:
+    """Per category: characters, Chinese characters and UTF-8 bytes per token on the given texts."""
+    out = {}
+    for category, texts in texts_by_category.items():
+        if not texts:
+            continue
+        tokens = sum(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False)) or 1
+        out[category] = {
+            "documents": len(texts),
+            "tokens": tokens,
+            "chars_per_token": sum(map(len, texts)) / tokens,
+            "han_per_token": sum(map(han_count, texts)) / tokens,
+            "bytes_per_token": sum(len(t.encode()) for t in texts) / tokens,
+        }
+    return out
+
+
+def tokenizer_hash(folder: Path) -> str:
+    return hashlib.sha256((folder / "tokenizer.json").read_bytes()).hexdigest()[:16]
+
+
+def read_domain_tokens(cfg: TokenizerCfg) -> list[str]:
+    words = list(cfg.domain_tokens)
+    if cfg.domain_tokens_file:
+        path = Path(cfg.domain_tokens_file)
+        if not path.is_file():
+            raise ModelError(f"tokenizer.domain_tokens_file {path} does not exist")
+        words += [w.strip() for w in path.read_text(encoding="utf-8").splitlines() if w.strip() and not w.startswith("#")]
+    return list(dict.fromkeys(words))
+
+
+def kept_documents_table(lake: Lake) -> str:
+    """documents_dedup, or documents_scored when dedup has not run."""
+    for name in ("documents_dedup", "documents_scored"):
+        if lake.exists(name):
+            return name
+    raise ModelError(f"neither documents_dedup nor documents_scored exists in {lake.root}; "
+                            "run `tokenmill refine --recipe R` first")
+
+
+def sample_by_mix(spark, recipe: Recipe, lake: Lake) -> tuple[dict[str, list[str]], dict[str, list[str]], str]:
+    """(training texts per category, held-out texts per category, the table sampled).
+
+    Each category of the current stage's mix gets its share of ``sample_bytes``; a category with
+    fewer bytes than its share gives all it has."""
+    from pyspark.sql import functions as F
+
+    cfg = recipe.tokenizer
+    mix = recipe.feed.current.mix
+    total = sum(mix.values())
+    source = kept_documents_table(lake)
+    docs = lake.read(source).where(F.col("category").isin(list(mix))).select(
+        "doc_id", "text", "category", F.length(F.encode("text", "utf-8")).alias("bytes"))
+    sizes = {r["category"]: r["b"] for r in docs.groupBy("category").agg(F.sum("bytes").alias("b")).collect()}
+    # a stable pseudo-random order per document: the same sample on every run with the same seed
+    ranked = docs.withColumn("r", F.xxhash64(F.lit(cfg.seed), "doc_id"))
+    holdout = ranked.orderBy("r").groupBy("category").agg(
+        F.slice(F.collect_list("doc_id"), 1, cfg.holdout_docs).alias("ids"))
+    held_ids = {i for r in holdout.collect() for i in r["ids"]}
+    train, held = {c: [] for c in mix}, {c: [] for c in mix}
+    for r in ranked.where(F.col("doc_id").isin(list(held_ids))).select("text", "category").collect():
+        held[r["category"]].append(r["text"])
+    for category, share in mix.items():
+        want, have = cfg.sample_bytes * share / total, sizes.get(category, 0)
+        if not have:
+            continue
+        fraction = min(1.0, want / have * 1.05)
+        rows = ranked.where((F.col("category") == category) & ~F.col("doc_id").isin(list(held_ids))
+                            & ((F.abs(F.col("r")) % 1_000_000) < int(fraction * 1_000_000))).select("text").collect()
+        train[category] = [r["text"] for r in rows]
+    return train, held, source
+
+
+@dataclass
+class TokenizerReport:
+    version: str
+    folder: str
+    vocab_size: int
+    model_vocab_size: int
+    trained_on: dict[str, int]
+    compression: dict[str, dict[str, float]]
+    seconds: float
+
+    def __str__(self) -> str:
+        lines = [f"tokenizer {self.version}: vocabulary {self.vocab_size} (embedding {self.model_vocab_size}); "
+                 f"trained on {', '.join(f'{c} {b / 1e6:.1f} MB' for c, b in self.trained_on.items())} "
+                 f"in {self.seconds:.1f} s; saved in {self.folder}",
+                 f"  {'category':10} {'held-out docs':>13} {'chars/token':>11} {'zh chars/token':>14} {'bytes/token':>11}"]
+        for category, c in self.compression.items():
+            lines.append(f"  {category:10} {c['documents']:13d} {c['chars_per_token']:11.2f} "
+                         f"{c['han_per_token']:14.2f} {c['bytes_per_token']:11.2f}")
+        return "\n".join(lines)
+
+
+def run(spark, recipe: Recipe, args=None) -> TokenizerReport:
+    """Train a byte-level BPE tokenizer on a mix-weighted sample of the kept documents."""
+    from quality_models.registry import new_version_dir, write_metadata
+
+    started = time.perf_counter()
+    cfg = recipe.tokenizer
+    lake = Lake(recipe.lake, spark)
+    train, held, source = sample_by_mix(spark, recipe, lake)
+    texts = [t for category in train for t in train[category]]
+    if not texts:
+        raise ModelError(f"no documents of the mix's categories ({', '.join(recipe.feed.current.mix)}) in {source}")
+    specials = list(dict.fromkeys(cfg.special_tokens + [EOS, PAD]))
+    domain = read_domain_tokens(cfg)
+    target = round_up(cfg.vocab_size)
+    tok = build_tokenizer(texts, target, specials, domain, cfg.min_frequency)
+    tok = remove_tokens(tok, cfg.remove_tokens)
+    reserved = pad_to_multiple(tok)
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    measured = compression(tok, held)
+    folder = new_version_dir(recipe.lake, NAME)
+    tok.save(str(folder / "tokenizer.json"))
+    write_metadata(
+        folder, task="tokenizer", backend="bpe", vocab_size=vocab_size,
+        model_vocab_size=round_up(vocab_size + cfg.embedding_buffer), embedding_buffer=cfg.embedding_buffer,
+        eos_id=tok.token_to_id(EOS), pad_id=tok.token_to_id(PAD), special_tokens=specials, reserved_tokens=reserved,
+        domain_tokens=domain, removed_tokens=list(cfg.remove_tokens), trained_from=source,
+        trained_bytes={c: sum(len(t.encode()) for t in v) for c, v in train.items()}, compression=measured,
+        sha256=tokenizer_hash(folder),
+    )
+    return TokenizerReport(folder.name, str(folder), vocab_size, round_up(vocab_size + cfg.embedding_buffer),
+                           {c: sum(len(t.encode()) for t in v) for c, v in train.items()}, measured,
+                           time.perf_counter() - started)
+
+
+def load_tokenizer(recipe: Recipe):
+    """(tokenizers.Tokenizer, metadata) of the pinned version; fails naming the command that trains one."""
+    from tokenizers import Tokenizer
+
+    from quality_models.registry import resolve_version
+
+    folder, meta = resolve_version(recipe.lake, NAME, recipe.tokenizer.version,
+                                   f"tokenmill tokenizer --recipe {recipe.origin}",
+                                   f"tokenizer.version in {recipe.origin}")
+    if tokenizer_hash(folder) != meta["sha256"]:
+        raise ModelError(f"{folder / 'tokenizer.json'} does not match the sha256 in its metadata.json; "
+                         f"train a new version: tokenmill tokenizer --recipe {recipe.origin}")
+    return Tokenizer.from_file(str(folder / "tokenizer.json")), {**meta, "folder": str(folder)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(STAGE, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
