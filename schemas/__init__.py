@@ -1,6 +1,6 @@
 """Table definitions of the lake: one per table, Arrow first, Spark derived (``schemas.spark``)."""
 
-from schemas.tables import TABLES, Table, UnknownTableError, table
+from schemas.tables import SPAN_TYPE, TABLES, Table, UnknownTableError, chunk_row_schema, table
 from schemas.arrow import arrow_differences, conform
 
-__all__ = ["TABLES", "Table", "UnknownTableError", "table", "arrow_differences", "conform"]
+__all__ = ["SPAN_TYPE", "TABLES", "Table", "UnknownTableError", "chunk_row_schema", "table", "arrow_differences", "conform"]

@@ -149,3 +149,25 @@ def table(name: str) -> Table:
         raise UnknownTableError(
             f"unknown lake table {name!r}; the lake has: {', '.join(TABLES)}"
         ) from None
+
+
+# -- chunk files ---------------------------------------------------------------------------------
+# Not a table: the rows of <lake>/chunks/<chunk_id>/part-*.parquet, one packed training sequence each.
+SPAN_TYPE = pa.struct([
+    ("doc_id", pa.string()),
+    ("pos", pa.int32()),  # where the piece starts in the row
+    ("doc_start", pa.int32()),  # which token of the document it starts with
+    ("length", pa.int32()),
+    ("doc_tokens", pa.int32()),  # the document's whole length (EOS included) in this chunk's stream
+    ("category", pa.string()),
+])
+
+
+def chunk_row_schema(vocab_size: int) -> pa.Schema:
+    """``input_ids`` are uint16 when every id fits, else uint32."""
+    ids = pa.uint16() if vocab_size <= 65536 else pa.uint32()
+    return pa.schema([
+        pa.field("row", pa.int64(), nullable=False),
+        pa.field("input_ids", pa.list_(ids), nullable=False),
+        pa.field("spans", pa.list_(SPAN_TYPE), nullable=False),
+    ])

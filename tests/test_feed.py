@@ -1,0 +1,203 @@
+"""Tokenizer training and the feed job end to end on a small lake: chunks trace to documents, the
+mix holds, usage matches the chunks, reruns are identical, crashes are cleaned up, bad files are
+quarantined, backpressure stops at the backlog."""
+
+from __future__ import annotations
+
+import argparse
+import random
+from collections import Counter
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import feed, train_tokenizer
+from jobs.lake import Lake
+from schemas import table
+from tests.conftest import make_recipe
+
+HAN = "的一是不了人我在有他这中大来上个国到说们为子和你地出道也时年得就那要下以生会自着去之过家学对可里后天"
+WORDS = "river school budget council report station water energy house street train garden music".split()
+
+
+def _docs(seed: int = 0) -> pa.Table:
+    rng = random.Random(seed)
+    rows = []
+    now = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    for i in range(90):
+        kind = ("zh", "en", "code")[i % 3]
+        if kind == "zh":
+            text = "".join(rng.choice(HAN) for _ in range(rng.randint(80, 400))) + f"，第{i}号。"
+        elif kind == "en":
+            text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(40, 200))) + f" {i} 2026."
+        else:
+            text = "\n".join(f"def f{i}_{j}(x):\n    return x * {j} + {rng.randint(0, 99)}" for j in range(rng.randint(3, 15)))
+        rows.append({"doc_id": f"{kind}{i:03d}", "text": text, "source": kind, "url": None, "meta": None,
+                     "ingested_at": now, "signals": None, "pii": None, "quality": rng.uniform(0.2, 1.0),
+                     "domain": kind, "lang": kind, "category": kind, "cluster_id": None})
+    return pa.Table.from_pylist(rows, schema=table("documents_dedup").schema)
+
+
+def _recipe(tmp_path, name="lake", **feed_overrides):
+    cfg = {"chunk_tokens": 3000, "stages": {"pretrain": {"seq_len": 63}}, "rows_per_file": 20, **feed_overrides}
+    recipe = make_recipe(tmp_path, [{"name": "t", "path": str(tmp_path / "none.jsonl")}],
+                         tokenizer={"vocab_size": 600, "min_frequency": 1, "holdout_docs": 5,
+                                    "domain_tokens": ["river school"]},
+                         feed=cfg)
+    return recipe.model_copy(update={"lake": str(tmp_path / name)})
+
+
+@pytest.fixture(scope="module")
+def fed(spark, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("feed")
+    recipe = _recipe(tmp)
+    lake = Lake(recipe.lake)
+    lake.write_arrow("documents_dedup", _docs(), mode="overwrite", job="test")
+    report = train_tokenizer.run(spark, recipe)
+    first = feed.run(spark, recipe, argparse.Namespace(until_ready=3, follow=False, verify=False))
+    return recipe, lake, report, first
+
+
+def _chunk_rows(lake_root: str, chunk_id: str) -> list[dict]:
+    return pq.read_table(feed.chunk_dir(lake_root, chunk_id)).sort_by("row").to_pylist()
+
+
+def test_tokenizer_vocabulary_buffer_digits_and_domain_tokens(fed):
+    recipe, _, report, _ = fed
+    tok, meta = train_tokenizer.load_tokenizer(recipe)
+    assert meta["vocab_size"] % 128 == 0 and meta["vocab_size"] == tok.get_vocab_size()
+    assert meta["model_vocab_size"] % 128 == 0 and meta["model_vocab_size"] - meta["vocab_size"] >= 1000
+    assert tok.encode("2026", add_special_tokens=False).tokens == ["2", "0", "2", "6"]
+    assert "river school" in tok.encode("the river school report", add_special_tokens=False).tokens
+    assert set(report.compression) == {"zh", "en", "code"}
+    assert report.compression["zh"]["han_per_token"] > 0.5 and report.compression["en"]["bytes_per_token"] > 1.5
+
+
+def test_removed_tokens_leave_the_vocabulary_and_ids_stay_contiguous():
+    from jobs.train_tokenizer import build_tokenizer, pad_to_multiple, remove_tokens
+
+    texts = ["the river and the riverbank and the rivers"] * 50
+    tok = build_tokenizer(texts, 300, ["<|endoftext|>"], [], 1)
+    target = "Ġriver"
+    assert target in tok.get_vocab()
+    trimmed = remove_tokens(tok, [target])
+    vocab = trimmed.get_vocab()
+    assert target not in vocab and "Ġriverbank" not in vocab  # built from it: unreachable, gone too
+    assert sorted(vocab.values()) == list(range(len(vocab)))
+    assert trimmed.decode(trimmed.encode("the river").ids) == "the river"
+    pad_to_multiple(trimmed)
+    assert trimmed.get_vocab_size() % 128 == 0
+
+
+def test_chunks_trace_to_documents_and_hold_the_mix(fed):
+    recipe, lake, _, first = fed
+    tok, meta = train_tokenizer.load_tokenizer(recipe)
+    texts = {r["doc_id"]: r["text"] for r in lake.read_arrow("documents_dedup").to_pylist()}
+    ready = [r for r in feed.manifest(lake) if r["status"] == "ready"]
+    assert [r["chunk_id"] for r in ready] == ["pretrain-000000", "pretrain-000001", "pretrain-000002"]
+    for chunk in ready:
+        rows = _chunk_rows(recipe.lake, chunk["chunk_id"])
+        assert len(rows) == chunk["n_rows"] and all(len(r["input_ids"]) == 64 for r in rows)
+        per_cat: Counter = Counter()
+        seen: dict[str, int] = {}
+        for row in rows:
+            for s in row["spans"]:
+                ids = tok.encode(texts[s["doc_id"]], add_special_tokens=False).ids + [meta["eos_id"]]
+                assert s["doc_tokens"] == len(ids)
+                assert row["input_ids"][s["pos"] : s["pos"] + s["length"]] == ids[s["doc_start"] : s["doc_start"] + s["length"]]
+                assert s["doc_start"] == seen.get(s["doc_id"], 0)  # pieces of a document follow each other
+                seen[s["doc_id"]] = s["doc_start"] + s["length"]
+                per_cat[s["category"]] += s["length"]
+        assert sum(per_cat.values()) == chunk["n_tokens"] == recipe.feed.chunk_tokens
+        # a document is whole, or it is the one cut at its category's budget (its full length is in the span)
+        cut = Counter(r for d, n in seen.items() for r in [d[:2] if d.startswith(("zh", "en")) else "code"]
+                      if n < len(tok.encode(texts[d], add_special_tokens=False).ids) + 1)
+        assert all(v <= 1 for v in cut.values())
+        target = {"zh": 0.4, "en": 0.4, "code": 0.2}
+        for cat, share in target.items():
+            assert abs(per_cat[cat] / chunk["n_tokens"] - share) <= 0.01
+        assert dict(chunk["mix"]) == dict(per_cat)
+
+
+def test_usage_counts_equal_appearances_in_ready_chunks(fed):
+    recipe, lake, _, _ = fed
+    appearances: Counter = Counter()
+    for chunk in feed.manifest(lake):
+        if chunk["status"] == "ready":
+            for row in _chunk_rows(recipe.lake, chunk["chunk_id"]):
+                appearances.update(s["doc_id"] for s in row["spans"] if s["doc_start"] == 0)
+    usage = {r["doc_id"]: r["times_used"] for r in lake.read_arrow("usage").to_pylist() if r["times_used"]}
+    assert usage == dict(appearances)
+
+
+def test_same_seed_same_chunks_and_backpressure(spark, tmp_path, fed):
+    recipe, lake, _, first = fed
+    assert len(first.produced) == 3
+    again = feed.run(spark, recipe, argparse.Namespace(until_ready=3, follow=False, verify=False))
+    assert again.produced == [] and again.backlog == 3  # the backlog is full: nothing to do
+    twin = recipe.model_copy(update={"lake": str(tmp_path / "twin")})
+    twin_lake = Lake(twin.lake)
+    twin_lake.write_arrow("documents_dedup", _docs(), mode="overwrite", job="test")
+    # the same tokenizer file, so that only the feed is compared
+    import shutil
+
+    shutil.copytree(f"{recipe.lake}/models", f"{twin.lake}/models")
+    feed.run(spark, twin, argparse.Namespace(until_ready=2, follow=False, verify=False))
+    for a, b in zip(feed.manifest(lake)[:2], feed.manifest(twin_lake)):
+        assert (a["chunk_id"], a["sha256"], a["n_tokens"]) == (b["chunk_id"], b["sha256"], b["n_tokens"])
+
+
+def test_a_crash_before_ready_is_cleaned_up_and_usage_stays_true(spark, tmp_path, monkeypatch):
+    recipe = _recipe(tmp_path, "crash")
+    lake = Lake(recipe.lake)
+    lake.write_arrow("documents_dedup", _docs(1), mode="overwrite", job="test")
+    train_tokenizer.run(spark, recipe)
+    feed.run(spark, recipe, argparse.Namespace(until_ready=1, follow=False, verify=False))
+    usage_before = {r["doc_id"]: r["times_used"] for r in lake.read_arrow("usage").to_pylist()}
+
+    real = feed.set_manifest_row
+
+    def dies_before_ready(lake_, row, job, attempts=20):
+        if row["status"] == "ready":
+            raise KeyboardInterrupt("killed between the usage commit and the manifest")
+        return real(lake_, row, job, attempts)
+
+    monkeypatch.setattr(feed, "set_manifest_row", dies_before_ready)
+    with pytest.raises(KeyboardInterrupt):
+        feed.run(spark, recipe, argparse.Namespace(until_ready=2, follow=False, verify=False))
+    monkeypatch.setattr(feed, "set_manifest_row", real)
+    assert [r["status"] for r in feed.manifest(lake)] == ["ready", "writing"]
+    report = feed.run(spark, recipe, argparse.Namespace(until_ready=None, follow=False, verify=False))
+    assert report.cleaned == ["pretrain-000001"]
+    assert [r["status"] for r in feed.manifest(lake)] == ["ready", "ready"]
+    appearances: Counter = Counter()
+    for chunk in feed.manifest(lake):
+        for row in _chunk_rows(recipe.lake, chunk["chunk_id"]):
+            appearances.update(s["doc_id"] for s in row["spans"] if s["doc_start"] == 0)
+    usage = {r["doc_id"]: r["times_used"] for r in lake.read_arrow("usage").to_pylist() if r["times_used"]}
+    assert usage == dict(appearances)
+    assert sum(usage.values()) > sum(usage_before.values())
+
+
+def test_checksum_mismatch_or_missing_file_quarantines(spark, tmp_path):
+    recipe = _recipe(tmp_path, "verify", rows_per_file=10)
+    lake = Lake(recipe.lake)
+    lake.write_arrow("documents_dedup", _docs(2), mode="overwrite", job="test")
+    train_tokenizer.run(spark, recipe)
+    feed.run(spark, recipe, argparse.Namespace(until_ready=2, follow=False, verify=False))
+    first, second = feed.manifest(lake)
+    path = f"{feed.chunk_dir(recipe.lake, first['chunk_id'])}/{first['files'][0]}"
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    import os
+
+    os.remove(f"{feed.chunk_dir(recipe.lake, second['chunk_id'])}/{second['files'][-1]}")
+    report = feed.run(spark, recipe, argparse.Namespace(until_ready=None, follow=False, verify=True))
+    reasons = dict(report.quarantined)
+    assert "sha256" in reasons["pretrain-000000"] and "missing" in reasons["pretrain-000001"]
+    statuses = {r["chunk_id"]: (r["status"], r["reason"]) for r in feed.manifest(lake)}
+    assert statuses["pretrain-000000"][0] == "quarantined" and "sha256" in statuses["pretrain-000000"][1]
+    assert statuses["pretrain-000002"][0] == "ready"  # and the run still made its chunk
