@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on the kept documents (a new version)",
                    add_help=False)
     sub.add_parser("feed", help="produce token chunks for the trainer (--until-ready N, --follow)", add_help=False)
+    sub.add_parser("plan", help="parameters, FLOPs, days, memory per GPU, batch size of a Llama run", add_help=False)
 
     refine = sub.add_parser("refine", help="run refinery stages in order on one Spark session")
     recipe_arguments(refine)
@@ -55,11 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     recipe_arguments(listing)
 
     argv = sys.argv[1:] if argv is None else argv
-    stage_commands = {"ingest": "ingest", "tokenizer": "train_tokenizer", "feed": "feed"}
+    stage_commands = {"ingest": "jobs.ingest", "tokenizer": "jobs.train_tokenizer", "feed": "jobs.feed",
+                      "plan": "trainer.planner"}
     if argv and argv[0] in stage_commands:  # stage commands parse their own arguments
         import importlib
 
-        module = importlib.import_module(f"jobs.{stage_commands[argv[0]]}")
+        module = importlib.import_module(stage_commands[argv[0]])
         return _guarded(lambda: module.main(argv[1:]))
     args = parser.parse_args(argv)
     if args.command == "models":
@@ -131,6 +133,18 @@ def print_status(recipe: Recipe) -> None:
         for status, row in sorted(by_status.items()):
             print(f"  {status:<12} {row['status_count']:>6} chunks  {row['n_tokens_sum']:>14,} tokens")
         print(f"  ready for the trainer: {by_status.get('ready', {}).get('status_count', 0)}")
+    if lake.exists("usage"):
+        used = [n for n in lake.read_arrow("usage", columns=["times_used"]).column("times_used").to_pylist() if n]
+        if used:
+            print(f"usage: {len(used):,} documents in chunks, {sum(used) / len(used):.2f} times each on average, "
+                  f"at most {max(used)}")
+    if lake.exists("trainer_events"):
+        events = sorted(lake.read_arrow("trainer_events").to_pylist(), key=lambda r: r["at"])[-5:]
+        if events:
+            print("the trainer's last events:")
+            for e in events:
+                print(f"  {e['at']:%Y-%m-%d %H:%M:%S} run {e['run_id']} step {e['step']:>6} {e['event']:<12} "
+                      f"{e['chunk_id'] or ''} {e['detail'] or ''}")
 
 
 def run_models(recipe: Recipe, args) -> None:
@@ -155,6 +169,10 @@ def run_models(recipe: Recipe, args) -> None:
         root = model_root(recipe.lake)
         for meta_path in sorted(root.glob("*/v*/metadata.json")):
             meta = json.loads(meta_path.read_text())
+            if meta.get("task") == "tokenizer":
+                print(f"{meta['name']:<18} {meta['version']:<5} {meta['created_at'][:19]}  vocabulary {meta['vocab_size']} "
+                      f"(embedding {meta['model_vocab_size']})")
+                continue
             print(f"{meta['name']:<18} {meta['version']:<5} {meta['created_at'][:19]}  labels {','.join(meta['labels'])}  "
                   f"macro-F1 {meta['metrics']['macro_f1']:.3f}")
 
@@ -179,7 +197,8 @@ def run_refine(recipe: Recipe, args) -> None:
 
 
 def run_demo(recipe: Recipe) -> None:
-    """The embedded default end to end: demo corpus → ingest → filter → pii → models → score → dedup → status."""
+    """The embedded default end to end: demo corpus → ingest → filter → pii → models → score → dedup →
+    tokenizer → feed → status."""
     from jobs.demo_corpus import build_demo_corpus
 
     started = time.perf_counter()
@@ -209,6 +228,16 @@ def run_demo(recipe: Recipe) -> None:
         print(f"[demo] training the {task} model ({backend})")
         subprocess.run([*base, "train", *where, "--task", task, "--backend", backend], check=True)
     run_refine(recipe, argparse.Namespace(stages="score,dedup", dry_run=False, incremental=False))
+    from jobs import feed, train_tokenizer
+    from jobs.spark import get_spark
+    from quality_models.registry import versions as model_versions
+
+    spark = get_spark("tokenmill-demo", recipe)
+    if not model_versions(recipe.lake, train_tokenizer.NAME):
+        print("[demo] training the tokenizer")
+        print(train_tokenizer.run(spark, recipe))
+    print("[demo] feed: two ready chunks for the trainer")
+    print(feed.run(spark, recipe, argparse.Namespace(until_ready=2, follow=False, verify=False)))
     print("[demo] status")
     print_status(recipe)
     print(f"[demo] finished in {time.perf_counter() - started:.1f} s")

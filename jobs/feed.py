@@ -425,6 +425,17 @@ def backlog(lake: Lake, stage: str) -> int:
     return sum(1 for r in manifest(lake, stage) if r["status"] == "ready")
 
 
+def backlog_below(recipe_path: str, wanted: int) -> bool:
+    """True when the recipe's current stage has fewer than ``wanted`` ready chunks (no Spark needed):
+    what the Airflow feed DAG asks before it submits feed."""
+    from jobs.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    waiting = backlog(Lake(recipe.lake), recipe.feed.stage)
+    print(f"{waiting} ready chunk(s) of {recipe.feed.stage}; the backlog wants {wanted}")
+    return waiting < wanted
+
+
 @dataclass
 class FeedReport:
     produced: list[ChunkReport]

@@ -1,0 +1,88 @@
+"""Airflow DAG ``tokenmill_feed``: keep the trainer's backlog of ready chunks full.
+
+    backlog_low (short-circuit: fewer than N ready chunks?) → [tokenizer, when asked] → feed
+
+Each step runs the same entry point a user runs by hand: ``jobs/feed.py --until-ready N`` and
+``jobs/train_tokenizer.py`` through spark-submit; the backlog check is ``jobs.feed.backlog_below``.
+Params (defaults from Airflow Variables): ``recipe`` (``tokenmill_recipe``), ``backlog``
+(``tokenmill_backlog``, default 4), ``retrain_tokenizer`` (false), ``py_files``
+(``tokenmill_py_files``). Scheduled every 10 minutes; one run at a time, since one feed per lake.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+from pathlib import Path
+
+from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+from airflow.providers.standard.operators.python import ShortCircuitOperator
+from airflow.sdk import DAG, Param, Variable
+
+PROJECT = Path(__file__).resolve().parents[1]
+log = logging.getLogger(__name__)
+
+
+def _variable(name: str, default: str) -> str:
+    try:
+        return Variable.get(name, default=default)
+    except Exception:  # no metadata database while parsing (tests, first start): use the default
+        return os.environ.get(f"AIRFLOW_VAR_{name.upper()}", default)
+
+
+def _report_failure(context) -> None:
+    ti = context["task_instance"]
+    log.error("tokenmill feed task %s failed in run %s; the next feed run cleans up a half-written chunk",
+              ti.task_id, context["run_id"])
+
+
+def _backlog_low(recipe: str, backlog: int) -> bool:
+    from jobs.feed import backlog_below
+
+    return backlog_below(recipe, int(backlog))
+
+
+def _tokenizer_asked(retrain) -> bool:
+    return str(retrain).strip().lower() in ("true", "1", "yes")  # templated params arrive as text
+
+
+with DAG(
+    dag_id="tokenmill_feed",
+    description="keep N ready chunks for the trainer: feed --until-ready N (tokenizer only when asked)",
+    schedule=timedelta(minutes=10),
+    catchup=False,
+    max_active_runs=1,
+    params={
+        "recipe": Param(_variable("tokenmill_recipe", str(PROJECT / "configs" / "demo.yaml")), type="string"),
+        "backlog": Param(int(_variable("tokenmill_backlog", "4")), type="integer", minimum=1),
+        "retrain_tokenizer": Param(False, type="boolean"),
+        "py_files": Param(_variable("tokenmill_py_files", ""), type="string"),
+    },
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=2), "on_failure_callback": _report_failure},
+    tags=["tokenmill"],
+) as dag:
+    submit = {
+        "conn_id": _variable("tokenmill_spark_conn", "spark_default"),
+        "py_files": "{{ params.py_files }}",
+        "env_vars": {"PYSPARK_PYTHON": os.environ.get("PYSPARK_PYTHON", "python3")},
+    }
+    backlog_low = ShortCircuitOperator(
+        task_id="backlog_low", python_callable=_backlog_low,
+        op_kwargs={"recipe": "{{ params.recipe }}", "backlog": "{{ params.backlog }}"},
+    )
+    tokenizer_asked = ShortCircuitOperator(
+        task_id="tokenizer_asked", python_callable=_tokenizer_asked,
+        op_kwargs={"retrain": "{{ params.retrain_tokenizer }}"}, ignore_downstream_trigger_rules=False,
+    )
+    tokenizer = SparkSubmitOperator(
+        task_id="tokenizer", application=str(PROJECT / "jobs" / "train_tokenizer.py"),
+        application_args=["--recipe", "{{ params.recipe }}"], name="tokenmill-tokenizer", **submit,
+    )
+    feed = SparkSubmitOperator(
+        task_id="feed", application=str(PROJECT / "jobs" / "feed.py"),
+        application_args=["--recipe", "{{ params.recipe }}", "--until-ready", "{{ params.backlog }}"],
+        name="tokenmill-feed", trigger_rule="none_failed", **submit,
+    )
+    backlog_low >> tokenizer_asked >> tokenizer >> feed
+    backlog_low >> feed
