@@ -323,7 +323,12 @@ def produce_chunk(spark, recipe: Recipe, lake: Lake, tokenizer=None, meta: dict 
 
     mix = {c: s for c, s in stage_cfg.mix.items() if s > 0}
     source = kept_documents_table(lake)
-    docs = lake.read(source).where(F.col("category").isin(list(mix)))
+    docs = lake.read(source)
+    # the trainer's held-out documents (holdout_ids, the same rule in Spark) never go into chunks
+    held = Window.partitionBy("source").orderBy(F.sha2("doc_id", 256), "doc_id")
+    docs = docs.withColumn("_held", F.row_number().over(held) <= recipe.trainer.eval_docs) \
+        .where(~F.col("_held")).drop("_held")
+    docs = docs.where(F.col("category").isin(list(mix)))
     if stage_cfg.min_quality is not None:
         docs = docs.where(F.col("quality") >= stage_cfg.min_quality)
     docs = docs.select("doc_id", "text", "category", F.coalesce("quality", F.lit(0.5)).alias("quality"),
@@ -423,6 +428,15 @@ def backlog(lake: Lake, stage: str) -> int:
     if not lake.exists("chunks"):
         return 0
     return sum(1 for r in manifest(lake, stage) if r["status"] == "ready")
+
+
+def holdout_ids(docs: list[dict], per_source: int) -> set[str]:
+    """The held-out documents (the trainer's perplexity set, never put in a chunk): per source, the
+    ``per_source`` documents with the smallest sha256 of their doc_id. ``docs``: dicts with doc_id, source."""
+    by_source: dict[str, list[str]] = {}
+    for d in docs:
+        by_source.setdefault(d["source"], []).append(hashlib.sha256(d["doc_id"].encode()).hexdigest() + d["doc_id"])
+    return {h[64:] for hs in by_source.values() for h in sorted(hs)[:per_source]}
 
 
 def backlog_below(recipe_path: str, wanted: int) -> bool:

@@ -210,6 +210,24 @@ class Lake:
             raise ConflictError(f"table {name!r}: a concurrent commit won; nothing was written ({err})") from None
         return self.delta(name).version()
 
+    def replace_if_unchanged(
+        self, name: str, snapshot: DeltaTable, data: pa.Table, replace_where: dict[str, str], job: str | None = None
+    ) -> int:
+        """Replace the rows matching ``replace_where`` with ``data``, only if the table is still at the
+        version ``snapshot`` was read at: a conditional commit (e.g. two trainers claiming one chunk).
+        Raises ConflictError when another commit landed in between; re-read and decide again."""
+        spec = table(name)
+        try:
+            data = conform(spec, data)
+        except ValueError as err:
+            raise SchemaMismatchError(str(err)) from None
+        try:
+            write_deltalake(snapshot, data, mode="overwrite", predicate=_sql_predicate(replace_where),
+                            commit_properties=_commit_properties(job, data.num_rows, strict=True))
+        except CommitFailedError as err:
+            raise ConflictError(f"table {name!r} changed since version {snapshot.version()}; nothing was written ({err})") from None
+        return self.delta(name).version()
+
     def merge_counters(
         self,
         name: str,

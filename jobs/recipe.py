@@ -257,6 +257,84 @@ class Feed(_Section):
         return self.stages[self.stage]
 
 
+class ModelCfg(_Section):
+    """A Llama architecture (transformers' LlamaForCausalLM); the vocabulary comes from the tokenizer."""
+
+    hidden: int = Field(default=128, gt=0)
+    layers: int = Field(default=2, gt=0)
+    heads: int = Field(default=4, gt=0)
+    kv_heads: int = Field(default=2, gt=0, description="grouped-query attention: key/value heads")
+    ffn: int | None = Field(default=None, description="SwiGLU size; default 8/3 · hidden rounded up to 64")
+    rope_theta: float = 10_000.0
+    max_positions: int = Field(default=16_384, gt=0)
+    tie_embeddings: bool = True
+    doc_mask: bool = Field(default=False, description="reset positions and mask attention at document boundaries")
+    init_from: str | None = Field(default=None, description="continued pretraining: a Hugging Face model folder")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelCfg":
+        if self.hidden % self.heads or self.heads % self.kv_heads:
+            raise ValueError(f"hidden ({self.hidden}) must divide by heads ({self.heads}), and heads by kv_heads "
+                             f"({self.kv_heads})")
+        return self
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn or -(-(8 * self.hidden // 3) // 64) * 64
+
+
+class SpikeCfg(_Section):
+    window: int = Field(default=50, ge=5, description="recent losses the statistics use")
+    z: float = Field(default=4.0, gt=0, description="a loss this many standard deviations above the mean is a spike")
+    min_delta: float = Field(default=0.5, ge=0, description="... and at least this much above it")
+    patience: int = Field(default=3, ge=1, description="consecutive spiking steps before a rollback")
+    warmup_steps: int = Field(default=20, ge=0, description="no spike verdicts before this many steps")
+    max_rollbacks_per_chunk: int = Field(default=2, ge=1, description="then the chunk is quarantined")
+
+
+class TrainerStageCfg(_Section):
+    rope_theta: float | None = Field(default=None, description="e.g. 1000000 for long context")
+    lr_peak: float | None = None
+    schedule: Literal["wsd", "cosine"] | None = None
+
+
+class TrainerCfg(_Section):
+    run_name: str = Field(default="tiny", pattern=r"^[A-Za-z0-9_.-]+$")
+    runs_dir: str | None = Field(default=None, description="default: <lake>/runs")
+    model: ModelCfg = ModelCfg()
+    stage: str | None = Field(default=None, description="the feed stage whose chunks are trained on; default feed.stage")
+    stages: dict[str, TrainerStageCfg] = Field(default_factory=dict, description="per-stage overrides")
+    zero_stage: int = Field(default=0, ge=0, le=3)
+    bf16: bool = False
+    micro_batch: int = Field(default=4, gt=0, description="sequences per process per forward pass")
+    batch_ramp: list[tuple[int, int]] = Field(
+        default_factory=lambda: [(0, 8)], description="[[tokens consumed, global batch in sequences], ...]")
+    lr_peak: float = Field(default=3e-3, gt=0)
+    schedule: Literal["wsd", "cosine"] = "wsd"
+    warmup: float = Field(default=0.005, ge=0, lt=1, description="share of the planned tokens")
+    decay: float = Field(default=0.2, ge=0, le=1, description="WSD: share of the planned tokens in the decay")
+    decay_shape: Literal["cosine", "linear", "1-sqrt"] = "1-sqrt"
+    final_lr: float = Field(default=0.1, ge=0, le=1, description="of the peak")
+    planned_tokens: int = Field(default=2_000_000, gt=0, description="the schedule's length in tokens")
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    checkpoint_every: int = Field(default=100, gt=0, description="steps; also at every chunk's end")
+    keep_checkpoints: int = Field(default=3, ge=1)
+    eval_every: int = Field(default=50, gt=0, description="steps between held-out perplexity evaluations")
+    eval_docs: int = Field(default=200, gt=0, description="held-out documents per source")
+    peak_flops: float = Field(default=1e12, gt=0, description="per device, for MFU (H100 bf16 dense: 989e12)")
+    spike: SpikeCfg = SpikeCfg()
+    poll_seconds: float = Field(default=5.0, gt=0)
+    seed: int = 0
+
+    @field_validator("batch_ramp")
+    @classmethod
+    def _ramp_sorted(cls, value: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        if not value or value[0][0] != 0 or any(b[0] <= a[0] for a, b in zip(value, value[1:])):
+            raise ValueError("batch_ramp starts at 0 tokens and its token marks increase: [[0, 8], [1000000, 32]]")
+        return value
+
+
 class Spark(_Section):
     master: str = Field(default="local[*]", description="used only when spark-submit did not set one")
     shuffle_partitions: int = Field(default=8, gt=0)
@@ -274,6 +352,7 @@ class Recipe(_Section):
     dedup: Dedup = Dedup()
     tokenizer: TokenizerCfg = TokenizerCfg()
     feed: Feed = Feed()
+    trainer: TrainerCfg = TrainerCfg()
     spark: Spark = Spark()
     # Where the recipe came from, for messages; not a key a user writes.
     origin: str = Field(default="<memory>", exclude=True)

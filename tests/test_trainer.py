@@ -1,0 +1,231 @@
+"""The streaming trainer: schedules and the spike guard as functions; then DeepSpeed on CPU end to
+end on small lakes: loss falls, metrics per category and source, claims, resume, spikes, export."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, make_recipe
+from trainer.schedule import SpikeGuard, accumulation_steps, batch_at, lr_factor
+
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".tokenmill" / "torch_extensions"))
+
+
+# -- pure logic ----------------------------------------------------------------------------------------
+
+
+def test_wsd_and_cosine_schedules():
+    wsd = lambda p, shape="1-sqrt": lr_factor(p, "wsd", 0.01, 0.2, shape, 0.1)  # noqa: E731
+    assert wsd(0.0) == 0.0 and abs(wsd(0.005) - 0.5) < 1e-9 and wsd(0.01) == 1.0
+    assert wsd(0.5) == 1.0 and wsd(0.79) == 1.0  # stable
+    for shape in ("cosine", "linear", "1-sqrt"):
+        assert abs(wsd(1.0, shape) - 0.1) < 1e-6 and 0.1 < wsd(0.9, shape) < 1.0
+        values = [wsd(0.8 + i / 100, shape) for i in range(21)]
+        assert all(a >= b for a, b in zip(values, values[1:]))  # decays monotonically
+    assert abs(wsd(0.9, "linear") - 0.55) < 1e-9
+    assert wsd(2.0) == pytest.approx(0.1)  # past the plan: the final rate
+    cos = lambda p: lr_factor(p, "cosine", 0.0, 0.0, "cosine", 0.1)  # noqa: E731
+    assert cos(0.0) == 1.0 and abs(cos(0.5) - 0.55) < 1e-9 and abs(cos(1.0) - 0.1) < 1e-9
+
+
+def test_batch_ramp_by_tokens():
+    ramp = [(0, 8), (1_000_000, 32), (10_000_000, 128)]
+    assert [batch_at(t, ramp) for t in (0, 999_999, 1_000_000, 5e6, 2e7)] == [8, 8, 32, 32, 128]
+    assert accumulation_steps(32, 4, 2) == 4 and accumulation_steps(8, 16, 1) == 1
+
+
+def test_spike_guard_needs_persistence_and_catches_non_finite():
+    guard = SpikeGuard(window=20, z=4.0, min_delta=0.5, patience=3, warmup_steps=10)
+    for i in range(30):
+        assert guard.observe(3.0 + 0.01 * (i % 5)) == "ok"
+    assert guard.observe(9.0) == "spike"
+    assert guard.observe(3.0) == "ok"  # one spike, then normal: no rollback
+    assert [guard.observe(9.0) for _ in range(3)] == ["spike", "spike", "rollback"]
+    fresh = SpikeGuard()
+    assert fresh.observe(float("nan")) == "rollback"
+    assert fresh.observe(2.0, grad_norm=float("inf")) == "rollback"
+
+
+# -- DeepSpeed on CPU ----------------------------------------------------------------------------------
+
+
+def _setup(tmp_path, name="lake", chunks=2, corrupt_second=False, **trainer):
+    """A lake with ``chunks`` ready chunks; ``corrupt_second``: True (all of it) or a range of its documents."""
+    from tests.trainer_fixtures import add_chunk, make_lake
+
+    lake, tok, meta, docs = make_lake(str(tmp_path / name))
+    per = len(docs) // chunks
+    for i in range(chunks):
+        add_chunk(lake, f"pretrain-{i:06d}", docs[i * per : (i + 1) * per], tok, meta,
+                  corrupt=corrupt_second if i == 1 else False, seed=i)
+    cfg = {"eval_docs": 5, "eval_every": 5, "checkpoint_every": 5, "micro_batch": 4, "batch_ramp": [[0, 4], [3000, 8]],
+           "planned_tokens": 20000, "poll_seconds": 0.05, **trainer}
+    recipe = make_recipe(tmp_path, [{"name": "t", "path": str(tmp_path / "x.jsonl")}], trainer=cfg)
+    return recipe.model_copy(update={"lake": str(tmp_path / name)}), lake
+
+
+def _events(lake) -> list[dict]:
+    return sorted(lake.read_arrow("trainer_events").to_pylist(), key=lambda r: r["at"])
+
+
+def test_trains_on_the_chunks_with_metrics_per_category_and_source(tmp_path):
+    from jobs.feed import manifest
+    from trainer.daemon import Trainer
+
+    recipe, lake = _setup(tmp_path)
+    losses = Trainer(recipe, exit_when_idle=0.1).run()
+    assert len(losses) > 10 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 1.0  # the loss falls
+    assert [r["status"] for r in manifest(lake)] == ["consumed", "consumed"]
+    assert all(r["times_consumed"] == 1 for r in manifest(lake))
+    run = Path(recipe.lake) / "runs" / "tiny"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert set(records[-1]["loss_by_category"]) == {"zh", "en", "code"}
+    assert all(math.isfinite(v) for v in records[-1]["loss_by_category"].values())
+    evals = [r["perplexity_by_source"] for r in records if "perplexity_by_source" in r]
+    assert evals and set(evals[-1]) == {"src_zh", "src_en", "src_code"} and evals[-1]["src_en"] < evals[0]["src_en"]
+    assert all(k in records[-1] for k in ("lr", "grad_norm", "tokens_per_s", "mfu", "starved_seconds"))
+    assert records[-1]["batch_sequences"] <= 8 and records[0]["batch_sequences"] == 4  # the ramp
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    kinds = [e["event"] for e in _events(lake)]
+    assert kinds.count("claimed") == 2 and kinds.count("consumed") == 2 and "checkpoint" in kinds
+    assert len(list((run / "checkpoints").glob("step-*"))) <= recipe.trainer.keep_checkpoints
+
+
+def test_killed_and_restarted_the_run_continues_exactly(tmp_path):
+    from trainer.daemon import Trainer
+
+    recipe, _ = _setup(tmp_path, "whole")
+    whole = Trainer(recipe, max_steps=14).run()
+    recipe2, _ = _setup(tmp_path, "broken")
+    first = Trainer(recipe2, max_steps=12).run()  # checkpoints at 5 and 10; "killed" after step 12
+    assert first == pytest.approx(whole[:12], rel=1e-6)
+    resumed = Trainer(recipe2, max_steps=14).run()  # resumes from step 10
+    assert resumed == pytest.approx(whole[10:14], rel=1e-6, abs=1e-6)
+
+
+SPIKY = {"window": 10, "z": 3.0, "min_delta": 0.5, "patience": 2, "warmup_steps": 6, "max_rollbacks_per_chunk": 3}
+
+
+def test_a_loss_spike_rolls_back_skips_the_rows_and_recovers(tmp_path):
+    from jobs.feed import manifest
+    from trainer.daemon import Trainer
+
+    # the second chunk's documents 10-19 are random tokens: two or three steps' worth of rows
+    recipe, lake = _setup(tmp_path, chunks=2, corrupt_second=range(10, 20), checkpoint_every=2, spike=SPIKY)
+    trainer = Trainer(recipe, exit_when_idle=0.1)
+    losses = trainer.run()
+    events = _events(lake)
+    rollbacks = [e for e in events if e["event"] == "rollback"]
+    quarantined = [e for e in events if e["event"] == "quarantine"]
+    assert rollbacks and quarantined and quarantined[0]["chunk_id"] == "pretrain-000001"
+    assert "rows" in quarantined[0]["detail"] and trainer.state.skip.get("pretrain-000001")
+    # the rest of the chunk trained after the bad rows: it is consumed, and the loss is back down
+    assert [r["status"] for r in manifest(lake)] == ["consumed", "consumed"]
+    spike_peak = max(losses)
+    assert losses[-1] < spike_peak - 2.0 and losses[-1] < min(losses[:10])
+
+
+def test_a_chunk_that_keeps_spiking_is_quarantined(tmp_path):
+    from jobs.feed import manifest
+    from trainer.daemon import Trainer
+
+    recipe, lake = _setup(tmp_path, chunks=2, corrupt_second=True, checkpoint_every=2, spike=SPIKY)
+    Trainer(recipe, exit_when_idle=0.1).run()
+    statuses = {r["chunk_id"]: (r["status"], r["reason"]) for r in manifest(lake)}
+    assert statuses["pretrain-000001"][0] == "quarantined" and "spiking" in statuses["pretrain-000001"][1]
+    assert len([e for e in _events(lake) if e["event"] == "rollback"]) == SPIKY["max_rollbacks_per_chunk"] + 1
+
+
+def test_export_loads_in_transformers_and_generates(tmp_path):
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from trainer.daemon import Trainer, export
+
+    recipe, _ = _setup(tmp_path, chunks=1)
+    Trainer(recipe, max_steps=6).run()
+    out = export(recipe, str(tmp_path / "hf"))
+    model = LlamaForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok("the river", return_tensors="pt").input_ids
+    generated = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert generated.shape[1] == ids.shape[1] + 5
+    # the exported weights are the trained ones: same logits as the checkpoint's model
+    state = torch.load(sorted((Path(recipe.lake) / "runs" / "tiny" / "checkpoints").glob("step-*"))[-1]
+                       / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    assert torch.equal(state["model.embed_tokens.weight"], model.model.embed_tokens.weight)
+
+
+def test_two_trainers_never_claim_the_same_chunk(tmp_path):
+    from trainer.chunks import claim_next
+    from tests.trainer_fixtures import add_chunk, make_lake
+
+    lake, tok, meta, docs = make_lake(str(tmp_path / "race"), n_docs=30)
+    for i in range(4):
+        add_chunk(lake, f"pretrain-{i:06d}", docs[i * 6 : (i + 1) * 6], tok, meta)
+    barrier = threading.Barrier(2)
+    claimed: dict[str, list[str]] = {"a": [], "b": []}
+
+    def worker(name):
+        barrier.wait()
+        while (row := claim_next(lake, "pretrain", name)) is not None:
+            claimed[name].append(row["chunk_id"])
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in claimed]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    together = claimed["a"] + claimed["b"]
+    assert sorted(together) == [f"pretrain-{i:06d}" for i in range(4)]  # each exactly once
+    owners = {r["chunk_id"]: r["run_id"] for r in lake.read_arrow("chunks").to_pylist()}
+    assert all(owners[c] == name for name, cs in claimed.items() for c in cs)
+
+
+def test_a_chunk_with_a_bad_checksum_is_quarantined_not_trained(tmp_path):
+    from jobs.feed import chunk_dir, manifest
+    from trainer.daemon import Trainer
+
+    recipe, lake = _setup(tmp_path)
+    bad = manifest(lake)[0]
+    path = Path(chunk_dir(recipe.lake, bad["chunk_id"])) / bad["files"][0]
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    Trainer(recipe, exit_when_idle=0.1).run()
+    statuses = {r["chunk_id"]: (r["status"], r["reason"]) for r in manifest(lake)}
+    assert statuses["pretrain-000000"][0] == "quarantined" and "sha256" in statuses["pretrain-000000"][1]
+    assert statuses["pretrain-000001"][0] == "consumed"
+
+
+@pytest.mark.slow
+def test_two_processes_with_gloo_train_with_zero_2(tmp_path):
+    import yaml
+
+    recipe, lake = _setup(tmp_path, zero_stage=2)
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump({
+        "lake": recipe.lake, "sources": [{"name": "t", "path": "x.jsonl"}],
+        "trainer": {**recipe.trainer.model_dump(mode="json", exclude_none=True)}}))
+    port = str(29500 + os.getpid() % 1000)
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": port, "PYTHONPATH": str(ROOT)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "trainer.daemon", "--recipe", str(recipe_file),
+                                       "--max-steps", "6"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+    assert "2 process(es), ZeRO-2" in outs[0]
+    records = [json.loads(x) for x in (Path(recipe.lake) / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 6 and all(math.isfinite(r["loss"]) for r in records)
+    assert records[0]["batch_sequences"] == 8  # 4 rows per process, two processes

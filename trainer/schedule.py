@@ -1,0 +1,95 @@
+"""Learning-rate schedules, the batch-size ramp and the loss-spike guard: plain functions and
+small classes, with no torch or DeepSpeed in sight (tests/test_trainer_logic.py)."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+
+def lr_factor(progress: float, schedule: str, warmup: float, decay: float, shape: str, final: float) -> float:
+    """The learning rate as a fraction of the peak at ``progress`` (consumed / planned tokens, 0..1+).
+
+    - warmup: linear from 0 over the first ``warmup`` of the run;
+    - ``wsd``: stable at the peak, then over the last ``decay`` of the run down to ``final`` of the
+      peak with a cosine, linear or 1-sqrt shape; ``cosine``: one cosine from the peak to ``final``.
+    Past the planned end it stays at ``final``.
+    """
+    p = max(0.0, progress)
+    if warmup > 0 and p < warmup:
+        return p / warmup
+    if schedule == "cosine":
+        t = min(1.0, (p - warmup) / max(1e-12, 1.0 - warmup))
+        return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * t))
+    start = 1.0 - decay
+    if decay == 0 or p < start:
+        return 1.0
+    t = min(1.0, (p - start) / decay)
+    if shape == "linear":
+        drop = t
+    elif shape == "cosine":
+        drop = 0.5 * (1.0 - math.cos(math.pi * t))
+    else:  # 1-sqrt (Hägele et al. 2024)
+        drop = 1.0 - math.sqrt(1.0 - t)
+    return 1.0 - (1.0 - final) * drop
+
+
+def batch_at(tokens: int, ramp: list[tuple[int, int]]) -> int:
+    """The global batch (sequences) once ``tokens`` have been consumed: the last ramp mark reached."""
+    batch = ramp[0][1]
+    for mark, size in ramp:
+        if tokens >= mark:
+            batch = size
+    return batch
+
+
+def accumulation_steps(global_batch: int, micro_batch: int, world: int) -> int:
+    """Micro-batches per optimizer step on each process (at least one)."""
+    return max(1, math.ceil(global_batch / (micro_batch * world)))
+
+
+@dataclass
+class SpikeGuard:
+    """Rolling statistics of accepted losses; a loss far above them, or a non-finite one, is a spike.
+
+    ``observe`` answers ``ok``, ``spike`` (not yet persistent) or ``rollback`` (``patience`` spikes
+    in a row, or any non-finite value)."""
+
+    window: int = 50
+    z: float = 4.0
+    min_delta: float = 0.5
+    patience: int = 3
+    warmup_steps: int = 20
+    history: deque = field(default_factory=deque)
+    streak: int = 0
+    seen: int = 0
+
+    def observe(self, loss: float, grad_norm: float | None = None) -> str:
+        self.seen += 1
+        if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
+            self.streak = self.patience
+            return "rollback"
+        if len(self.history) >= max(5, min(self.window, self.warmup_steps)) and self.seen > self.warmup_steps:
+            mean = sum(self.history) / len(self.history)
+            std = math.sqrt(sum((x - mean) ** 2 for x in self.history) / len(self.history))
+            if loss > mean + self.z * std and loss - mean > self.min_delta:
+                self.streak += 1
+                return "rollback" if self.streak >= self.patience else "spike"
+        self.streak = 0
+        self.history.append(loss)
+        while len(self.history) > self.window:
+            self.history.popleft()
+        return "ok"
+
+    def state(self) -> dict:
+        return {"history": list(self.history), "streak": self.streak, "seen": self.seen}
+
+    def load(self, state: dict) -> None:
+        self.history = deque(state["history"])
+        self.streak, self.seen = state["streak"], state["seen"]
+
+
+def model_flops_per_token(params: int, layers: int, hidden: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6·N plus attention's 12·L·H·T (PaLM's MFU accounting)."""
+    return 6.0 * params + 12.0 * layers * hidden * seq_len
