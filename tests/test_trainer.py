@@ -59,7 +59,7 @@ def test_spike_guard_needs_persistence_and_catches_non_finite():
 
 def _setup(tmp_path, name="lake", chunks=2, corrupt_second=False, **trainer):
     """A lake with ``chunks`` ready chunks; ``corrupt_second``: True (all of it) or a range of its documents."""
-    from tests.trainer_fixtures import add_chunk, make_lake
+    from trainer.synthetic import add_chunk, make_lake
 
     lake, tok, meta, docs = make_lake(str(tmp_path / name))
     per = len(docs) // chunks
@@ -166,7 +166,7 @@ def test_export_loads_in_transformers_and_generates(tmp_path):
 
 def test_two_trainers_never_claim_the_same_chunk(tmp_path):
     from trainer.chunks import claim_next
-    from tests.trainer_fixtures import add_chunk, make_lake
+    from trainer.synthetic import add_chunk, make_lake
 
     lake, tok, meta, docs = make_lake(str(tmp_path / "race"), n_docs=30)
     for i in range(4):
@@ -229,3 +229,51 @@ def test_two_processes_with_gloo_train_with_zero_2(tmp_path):
     records = [json.loads(x) for x in (Path(recipe.lake) / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 6 and all(math.isfinite(r["loss"]) for r in records)
     assert records[0]["batch_sequences"] == 8  # 4 rows per process, two processes
+
+
+def test_long_context_stage_continues_the_run_with_a_new_rope_base(tmp_path):
+    from trainer.synthetic import add_chunk
+    from trainer.daemon import Trainer
+
+    from jobs.recipe import TrainerStageCfg
+    from jobs.train_tokenizer import load_tokenizer
+
+    recipe, lake = _setup(tmp_path, chunks=1)
+
+    tok, meta = load_tokenizer(recipe)
+    docs = lake.read_arrow("documents_dedup").to_pylist()
+    add_chunk(lake, "long-000000", docs[:60], tok, meta, seq_len=96, stage="long")
+    pre = Trainer(recipe, exit_when_idle=0.1)
+    pre_losses = pre.run()
+    long = recipe.model_copy(update={"trainer": recipe.trainer.model_copy(update={
+        "stage": "long", "stages": {"long": TrainerStageCfg(rope_theta=1e6)}})})
+    trainer = Trainer(long, exit_when_idle=0.1)
+    losses = trainer.run()
+    model = trainer.engine.module
+    assert model.config.rope_theta == 1e6
+    expected = 1.0 / (1e6 ** (torch_arange(0, model.config.head_dim, 2) / model.config.head_dim))
+    assert abs(float(model.model.rotary_emb.inv_freq[-1]) - float(expected[-1])) < 1e-9
+    assert trainer.state.step > len(pre_losses)  # the same run, continued
+    assert losses[0] < pre_losses[0] - 1.0  # it starts from the trained weights, not from scratch
+    from jobs.feed import manifest
+
+    assert {r["chunk_id"]: r["status"] for r in manifest(lake)}["long-000000"] == "consumed"
+
+
+def torch_arange(*args):
+    import torch
+
+    return torch.arange(*args, dtype=torch.float64)
+
+
+def test_continued_pretraining_starts_from_a_hugging_face_folder(tmp_path):
+    from trainer.daemon import Trainer, export
+
+    recipe, _ = _setup(tmp_path, "base", chunks=1)
+    base_losses = Trainer(recipe, exit_when_idle=0.1).run()
+    folder = export(recipe, str(tmp_path / "hf"))
+    cont, _ = _setup(tmp_path, "continued", chunks=1)
+    cont = cont.model_copy(update={"trainer": cont.trainer.model_copy(update={
+        "run_name": "cpt", "model": cont.trainer.model.model_copy(update={"init_from": folder})})})
+    losses = Trainer(cont, max_steps=3).run()
+    assert losses[0] < base_losses[0] - 1.0 and abs(losses[0] - base_losses[-1]) < 1.5

@@ -122,6 +122,7 @@ class Trainer:
         self.state = State()
         self.categories: list[str] = list(recipe.feed.current.mix)
         self.losses: list[float] = []  # every step's loss, for callers (tests, the demo)
+        self.step_ends: list[float] = []  # perf_counter at the end of every step (bench/trainer)
 
     # -- setup -----------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -338,6 +339,7 @@ class Trainer:
             self.scheduler.tokens = self.state.tokens
             self.losses.append(step_loss)
             step_rows.append(take)
+            self.step_ends.append(time.perf_counter())
             verdict = self.guard.observe(step_loss if finite else float("nan"), grad_norm)
             flops = model_flops_per_token(self.n_params, self.cfg.model.layers, self.cfg.model.hidden, ids.shape[1] - 1)
             tokens_per_s = total_tokens / max(seconds, 1e-9)

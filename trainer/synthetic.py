@@ -1,5 +1,6 @@
-"""Small lakes for trainer tests, made without Spark: a tokenizer, documents, and ready chunks
-packed with the same functions and file layout feed uses."""
+"""Small synthetic lakes for the trainer, made without Spark: a tokenizer, documents, and ready
+chunks packed with the same functions and file layout feed uses. The trainer's tests and
+``bench/trainer`` use them; so can a smoke test of a GPU cluster before the refinery has run."""
 
 from __future__ import annotations
 
