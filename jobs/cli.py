@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = sub.add_parser("demo", help="build the demo corpus and run the pipeline on it (the embedded default)")
     demo.add_argument("--recipe", default=str(DEMO_RECIPE), help=f"default: {DEMO_RECIPE}")
-    demo.add_argument("--lake", help="override the recipe's lake")
+    demo.add_argument("--lake", help="override the recipe's lake (the demo starts it afresh)")
+    demo.add_argument("--steps", type=int, default=300, help="training steps of the tiny model (default 300)")
 
     corpus = sub.add_parser("demo-corpus", help="only build the demo corpus (real zh / en / code text from installed packages)")
     corpus.add_argument("--out", required=True, help="folder to write one sub-folder per source into")
@@ -72,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         return _guarded(lambda: print_status(recipe_from_args(args)))
     if args.command == "demo":
-        return _guarded(lambda: run_demo(recipe_from_args(args)))
+        from jobs.demo import run_demo
+
+        return _guarded(lambda: run_demo(recipe_from_args(args), args.steps))
     if args.command == "demo-corpus":
         from jobs.demo_corpus import build_demo_corpus
 
@@ -195,53 +198,6 @@ def run_refine(recipe: Recipe, args) -> None:
         module = importlib.import_module(f"jobs.{REFINE_STAGES[stage]}")
         print(module.run(spark, recipe, args))
         print(f"[refine] {stage} finished in {time.perf_counter() - started:.1f} s")
-
-
-def run_demo(recipe: Recipe) -> None:
-    """The embedded default end to end: demo corpus → ingest → filter → pii → models → score → dedup →
-    tokenizer → feed → status."""
-    from jobs.demo_corpus import build_demo_corpus
-
-    started = time.perf_counter()
-    corpus = Path(recipe.lake).parent / "demo_corpus"
-    print(f"[demo] building the demo corpus in {corpus}")
-    for built in build_demo_corpus(corpus):
-        print(f"  {built.name:<12} {built.documents:>6} documents")
-    print("[demo] starting Spark (local mode)")
-    run_refine(recipe, argparse.Namespace(stages="ingest,filter,pii", dry_run=False, incremental=False))
-    import subprocess
-
-    from quality_models.registry import ModelRef, versions
-
-    # Labels and models are made by `tokenmill models` in a child process: inside a process that also
-    # runs Spark, fastText 0.9.3 training aborts with "Encountered NaN" (not understood yet).
-    base = [sys.executable, "-m", "jobs.cli", "models"]
-    where = ["--recipe", recipe.origin, "--lake", recipe.lake]
-    missing = [
-        (task, getattr(recipe.score, task).backend)
-        for task in ("domain", "quality")
-        if not versions(recipe.lake, ModelRef(task, getattr(recipe.score, task).backend, "latest").name)
-    ]
-    if missing:
-        print("[demo] weak labels for the classifiers")
-        subprocess.run([*base, "label", *where], check=True)
-    for task, backend in missing:
-        print(f"[demo] training the {task} model ({backend})")
-        subprocess.run([*base, "train", *where, "--task", task, "--backend", backend], check=True)
-    run_refine(recipe, argparse.Namespace(stages="score,dedup", dry_run=False, incremental=False))
-    from jobs import feed, train_tokenizer
-    from jobs.spark import get_spark
-    from quality_models.registry import versions as model_versions
-
-    spark = get_spark("tokenmill-demo", recipe)
-    if not model_versions(recipe.lake, train_tokenizer.NAME):
-        print("[demo] training the tokenizer")
-        print(train_tokenizer.run(spark, recipe))
-    print("[demo] feed: two ready chunks for the trainer")
-    print(feed.run(spark, recipe, argparse.Namespace(until_ready=2, follow=False, verify=False)))
-    print("[demo] status")
-    print_status(recipe)
-    print(f"[demo] finished in {time.perf_counter() - started:.1f} s")
 
 
 if __name__ == "__main__":
