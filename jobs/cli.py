@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("feed", help="produce token chunks for the trainer (--until-ready N, --follow)", add_help=False)
     sub.add_parser("plan", help="parameters, FLOPs, days, memory per GPU, batch size of a Llama run", add_help=False)
     sub.add_parser("train", help="the streaming trainer: tails the chunk store and trains (or --export)", add_help=False)
+    sub.add_parser("package", help="tokenmill.zip and entry scripts for spark-submit --py-files", add_help=False)
 
     refine = sub.add_parser("refine", help="run refinery stages in order on one Spark session")
     recipe_arguments(refine)
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     stage_commands = {"ingest": "jobs.ingest", "tokenizer": "jobs.train_tokenizer", "feed": "jobs.feed",
-                      "plan": "trainer.planner", "train": "trainer.daemon"}
+                      "plan": "trainer.planner", "train": "trainer.daemon", "package": "jobs.package"}
     if argv and argv[0] in stage_commands:  # stage commands parse their own arguments
         import importlib
 

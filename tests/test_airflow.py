@@ -53,3 +53,49 @@ def test_feed_dag_checks_the_backlog_then_feeds(dagbag, tmp_path):
     recipe_file = tmp_path / "r.yaml"
     recipe_file.write_text(yaml.safe_dump({"lake": str(tmp_path / "lake"), "sources": [{"name": "a", "path": "a.jsonl"}]}))
     assert tasks["backlog_low"].python_callable(str(recipe_file), "2") is True
+
+
+@pytest.mark.slow
+def test_airflow_dags_test_runs_the_refinery_end_to_end(spark, tmp_path):
+    """`airflow dags test tokenmill_refine` on the demo recipe, local Spark connection, SQLite."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    from jobs import filter_rules, ingest, scrub_pii
+    from jobs.demo_corpus import build_demo_corpus
+    from jobs.lake import Lake
+    from jobs.recipe import load_recipe
+
+    demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    demo["lake"] = str(tmp_path / "lake")
+    for src in demo["sources"]:
+        src["path"] = str(tmp_path / "corpus" / src["name"] / os.path.basename(src["path"]))
+    recipe_file = tmp_path / "demo.yaml"
+    recipe_file.write_text(yaml.safe_dump(demo))
+    build_demo_corpus(tmp_path / "corpus")
+    recipe = load_recipe(recipe_file)
+    for stage in (ingest, filter_rules, scrub_pii):  # the classifiers learn from what these keep and reject
+        stage.run(spark, recipe)
+    bindir = os.path.dirname(sys.executable)
+    for args in (["label"], ["train", "--task", "domain"], ["train", "--task", "quality"]):
+        subprocess.run([os.path.join(bindir, "tokenmill"), "models", *args, "--recipe", str(recipe_file)], check=True,
+                       capture_output=True)
+    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path / "airflow"), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "airflow_dags"),
+           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
+           "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps({"conn_type": "spark", "host": "local[2]"}),
+           "PYSPARK_PYTHON": sys.executable}
+    airflow = os.path.join(bindir, "airflow")
+    subprocess.run([airflow, "db", "migrate"], check=True, capture_output=True, env=env, timeout=600)
+    proc = subprocess.run([airflow, "dags", "test", "tokenmill_refine", "-c", json.dumps({"recipe": str(recipe_file)})],
+                          capture_output=True, text=True, env=env, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "state=success" in proc.stdout + proc.stderr
+    lake = Lake(recipe.lake)
+    for name in ("documents_scored", "documents_dedup", "dedup_clusters"):
+        assert lake.exists(name) and [v.job for v in lake.versions(name)][0] in ("score", "dedup")
+    kept = lake.summary("documents_dedup").rows
+    dedup_rejected = sum(1 for r in lake.read_arrow("documents_rejected").to_pylist() if r["stage"] == "dedup")
+    assert kept + dedup_rejected == lake.summary("documents_scored").rows
