@@ -11,30 +11,14 @@ Params (defaults from Airflow Variables): ``recipe`` (``tokenmill_recipe``), ``b
 
 from __future__ import annotations
 
-import logging
 import os
 from datetime import timedelta
-from pathlib import Path
 
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 from airflow.providers.standard.operators.python import ShortCircuitOperator
-from airflow.sdk import DAG, Param, Variable
+from airflow.sdk import DAG, Param
 
-PROJECT = Path(__file__).resolve().parents[1]
-log = logging.getLogger(__name__)
-
-
-def _variable(name: str, default: str) -> str:
-    try:
-        return Variable.get(name, default=default)
-    except Exception:  # no metadata database while parsing (tests, first start): use the default
-        return os.environ.get(f"AIRFLOW_VAR_{name.upper()}", default)
-
-
-def _report_failure(context) -> None:
-    ti = context["task_instance"]
-    log.error("tokenmill feed task %s failed in run %s; the next feed run cleans up a half-written chunk",
-              ti.task_id, context["run_id"])
+from airflow_dags.common import PROJECT, report_failure, variable
 
 
 def _backlog_low(recipe: str, backlog: int) -> bool:
@@ -54,16 +38,16 @@ with DAG(
     catchup=False,
     max_active_runs=1,
     params={
-        "recipe": Param(_variable("tokenmill_recipe", str(PROJECT / "configs" / "demo.yaml")), type="string"),
-        "backlog": Param(int(_variable("tokenmill_backlog", "4")), type="integer", minimum=1),
+        "recipe": Param(variable("tokenmill_recipe", str(PROJECT / "configs" / "demo.yaml")), type="string"),
+        "backlog": Param(int(variable("tokenmill_backlog", "4")), type="integer", minimum=1),
         "retrain_tokenizer": Param(False, type="boolean"),
-        "py_files": Param(_variable("tokenmill_py_files", ""), type="string"),
+        "py_files": Param(variable("tokenmill_py_files", ""), type="string"),
     },
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=2), "on_failure_callback": _report_failure},
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=2), "on_failure_callback": report_failure},
     tags=["tokenmill"],
 ) as dag:
     submit = {
-        "conn_id": _variable("tokenmill_spark_conn", "spark_default"),
+        "conn_id": variable("tokenmill_spark_conn", "spark_default"),
         "py_files": "{{ params.py_files }}",
         "env_vars": {"PYSPARK_PYTHON": os.environ.get("PYSPARK_PYTHON", "python3")},
     }

@@ -12,31 +12,16 @@ come from Airflow Variables:
 
 from __future__ import annotations
 
-import logging
 import os
 from datetime import timedelta
-from pathlib import Path
 
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
-from airflow.sdk import DAG, Param, Variable
+from airflow.sdk import DAG, Param
 
-PROJECT = Path(__file__).resolve().parents[1]
+from airflow_dags.common import PROJECT, report_failure, variable
+
 # In pipeline order; each is jobs/<module>.py with the same --recipe argument.
 STAGES = [("ingest", "ingest"), ("filter", "filter_rules"), ("pii", "scrub_pii"), ("score", "score"), ("dedup", "dedup")]
-log = logging.getLogger(__name__)
-
-
-def _variable(name: str, default: str) -> str:
-    try:
-        return Variable.get(name, default=default)
-    except Exception:  # no metadata database while parsing (tests, first start): use the default
-        return os.environ.get(f"AIRFLOW_VAR_{name.upper()}", default)
-
-
-def _report_failure(context) -> None:
-    ti = context["task_instance"]
-    log.error("tokenmill stage %s failed in run %s; its log says why, and a rerun replaces its output",
-              ti.task_id, context["run_id"])
 
 
 with DAG(
@@ -45,13 +30,13 @@ with DAG(
     schedule=None,
     catchup=False,
     params={
-        "recipe": Param(_variable("tokenmill_recipe", str(PROJECT / "configs" / "demo.yaml")), type="string"),
-        "py_files": Param(_variable("tokenmill_py_files", ""), type="string"),
+        "recipe": Param(variable("tokenmill_recipe", str(PROJECT / "configs" / "demo.yaml")), type="string"),
+        "py_files": Param(variable("tokenmill_py_files", ""), type="string"),
     },
     default_args={
         "retries": 2,
         "retry_delay": timedelta(minutes=2),
-        "on_failure_callback": _report_failure,
+        "on_failure_callback": report_failure,
     },
     tags=["tokenmill"],
 ) as dag:
@@ -61,7 +46,7 @@ with DAG(
             task_id=stage,
             application=str(PROJECT / "jobs" / f"{module}.py"),
             application_args=["--recipe", "{{ params.recipe }}"],
-            conn_id=_variable("tokenmill_spark_conn", "spark_default"),
+            conn_id=variable("tokenmill_spark_conn", "spark_default"),
             py_files="{{ params.py_files }}",  # rendered empty: no --py-files
             name=f"tokenmill-{stage}",
             env_vars={"PYSPARK_PYTHON": os.environ.get("PYSPARK_PYTHON", "python3")},

@@ -42,10 +42,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.lake import ConflictError, Lake
-from jobs.packing import curriculum_rank, plan_budgets, row_pieces
+from jobs.packing import curriculum_rank, plan_budgets
 from jobs.recipe import Recipe
 from jobs.sources import filesystem
-from jobs.stage import recipe_arguments, recipe_from_args
+from jobs.stage import parse_with_recipe
 from jobs.train_tokenizer import kept_documents_table, load_tokenizer
 from schemas import chunk_row_schema, table
 
@@ -202,30 +202,21 @@ def tokenize_batches(batches, tokenizer_json: str, sha: str, eos_id: int, batch_
             names=names + ["n_tokens", "ids"])
 
 
-def pieces_batches(batches, row_len: int, rows_per_file: int):
-    """mapInArrow body: each document's taken tokens cut at row boundaries (one output row per piece)."""
-    for batch in batches:
-        out = {k: [] for k in ("file", "row", "pos", "doc_id", "doc_start", "length", "doc_tokens", "category", "ids")}
-        cols = {n: batch.column(n).to_pylist() for n in ("doc_id", "category", "offset", "take", "n_tokens", "ids")}
-        for doc_id, category, offset, take, n, ids in zip(*cols.values()):
-            for row, pos, doc_start, length in row_pieces(offset, take, row_len):
-                out["file"].append(row // rows_per_file)
-                out["row"].append(row)
-                out["pos"].append(pos)
-                out["doc_id"].append(doc_id)
-                out["doc_start"].append(doc_start)
-                out["length"].append(length)
-                out["doc_tokens"].append(n)
-                out["category"].append(category)
-                out["ids"].append(ids[doc_start : doc_start + length])
-        yield pa.RecordBatch.from_pydict(out, schema=_PIECE_SCHEMA)
+def _pieces(placed, row_len: int, rows_per_file: int):
+    """Each document's taken tokens cut at row boundaries, one row per piece, in Spark SQL (the same
+    arithmetic as ``jobs.packing.row_pieces``, without a trip through Python)."""
+    from pyspark.sql import functions as F
 
-
-_PIECE_SCHEMA = pa.schema([("file", pa.int64()), ("row", pa.int64()), ("pos", pa.int64()), ("doc_id", pa.string()),
-                           ("doc_start", pa.int64()), ("length", pa.int64()), ("doc_tokens", pa.int64()),
-                           ("category", pa.string()), ("ids", pa.list_(pa.int32()))])
-_PIECE_DDL = ("file long, row long, pos long, doc_id string, doc_start long, length long, doc_tokens long, "
-              "category string, ids array<int>")
+    offset, take = F.col("offset"), F.col("take")
+    exploded = placed.select("doc_id", "category", "offset", "take", "n_tokens", "ids", F.explode(
+        F.sequence(F.floor(offset / row_len), F.floor((offset + take - 1) / row_len))).alias("row"))
+    row_start = F.col("row") * row_len
+    start = F.greatest(offset, row_start)
+    end = F.least(offset + take, row_start + row_len)
+    return exploded.select(
+        F.floor(F.col("row") / rows_per_file).alias("file"), "row", (start - row_start).alias("pos"), "doc_id",
+        (start - offset).alias("doc_start"), (end - start).alias("length"), F.col("n_tokens").alias("doc_tokens"),
+        "category", F.slice("ids", (start - offset + 1).cast("int"), (end - start).cast("int")).alias("ids"))
 
 
 def write_files_batches(batches, directory: str, row_len: int, pad_id: int, vocab_size: int):
@@ -326,8 +317,9 @@ def produce_chunk(spark, recipe: Recipe, lake: Lake, tokenizer=None, meta: dict 
     docs = lake.read(source)
     # the trainer's held-out documents (holdout_ids, the same rule in Spark) never go into chunks
     held = Window.partitionBy("source").orderBy(F.sha2("doc_id", 256), "doc_id")
-    docs = docs.withColumn("_held", F.row_number().over(held) <= recipe.trainer.eval_docs) \
-        .where(~F.col("_held")).drop("_held")
+    limit = F.least(F.lit(recipe.trainer.eval_docs),
+                    F.floor(F.count("*").over(Window.partitionBy("source")) * HOLDOUT_MAX_SHARE))
+    docs = docs.withColumn("_held", F.row_number().over(held) <= limit).where(~F.col("_held")).drop("_held")
     docs = docs.where(F.col("category").isin(list(mix)))
     if stage_cfg.min_quality is not None:
         docs = docs.where(F.col("quality") >= stage_cfg.min_quality)
@@ -372,11 +364,12 @@ def produce_chunk(spark, recipe: Recipe, lake: Lake, tokenizer=None, meta: dict 
         .select("doc_id", "copy", "category", "key", "rank", "text")
 
     # Tokenise, then fill each category's budget exactly.
-    tok_json = tokenizer.to_str()
+    # shipped once per executor (a broadcast), parsed once per Python worker (_TOKENIZERS)
+    tok_json = spark.sparkContext.broadcast(tokenizer.to_str())
     sha = meta["sha256"]
     eos_id, pad_id, vocab = meta["eos_id"], meta["pad_id"], meta["vocab_size"]
     tokenized = chosen.mapInArrow(
-        lambda bs: tokenize_batches(bs, tok_json, sha, eos_id),
+        lambda bs: tokenize_batches(bs, tok_json.value, sha, eos_id),
         "doc_id string, copy int, category string, key double, rank int, n_tokens long, ids array<int>")
     taken = tokenized.withColumn("cum", F.sum("n_tokens").over(by_key)) \
         .withColumn("take", F.least(F.col("n_tokens"), F.greatest(F.lit(0), budget - (F.col("cum") - F.col("n_tokens"))))) \
@@ -388,8 +381,7 @@ def produce_chunk(spark, recipe: Recipe, lake: Lake, tokenizer=None, meta: dict 
         .withColumn("offset", F.sum("take").over(order.rowsBetween(Window.unboundedPreceding, Window.currentRow)) - F.col("take")) \
         .persist()
     row_len = stage_cfg.seq_len + 1
-    pieces = placed.select("doc_id", "category", "offset", "take", "n_tokens", "ids").mapInArrow(
-        lambda bs: pieces_batches(bs, row_len, feed.rows_per_file), _PIECE_DDL)
+    pieces = _pieces(placed, row_len, feed.rows_per_file)
     total = placed.agg(F.sum("take")).first()[0] or 0
     if total == 0:
         docs.unpersist()
@@ -402,6 +394,7 @@ def produce_chunk(spark, recipe: Recipe, lake: Lake, tokenizer=None, meta: dict 
         lambda bs: write_files_batches(bs, directory, row_len, pad_id, vocab),
         "name string, sha256 string, rows long, tokens long").collect()
     written = sorted(written, key=lambda r: r["name"])
+    tok_json.unpersist()
     per_category = {r["category"]: int(r["t"]) for r in placed.groupBy("category").agg(F.sum("take").alias("t")).collect()}
     increments = placed.groupBy("doc_id").agg(F.count("*").alias("times_used")) \
         .withColumn("last_chunk_id", F.lit(chunk_id)).toArrow()
@@ -430,13 +423,18 @@ def backlog(lake: Lake, stage: str) -> int:
     return sum(1 for r in manifest(lake, stage) if r["status"] == "ready")
 
 
+HOLDOUT_MAX_SHARE = 0.1  # a small source keeps at least 90% of its documents for training
+
+
 def holdout_ids(docs: list[dict], per_source: int) -> set[str]:
     """The held-out documents (the trainer's perplexity set, never put in a chunk): per source, the
-    ``per_source`` documents with the smallest sha256 of their doc_id. ``docs``: dicts with doc_id, source."""
+    documents with the smallest sha256 of their doc_id, ``per_source`` of them but no more than 10% of
+    the source. ``docs``: dicts with doc_id and source."""
     by_source: dict[str, list[str]] = {}
     for d in docs:
         by_source.setdefault(d["source"], []).append(hashlib.sha256(d["doc_id"].encode()).hexdigest() + d["doc_id"])
-    return {h[64:] for hs in by_source.values() for h in sorted(hs)[:per_source]}
+    return {h[64:] for hs in by_source.values()
+            for h in sorted(hs)[: min(per_source, int(len(hs) * HOLDOUT_MAX_SHARE))]}
 
 
 def backlog_below(recipe_path: str, wanted: int) -> bool:
@@ -501,19 +499,15 @@ def run(spark, recipe: Recipe, args=None) -> FeedReport:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from jobs.recipe import RecipeError
     from jobs.spark import get_spark
 
-    parser = argparse.ArgumentParser(prog="tokenmill feed", description=run.__doc__)
-    recipe_arguments(parser)
-    parser.add_argument("--until-ready", type=int, help="produce chunks until N are ready and unconsumed")
-    parser.add_argument("--follow", action="store_true", help="keep the backlog topped up (polling; Ctrl-C stops)")
-    parser.add_argument("--verify", action="store_true", help="check every ready chunk's files; quarantine bad ones")
-    args = parser.parse_args(argv)
-    try:
-        recipe = recipe_from_args(args)
-    except RecipeError as err:
-        print(f"error: {err}", file=sys.stderr)
+    def arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--until-ready", type=int, help="produce chunks until N are ready and unconsumed")
+        parser.add_argument("--follow", action="store_true", help="keep the backlog topped up (polling; Ctrl-C stops)")
+        parser.add_argument("--verify", action="store_true", help="check every ready chunk's files; quarantine bad ones")
+
+    args, recipe = parse_with_recipe("tokenmill feed", run.__doc__, argv, arguments)
+    if recipe is None:
         return 2
     spark = get_spark("tokenmill-feed", recipe)
     try:

@@ -296,6 +296,9 @@ class TrainerStageCfg(_Section):
     rope_theta: float | None = Field(default=None, description="e.g. 1000000 for long context")
     lr_peak: float | None = None
     schedule: Literal["wsd", "cosine"] | None = None
+    decay_tokens: int | None = Field(
+        default=None, gt=0, description="anneal: from the stage's first step the LR decays (decay_shape) to "
+        "final_lr over this many tokens")
 
 
 class TrainerCfg(_Section):

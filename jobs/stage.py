@@ -24,16 +24,25 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     return load_recipe(args.recipe, overrides)
 
 
-def stage_main(name: str, run: Callable, argv: list[str] | None = None, add_arguments: Callable | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"tokenmill {name}", description=run.__doc__)
+def parse_with_recipe(prog: str, description: str | None, argv: list[str] | None,
+                      add_arguments: Callable | None = None) -> tuple[argparse.Namespace, Recipe | None]:
+    """Parse ``--recipe``/``--lake`` and the command's own arguments; the recipe is None (and the
+    error printed, naming the key and the fix) when it cannot be used."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     recipe_arguments(parser)
     if add_arguments:
         add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        recipe = recipe_from_args(args)
+        return args, recipe_from_args(args)
     except RecipeError as err:
         print(f"error: {err}", file=sys.stderr)
+        return args, None
+
+
+def stage_main(name: str, run: Callable, argv: list[str] | None = None, add_arguments: Callable | None = None) -> int:
+    args, recipe = parse_with_recipe(f"tokenmill {name}", run.__doc__, argv, add_arguments)
+    if recipe is None:
         return 2
     from jobs.spark import get_spark
 

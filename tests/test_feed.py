@@ -201,3 +201,13 @@ def test_checksum_mismatch_or_missing_file_quarantines(spark, tmp_path):
     statuses = {r["chunk_id"]: (r["status"], r["reason"]) for r in feed.manifest(lake)}
     assert statuses["pretrain-000000"][0] == "quarantined" and "sha256" in statuses["pretrain-000000"][1]
     assert statuses["pretrain-000002"][0] == "ready"  # and the run still made its chunk
+
+
+def test_the_trainers_held_out_documents_never_enter_a_chunk(fed):
+    recipe, lake, _, _ = fed
+    docs = lake.read_arrow("documents_dedup", columns=["doc_id", "source"]).to_pylist()
+    held = feed.holdout_ids(docs, recipe.trainer.eval_docs)
+    assert len(held) == 9  # 10% of each 30-document source: the cap for small sources
+    in_chunks = {s["doc_id"] for c in feed.manifest(lake) for row in _chunk_rows(recipe.lake, c["chunk_id"])
+                 for s in row["spans"]}
+    assert in_chunks and not (held & in_chunks)

@@ -277,3 +277,56 @@ def test_continued_pretraining_starts_from_a_hugging_face_folder(tmp_path):
         "run_name": "cpt", "model": cont.trainer.model.model_copy(update={"init_from": folder})})})
     losses = Trainer(cont, max_steps=3).run()
     assert losses[0] < base_losses[0] - 1.0 and abs(losses[0] - base_losses[-1]) < 1.5
+
+
+def test_anneal_stage_decays_the_learning_rate_from_its_start(tmp_path):
+    from jobs.recipe import TrainerStageCfg
+    from jobs.train_tokenizer import load_tokenizer
+    from trainer.daemon import Trainer
+    from trainer.synthetic import add_chunk
+
+    recipe, lake = _setup(tmp_path, chunks=1, warmup=0.0)
+    tok, meta = load_tokenizer(recipe)
+    docs = lake.read_arrow("documents_dedup").to_pylist()
+    add_chunk(lake, "anneal-000000", docs[:90], tok, meta, stage="anneal")
+    Trainer(recipe, exit_when_idle=0.1).run()
+    anneal = recipe.model_copy(update={"trainer": recipe.trainer.model_copy(update={
+        "stage": "anneal", "stages": {"anneal": TrainerStageCfg(decay_tokens=1500)}})})
+    trainer = Trainer(anneal, exit_when_idle=0.1)
+    trainer.run()
+    records = [json.loads(x) for x in (Path(recipe.lake) / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    stage_lrs = [r["lr"] for r in records if r["chunk"] == "anneal-000000"]
+    before = [r["lr"] for r in records if r["chunk"] != "anneal-000000"]
+    peak, final = recipe.trainer.lr_peak, recipe.trainer.lr_peak * recipe.trainer.final_lr
+    assert before[-1] == pytest.approx(peak)  # still stable when the anneal began
+    assert stage_lrs[0] == pytest.approx(peak) and stage_lrs[1] < peak  # the decay starts with the stage
+    assert all(a >= b for a, b in zip(stage_lrs, stage_lrs[1:]))
+    assert stage_lrs[-1] == pytest.approx(final)  # decayed to the floor within the stage's 1500 tokens
+
+
+def test_document_mask_makes_a_packed_document_see_only_itself():
+    import numpy as np
+    import torch
+
+    from jobs.recipe import ModelCfg
+    from trainer.model import build_model, row_layout, token_losses
+
+    torch.manual_seed(0)
+    model = build_model(ModelCfg(hidden=64, layers=2, heads=4, kv_heads=2), 300)
+    model.eval()
+    a, b = list(range(5, 25)), list(range(100, 131))
+    row = torch.tensor([a + b + [0] * 4])  # pad at the end
+    spans = [[{"doc_id": "a", "pos": 0, "doc_start": 0, "length": len(a), "doc_tokens": len(a), "category": "en"},
+              {"doc_id": "b", "pos": len(a), "doc_start": 0, "length": len(b), "doc_tokens": len(b), "category": "zh"}]]
+    cats = ["en", "zh"]
+    cat, pos, seg = row_layout(spans, row.shape[1], cats)
+    with torch.no_grad():
+        packed, target_cat = token_losses(model, row, cat, pos, seg, doc_mask=True)
+        alone_row = torch.tensor([b])
+        c2, p2, s2 = row_layout([[{**spans[0][1], "pos": 0}]], len(b), cats)
+        alone, _ = token_losses(model, alone_row, c2, p2, s2, doc_mask=True)
+        unmasked, _ = token_losses(model, row, cat, pos, seg, doc_mask=False)
+    inside_b = slice(len(a), len(a) + len(b) - 1)  # b's tokens predicting b's next tokens
+    assert np.allclose(packed[0, inside_b].numpy(), alone[0].numpy(), atol=1e-5)
+    assert not np.allclose(unmasked[0, inside_b].numpy(), alone[0].numpy(), atol=1e-3)  # without: a leaks in
+    assert (target_cat[0, -4:] == -1).all() and float(packed[0, -4:].abs().sum()) == 0.0  # padding is ignored

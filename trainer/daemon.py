@@ -34,11 +34,12 @@ import numpy as np
 import torch
 
 from jobs.lake import Lake
-from jobs.recipe import Recipe, RecipeError
+from jobs.recipe import Recipe
 from jobs.train_tokenizer import load_tokenizer
 from trainer import chunks as store
 from trainer.model import build_model, parameter_count, parameter_groups, row_layout, token_losses
-from trainer.schedule import SpikeGuard, accumulation_steps, batch_at, lr_factor, model_flops_per_token
+from trainer.schedule import (SpikeGuard, accumulation_steps, batch_at, decay_drop, lr_factor,
+                              model_flops_per_token)
 
 
 def _free_port() -> int:
@@ -66,13 +67,24 @@ class TokenSchedule(torch.optim.lr_scheduler.LRScheduler):
         self.cfg, self.peak, self.tokens = cfg, peak, 0
         super().__init__(optimizer)
 
-    def get_lr(self):
+    anneal: tuple[int, int] | None = None  # (tokens at the stage's start, tokens to decay over)
+
+    def factor(self, tokens: int) -> float:
         c = self.cfg
-        factor = lr_factor(self.tokens / c.planned_tokens, c.schedule, c.warmup, c.decay, c.decay_shape, c.final_lr)
-        return [self.peak * factor for _ in self.optimizer.param_groups]
+        base = lr_factor(tokens / c.planned_tokens, c.schedule, c.warmup, c.decay, c.decay_shape, c.final_lr)
+        if self.anneal is None:
+            return base
+        start, length = self.anneal
+        at_start = lr_factor(start / c.planned_tokens, c.schedule, c.warmup, c.decay, c.decay_shape, c.final_lr)
+        # an anneal: from the stage's start, a decay of its own down to final_lr
+        t = min(1.0, max(0.0, (tokens - start) / length))
+        return at_start - (at_start - c.final_lr) * decay_drop(t, c.decay_shape)
+
+    def get_lr(self):
+        return [self.peak * self.factor(self.tokens) for _ in self.optimizer.param_groups]
 
     def state_dict(self):
-        return {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "cfg")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "cfg", "anneal")}
 
 
 @dataclass
@@ -86,6 +98,8 @@ class State:
     skip: dict[str, list[int]] = field(default_factory=dict)  # chunk → quarantined local rows
     rollbacks: dict[str, int] = field(default_factory=dict)
     starved_seconds: float = 0.0
+    stage: str | None = None  # the stage the run is in, and the tokens it had when it began
+    stage_start_tokens: int = 0
     guard: dict = field(default_factory=dict)
     rng: dict = field(default_factory=dict)
 
@@ -165,6 +179,10 @@ class Trainer:
             self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
             self.jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
         self._resume()
+        if self.state.stage != self.stage:  # a new stage starts here (or the run does)
+            self.state.stage, self.state.stage_start_tokens = self.stage, self.state.tokens
+        if self.stage_cfg and self.stage_cfg.decay_tokens:
+            self.scheduler.anneal = (self.state.stage_start_tokens, self.stage_cfg.decay_tokens)
         self._holdout = None
 
     def _resume(self) -> None:
@@ -459,19 +477,16 @@ def export(recipe: Recipe, out: str, tag: str | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.stage import recipe_arguments, recipe_from_args
+    from jobs.stage import parse_with_recipe
 
-    parser = argparse.ArgumentParser(prog="tokenmill train", description=__doc__.split("\n\n")[0])
-    recipe_arguments(parser)
-    parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (in all)")
-    parser.add_argument("--exit-when-idle", type=float, help="stop after this many seconds with no ready chunk")
-    parser.add_argument("--export", metavar="FOLDER", help="export the latest checkpoint to a Hugging Face folder and exit")
-    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    args = parser.parse_args(argv)
-    try:
-        recipe = recipe_from_args(args)
-    except RecipeError as err:
-        print(f"error: {err}", file=sys.stderr)
+    def arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (in all)")
+        parser.add_argument("--exit-when-idle", type=float, help="stop after this many seconds with no ready chunk")
+        parser.add_argument("--export", metavar="FOLDER", help="export the latest checkpoint to a Hugging Face folder")
+        parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+
+    args, recipe = parse_with_recipe("tokenmill train", __doc__.split("\n\n")[0], argv, arguments)
+    if recipe is None:
         return 2
     if args.export:
         print(f"exported to {export(recipe, args.export)}")

@@ -25,14 +25,16 @@ def lr_factor(progress: float, schedule: str, warmup: float, decay: float, shape
     start = 1.0 - decay
     if decay == 0 or p < start:
         return 1.0
-    t = min(1.0, (p - start) / decay)
+    return 1.0 - (1.0 - final) * decay_drop(min(1.0, (p - start) / decay), shape)
+
+
+def decay_drop(t: float, shape: str) -> float:
+    """How far a decay has gone (0 → 1) at ``t`` (0 → 1) of its length, for its shape."""
     if shape == "linear":
-        drop = t
-    elif shape == "cosine":
-        drop = 0.5 * (1.0 - math.cos(math.pi * t))
-    else:  # 1-sqrt (Hägele et al. 2024)
-        drop = 1.0 - math.sqrt(1.0 - t)
-    return 1.0 - (1.0 - final) * drop
+        return t
+    if shape == "cosine":
+        return 0.5 * (1.0 - math.cos(math.pi * t))
+    return 1.0 - math.sqrt(max(0.0, 1.0 - t))  # 1-sqrt (Hägele et al. 2024)
 
 
 def batch_at(tokens: int, ramp: list[tuple[int, int]]) -> int:
