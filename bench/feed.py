@@ -5,8 +5,9 @@ Documents: ~1 KB pieces of the demo corpus's real zh / en / code text, repeated 
 rows of ``documents_dedup``; a tokenizer trained on them (32k vocabulary). One chunk of
 ``--chunk-tokens`` tokens, 4:4:2, seq_len 2048.
 
-- tokenise + pack, tokens/s per core: the whole feed job for one chunk (Spark local mode, every
-  core), divided by the cores;
+- tokenise + pack, tokens/s per core: the feed job's Spark work from tokenising the chosen documents
+  to the written files (Spark local mode, every core), divided by the cores; and the whole chunk
+  (planning the mix before, the usage and manifest commits after) the same way;
 - the limit: ``Tokenizer.encode_batch`` on one thread over the same documents the chunk used;
   target: at least 70% of it;
 - reading the chunk back: ``pyarrow.parquet.read_table`` of the chunk's folder plus flattening
@@ -71,7 +72,8 @@ def main() -> None:
         tok, meta = train_tokenizer.load_tokenizer(recipe)
 
         report = feed.produce_chunk(spark, recipe, lake, tok, meta)
-        ours = report.n_tokens / report.seconds / cores
+        ours = report.n_tokens / report.phases["tokenise_pack"] / cores
+        whole = report.n_tokens / report.seconds / cores
 
         chunk = feed.manifest(lake)[0]
         import pyarrow.parquet as pq
@@ -99,9 +101,11 @@ def main() -> None:
         print(f"chunk {chunk['chunk_id']}: {report.n_tokens:,} tokens, {report.n_rows:,} rows of 2049, "
               f"{report.files} files, {size / 1e6:.1f} MB ({flat.dtype}); {report.documents:,} documents; {cores} cores")
         print(f"{'':52} {'tokens/s':>12}")
-        print(f"{'feed: sample + tokenise + pack + write, per core':52} {ours:12,.0f}   "
-              f"({report.seconds:.1f} s for the chunk)")
-        print(f"{'limit: encode_batch alone, one thread':52} {limit:12,.0f}   ratio {ours / limit:.2f} (target >= 0.70)")
+        print(f"{'limit: encode_batch alone, one thread':52} {limit:12,.0f}")
+        print(f"{'feed: tokenise + pack + write the files, per core':52} {ours:12,.0f}   ratio {ours / limit:.2f} "
+              f"(target >= 0.70; {report.phases['tokenise_pack']:.1f} s)")
+        print(f"{'feed: the whole chunk (plan, publish), per core':52} {whole:12,.0f}   ratio {whole / limit:.2f} "
+              f"({report.seconds:.1f} s: plan {report.phases['plan']:.1f}, publish {report.phases['publish']:.1f})")
         print(f"{'read a chunk back (pyarrow, flattened to numpy)':52} {read_rate:12,.0f}   "
               f"ratio {read_rate / 50e6:.2f} of 50M (target >= 1)")
     finally:

@@ -187,24 +187,39 @@ def _tokenizer(tokenizer_json: str, sha: str):
     return _TOKENIZERS[sha]
 
 
-def tokenize_batches(batches, tokenizer_json: str, sha: str, eos_id: int, batch_size: int = 256):
-    """mapInArrow body: token ids (EOS appended) and their count for each document."""
+def id_dtype(vocab_size: int):
+    """The numpy type of a chunk's token ids: uint16 when the vocabulary fits, else uint32."""
+    import numpy as np
+
+    return np.uint16 if vocab_size <= 65536 else np.uint32
+
+
+def tokenize_batches(batches, tokenizer_json: str, sha: str, eos_id: int, vocab_size: int, batch_size: int = 256):
+    """mapInArrow body: each document's token ids (EOS appended) as packed little-endian bytes
+    (uint16 or uint32, see ``id_dtype``), and their count. Bytes cross to the JVM as one copy; an
+    array of ints would be converted element by element."""
+    import numpy as np
+
     tok = _tokenizer(tokenizer_json, sha)
+    dtype = id_dtype(vocab_size)
     for batch in batches:
         texts = batch.column("text").to_pylist()
-        ids = []
+        blobs, counts = [], []
         for start in range(0, len(texts), batch_size):
-            ids += [e.ids + [eos_id] for e in tok.encode_batch(texts[start : start + batch_size], add_special_tokens=False)]
+            for e in tok.encode_batch(texts[start : start + batch_size], add_special_tokens=False):
+                ids = e.ids
+                ids.append(eos_id)
+                blobs.append(np.asarray(ids, dtype).tobytes())
+                counts.append(len(ids))
         names = [n for n in batch.schema.names if n != "text"]
         yield pa.RecordBatch.from_arrays(
-            [batch.column(n) for n in names] + [pa.array([len(x) for x in ids], pa.int64()),
-                                                 pa.array(ids, pa.list_(pa.int32()))],
+            [batch.column(n) for n in names] + [pa.array(counts, pa.int64()), pa.array(blobs, pa.binary())],
             names=names + ["n_tokens", "ids"])
 
 
-def _pieces(placed, row_len: int, rows_per_file: int):
+def _pieces(placed, row_len: int, rows_per_file: int, width: int):
     """Each document's taken tokens cut at row boundaries, one row per piece, in Spark SQL (the same
-    arithmetic as ``jobs.packing.row_pieces``, without a trip through Python)."""
+    arithmetic as ``jobs.packing.row_pieces``, without a trip through Python); ``width`` bytes per id."""
     from pyspark.sql import functions as F
 
     offset, take = F.col("offset"), F.col("take")
@@ -216,33 +231,40 @@ def _pieces(placed, row_len: int, rows_per_file: int):
     return exploded.select(
         F.floor(F.col("row") / rows_per_file).alias("file"), "row", (start - row_start).alias("pos"), "doc_id",
         (start - offset).alias("doc_start"), (end - start).alias("length"), F.col("n_tokens").alias("doc_tokens"),
-        "category", F.slice("ids", (start - offset + 1).cast("int"), (end - start).cast("int")).alias("ids"))
+        "category", F.substring("ids", ((start - offset) * width + 1).cast("int"),
+                                ((end - start) * width).cast("int")).alias("ids"))
 
 
 def write_files_batches(batches, directory: str, row_len: int, pad_id: int, vocab_size: int):
     """mapInArrow body: the pieces of whole files (sorted by file, row, pos) → one Parquet file each."""
+    import numpy as np
+
     schema = chunk_row_schema(vocab_size)
     id_type = schema.field("input_ids").type.value_type
+    dtype = id_dtype(vocab_size)
     pending: list[pa.RecordBatch] = []
 
     def flush(pieces: pa.Table):
         out = []
         for file_no in sorted(set(pieces.column("file").to_pylist())):
             part = pieces.filter(pc.equal(pieces.column("file"), file_no)).sort_by([("row", "ascending"), ("pos", "ascending")])
-            rows, ids, spans = [], [], []
-            d = {n: part.column(n).to_pylist() for n in ("row", "pos", "doc_id", "doc_start", "length", "doc_tokens", "category", "ids")}
+            d = {n: part.column(n).to_pylist() for n in ("row", "pos", "doc_id", "doc_start", "length", "doc_tokens", "category")}
+            rows: list[int] = []
+            spans: list[list[dict]] = []
             for i in range(part.num_rows):
                 if not rows or rows[-1] != d["row"][i]:
                     rows.append(d["row"][i])
-                    ids.append([])
                     spans.append([])
-                ids[-1].extend(d["ids"][i])
                 spans[-1].append({"doc_id": d["doc_id"][i], "pos": d["pos"][i], "doc_start": d["doc_start"][i],
                                   "length": d["length"][i], "doc_tokens": d["doc_tokens"][i], "category": d["category"][i]})
-            tokens = sum(len(x) for x in ids)
-            for x in ids:
-                x.extend([pad_id] * (row_len - len(x)))  # only the chunk's last row is short
-            data = pa.table({"row": pa.array(rows, pa.int64()), "input_ids": pa.array(ids, pa.list_(id_type)),
+            # the pieces' bytes in (row, pos) order are the rows' tokens back to back
+            flat = np.frombuffer(b"".join(part.column("ids").to_pylist()), dtype)
+            tokens = len(flat)
+            padded = np.full(len(rows) * row_len, pad_id, dtype)  # only the chunk's last row is short
+            padded[:tokens] = flat
+            offsets = pa.array(np.arange(0, len(rows) * row_len + 1, row_len, dtype=np.int32))
+            data = pa.table({"row": pa.array(rows, pa.int64()),
+                             "input_ids": pa.ListArray.from_arrays(offsets, pa.array(padded, id_type)),
                              "spans": pa.array(spans, pa.list_(schema.field("spans").type.value_type))}, schema=schema)
             name = f"part-{file_no:05d}.parquet"
             buffer = io.BytesIO()
@@ -277,13 +299,15 @@ class ChunkReport:
     documents: int
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)  # plan / tokenise_pack / publish seconds
 
     def __str__(self) -> str:
         share = ", ".join(f"{c} {n:,} ({n / max(self.n_tokens, 1):.1%}, target {self.target.get(c, 0):,})"
                           for c, n in sorted(self.mix.items()))
         lines = [f"chunk {self.chunk_id} ({self.stage}): {self.n_tokens:,} tokens in {self.n_rows:,} rows, "
                  f"{self.files} files, {self.documents:,} documents, {self.seconds:.1f} s "
-                 f"({self.n_tokens / max(self.seconds, 1e-9):,.0f} tokens/s)", f"  mix: {share}"]
+                 f"({self.n_tokens / max(self.seconds, 1e-9):,.0f} tokens/s; "
+                 + ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items()) + ")", f"  mix: {share}"]
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
@@ -336,6 +360,7 @@ def produce_chunk(spark, recipe: Recipe, lake: Lake, tokenizer=None, meta: dict 
     docs = docs.withColumn("est", est).persist()
     available = {r["category"]: int(r["t"]) for r in docs.groupBy("category").agg(F.sum("est").alias("t")).collect()}
     plan = plan_budgets(mix, feed.chunk_tokens, available, feed.when_dry, feed.repeat_cap)
+    planned = time.perf_counter()
 
     # Copies (the repeat rule), sampling keys, and a generous selection by estimated tokens.
     copies = F.element_at(F.create_map(*[x for c, n in plan.copies.items() for x in (F.lit(c), F.lit(n))]), F.col("category"))
@@ -369,23 +394,29 @@ def produce_chunk(spark, recipe: Recipe, lake: Lake, tokenizer=None, meta: dict 
     sha = meta["sha256"]
     eos_id, pad_id, vocab = meta["eos_id"], meta["pad_id"], meta["vocab_size"]
     tokenized = chosen.mapInArrow(
-        lambda bs: tokenize_batches(bs, tok_json.value, sha, eos_id),
-        "doc_id string, copy int, category string, key double, rank int, n_tokens long, ids array<int>")
-    taken = tokenized.withColumn("cum", F.sum("n_tokens").over(by_key)) \
+        lambda bs: tokenize_batches(bs, tok_json.value, sha, eos_id, vocab),
+        "doc_id string, copy int, category string, key double, rank int, n_tokens long, ids binary")
+    tokenized = tokenized.persist()  # the token ids, computed once
+    # Budgets and offsets are decided on a light projection (no ids), then joined back by broadcast:
+    # the windows never move the token ids around.
+    light = tokenized.select("doc_id", "copy", "category", "key", "rank", "n_tokens")
+    taken = light.withColumn("cum", F.sum("n_tokens").over(by_key)) \
         .withColumn("take", F.least(F.col("n_tokens"), F.greatest(F.lit(0), budget - (F.col("cum") - F.col("n_tokens"))))) \
         .where(F.col("take") > 0)
     # Curriculum order, then a seeded shuffle: every document's offset in the chunk's token stream.
     shuffle = F.xxhash64(F.lit(feed.seed), F.lit(chunk_id), F.lit("order"), "doc_id", "copy")
     order = Window.orderBy("rank", "shuffle", "doc_id", "copy")
-    placed = taken.withColumn("shuffle", shuffle) \
+    offsets = taken.withColumn("shuffle", shuffle) \
         .withColumn("offset", F.sum("take").over(order.rowsBetween(Window.unboundedPreceding, Window.currentRow)) - F.col("take")) \
-        .persist()
+        .select("doc_id", "copy", "take", "offset").persist()
+    placed = tokenized.join(F.broadcast(offsets), ["doc_id", "copy"])
     row_len = stage_cfg.seq_len + 1
-    pieces = _pieces(placed, row_len, feed.rows_per_file)
-    total = placed.agg(F.sum("take")).first()[0] or 0
+    pieces = _pieces(placed, row_len, feed.rows_per_file, id_dtype(vocab)().itemsize)
+    total = offsets.agg(F.sum("take")).first()[0] or 0
     if total == 0:
         docs.unpersist()
-        placed.unpersist()
+        tokenized.unpersist()
+        offsets.unpersist()
         delete_manifest_row(lake, chunk_id, job=f"feed-cleanup:{chunk_id}")
         raise FeedError(f"no documents of the categories {', '.join(mix)} in {source} for stage {feed.stage!r}")
     n_rows = math.ceil(total / row_len)
@@ -394,13 +425,16 @@ def produce_chunk(spark, recipe: Recipe, lake: Lake, tokenizer=None, meta: dict 
         lambda bs: write_files_batches(bs, directory, row_len, pad_id, vocab),
         "name string, sha256 string, rows long, tokens long").collect()
     written = sorted(written, key=lambda r: r["name"])
+    packed = time.perf_counter()
     tok_json.unpersist()
-    per_category = {r["category"]: int(r["t"]) for r in placed.groupBy("category").agg(F.sum("take").alias("t")).collect()}
-    increments = placed.groupBy("doc_id").agg(F.count("*").alias("times_used")) \
+    per_doc = offsets.join(light.select("doc_id", "copy", "category"), ["doc_id", "copy"])
+    per_category = {r["category"]: int(r["t"]) for r in per_doc.groupBy("category").agg(F.sum("take").alias("t")).collect()}
+    increments = offsets.groupBy("doc_id").agg(F.count("*").alias("times_used")) \
         .withColumn("last_chunk_id", F.lit(chunk_id)).toArrow()
     n_docs = increments.num_rows
     docs.unpersist()
-    placed.unpersist()
+    tokenized.unpersist()
+    offsets.unpersist()
 
     # usage first (its increments saved beside the files, so a cleanup can take them back), then ready
     fs, path = filesystem(usage_increments_path(lake.root, chunk_id))
@@ -412,8 +446,10 @@ def produce_chunk(spark, recipe: Recipe, lake: Lake, tokenizer=None, meta: dict 
                             "files": [r["name"] for r in written], "sha256": [r["sha256"] for r in written],
                             "mix": list(per_category.items()), "reason": "; ".join(plan.warnings) or None,
                             "updated_at": _now()}, job=f"feed:{chunk_id}")
+    done = time.perf_counter()
     return ChunkReport(chunk_id, feed.stage, int(total), n_rows, len(written), per_category, plan.budgets, n_docs,
-                       plan.warnings, time.perf_counter() - started)
+                       plan.warnings, done - started,
+                       {"plan": planned - started, "tokenise_pack": packed - planned, "publish": done - packed})
 
 
 def backlog(lake: Lake, stage: str) -> int:
