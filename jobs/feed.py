@@ -384,8 +384,12 @@ def produce_chunk(spark, recipe: Recipe, lake: Lake, tokenizer=None, meta: dict 
     docs = docs.withColumn("key", -F.log(u) / weight)
     budget = F.element_at(F.create_map(*[x for c, n in plan.budgets.items() for x in (F.lit(c), F.lit(n))]), F.col("category"))
     by_key = Window.partitionBy("category").orderBy("key", "doc_id", "copy")
-    chosen = docs.withColumn("cum_est", F.sum("est").over(by_key)) \
+    # the selection window sorts a light projection; only the chosen documents' texts are then joined
+    chosen_ids = docs.select("doc_id", "copy", "category", "key", "rank", "est") \
+        .withColumn("cum_est", F.sum("est").over(by_key)) \
         .where(F.col("cum_est") - F.col("est") < budget * 1.1 + 64) \
+        .select("doc_id", "copy", "category", "key", "rank")
+    chosen = docs.select("doc_id", "copy", "text").join(chosen_ids, ["doc_id", "copy"]) \
         .select("doc_id", "copy", "category", "key", "rank", "text")
 
     # Tokenise, then fill each category's budget exactly.
