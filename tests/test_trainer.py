@@ -291,14 +291,14 @@ def test_anneal_stage_decays_the_learning_rate_from_its_start(tmp_path):
     add_chunk(lake, "anneal-000000", docs[:90], tok, meta, stage="anneal")
     Trainer(recipe, exit_when_idle=0.1).run()
     anneal = recipe.model_copy(update={"trainer": recipe.trainer.model_copy(update={
-        "stage": "anneal", "stages": {"anneal": TrainerStageCfg(decay_tokens=1500)}})})
+        "stage": "anneal", "stages": {"anneal": TrainerStageCfg(decay_tokens=1500, lr_peak=0.001)}})})
     trainer = Trainer(anneal, exit_when_idle=0.1)
     trainer.run()
     records = [json.loads(x) for x in (Path(recipe.lake) / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
     stage_lrs = [r["lr"] for r in records if r["chunk"] == "anneal-000000"]
     before = [r["lr"] for r in records if r["chunk"] != "anneal-000000"]
-    peak, final = recipe.trainer.lr_peak, recipe.trainer.lr_peak * recipe.trainer.final_lr
-    assert before[-1] == pytest.approx(peak)  # still stable when the anneal began
+    assert before[-1] == pytest.approx(recipe.trainer.lr_peak)  # still stable when the anneal began
+    peak, final = 0.001, 0.001 * recipe.trainer.final_lr  # the stage's own peak, not the checkpoint's
     assert stage_lrs[0] == pytest.approx(peak) and stage_lrs[1] < peak  # the decay starts with the stage
     assert all(a >= b for a, b in zip(stage_lrs, stage_lrs[1:]))
     assert stage_lrs[-1] == pytest.approx(final)  # decayed to the floor within the stage's 1500 tokens

@@ -84,7 +84,8 @@ class TokenSchedule(torch.optim.lr_scheduler.LRScheduler):
         return [self.peak * self.factor(self.tokens) for _ in self.optimizer.param_groups]
 
     def state_dict(self):
-        return {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "cfg", "anneal")}
+        # the peak and the anneal come from the recipe's stage, not from the checkpoint
+        return {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "cfg", "anneal", "peak")}
 
 
 @dataclass
