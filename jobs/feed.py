@@ -41,13 +41,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from jobs.lake import ConflictError, Lake
+from jobs.lake import Lake
 from jobs.packing import curriculum_rank, plan_budgets
 from jobs.recipe import Recipe
 from jobs.sources import filesystem
 from jobs.stage import parse_with_recipe
 from jobs.train_tokenizer import kept_documents_table, load_tokenizer
-from schemas import chunk_row_schema, table
+from schemas import chunk_row_schema
 
 STAGE = "feed"
 _TOKENIZERS: dict[str, object] = {}  # per Python worker process: tokenizer sha256 → Tokenizer
@@ -73,29 +73,13 @@ def manifest(lake: Lake, stage: str | None = None) -> list[dict]:
     return sorted((r for r in rows if stage is None or r["stage"] == stage), key=lambda r: r["chunk_id"])
 
 
-def set_manifest_row(lake: Lake, row: dict, job: str, attempts: int = 20) -> None:
-    """Replace one chunk's manifest row (insert it if new); retried when the trainer commits meanwhile."""
-    data = pa.Table.from_pylist([row], schema=table("chunks").schema)
-    for attempt in range(attempts):
-        try:
-            lake.ensure("chunks")
-            lake.write_arrow("chunks", data, mode="overwrite", replace_where={"chunk_id": row["chunk_id"]}, job=job)
-            return
-        except ConflictError:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(0.05 * (attempt + 1))  # back off: another writer's commit is landing
+def set_manifest_row(lake: Lake, row: dict, job: str) -> None:
+    """Replace one chunk's manifest row (insert it if new)."""
+    lake.put_rows("chunks", [row], replace_where={"chunk_id": row["chunk_id"]}, job=job)
 
 
 def delete_manifest_row(lake: Lake, chunk_id: str, job: str) -> None:
-    empty = table("chunks").schema.empty_table()
-    for attempt in range(20):
-        try:
-            lake.write_arrow("chunks", empty, mode="overwrite", replace_where={"chunk_id": chunk_id}, job=job)
-            return
-        except ConflictError:
-            time.sleep(0.05 * (attempt + 1))
-    raise FeedError(f"could not remove the manifest row of {chunk_id}: the chunks table kept changing")
+    lake.put_rows("chunks", [], replace_where={"chunk_id": chunk_id}, job=job)
 
 
 def _remove_dir(uri: str) -> None:

@@ -210,6 +210,24 @@ class Lake:
             raise ConflictError(f"table {name!r}: a concurrent commit won; nothing was written ({err})") from None
         return self.delta(name).version()
 
+    def put_rows(self, name: str, rows: list[dict], replace_where: dict[str, str] | None = None,
+                 job: str | None = None, attempts: int = 20) -> int:
+        """Append ``rows``, or replace the rows matching ``replace_where`` with them (none: delete them),
+        retrying with a short back-off while other writers' commits land (feed and trainer share
+        ``chunks``). For a decision that must not race, use ``replace_if_unchanged``."""
+        data = pa.Table.from_pylist(rows, schema=table(name).schema)
+        for attempt in range(attempts):
+            try:
+                if replace_where is None:
+                    return self.write_arrow(name, data, mode="append", job=job)
+                self.ensure(name)
+                return self.write_arrow(name, data, mode="overwrite", replace_where=replace_where, job=job)
+            except ConflictError:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.05 * (attempt + 1))  # back off while the other commit lands
+        raise AssertionError("unreachable")
+
     def replace_if_unchanged(
         self, name: str, snapshot: DeltaTable, data: pa.Table, replace_where: dict[str, str], job: str | None = None
     ) -> int:

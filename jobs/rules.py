@@ -13,7 +13,6 @@ import re
 import unicodedata
 
 import numpy as np
-from collections import Counter
 from itertools import islice
 from dataclasses import dataclass, field
 from typing import Literal

@@ -159,10 +159,10 @@ def test_a_crash_before_ready_is_cleaned_up_and_usage_stays_true(spark, tmp_path
 
     real = feed.set_manifest_row
 
-    def dies_before_ready(lake_, row, job, attempts=20):
+    def dies_before_ready(lake_, row, job):
         if row["status"] == "ready":
             raise KeyboardInterrupt("killed between the usage commit and the manifest")
-        return real(lake_, row, job, attempts)
+        return real(lake_, row, job)
 
     monkeypatch.setattr(feed, "set_manifest_row", dies_before_ready)
     with pytest.raises(KeyboardInterrupt):

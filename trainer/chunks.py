@@ -4,7 +4,6 @@ every step of that in ``trainer_events``."""
 
 from __future__ import annotations
 
-import time
 from datetime import datetime, timezone
 
 import numpy as np
@@ -31,13 +30,7 @@ class Events:
             return
         row = {"run_id": self.run_id, "step": int(step), "chunk_id": chunk_id, "event": event, "detail": detail,
                "at": _now()}
-        for attempt in range(20):
-            try:
-                self.lake.write_arrow("trainer_events", pa.Table.from_pylist([row], schema=table("trainer_events").schema),
-                                      mode="append", job="trainer")
-                return
-            except ConflictError:
-                time.sleep(0.05 * (attempt + 1))  # back off while another writer's commit lands
+        self.lake.put_rows("trainer_events", [row], job="trainer")
 
 
 def claim_next(lake: Lake, stage: str, run_id: str, attempts: int = 50) -> dict | None:
@@ -75,14 +68,8 @@ def find_claimed(lake: Lake, stage: str, run_id: str) -> dict | None:
 def set_status(lake: Lake, row: dict, status: str, reason: str | None = None, consumed: bool = False) -> dict:
     new = {**row, "status": status, "reason": reason if reason is not None else row.get("reason"),
            "times_consumed": row["times_consumed"] + (1 if consumed else 0), "updated_at": _now()}
-    for attempt in range(50):
-        try:
-            lake.write_arrow("chunks", pa.Table.from_pylist([new], schema=table("chunks").schema), mode="overwrite",
-                             replace_where={"chunk_id": row["chunk_id"]}, job="trainer")
-            return new
-        except ConflictError:
-            time.sleep(0.05 * (attempt + 1))
-    raise ConflictError(f"could not set chunk {row['chunk_id']} to {status}: the chunks table kept changing")
+    lake.put_rows("chunks", [new], replace_where={"chunk_id": row["chunk_id"]}, job="trainer", attempts=50)
+    return new
 
 
 def check(lake: Lake, row: dict) -> str | None:
