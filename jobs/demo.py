@@ -45,7 +45,7 @@ def _child(name: str, args: list[str], env: dict) -> subprocess.Popen:
         for line in proc.stdout:
             line = line.rstrip()
             if line and not any(noise in line for noise in ("WARN", "INFO", "log4j", "setLogLevel", "laio", "collect2")):
-                print(f"  [{name}] {line}", flush=True)
+                print(f"  [{name}] {line.removeprefix(f'[{name}] ')}", flush=True)
 
     threading.Thread(target=pump, daemon=True).start()
     return proc

@@ -501,6 +501,7 @@ def run(spark, recipe: Recipe, args=None) -> FeedReport:
     tokenizer, meta = load_tokenizer(recipe)
     produced: list[ChunkReport] = []
     stage = recipe.feed.stage
+    announced = -1
     while True:
         waiting = backlog(lake, stage)
         if until is None and not follow:
@@ -514,8 +515,10 @@ def run(spark, recipe: Recipe, args=None) -> FeedReport:
             continue
         if not follow:
             break
-        print(f"[feed] {waiting} ready chunk(s) of {stage}: backlog full; next check in {recipe.feed.poll_seconds:g} s",
-              flush=True)
+        if announced != len(produced):  # once per full backlog, not at every poll
+            print(f"[feed] {waiting} ready chunk(s) of {stage}: backlog full; checking every "
+                  f"{recipe.feed.poll_seconds:g} s", flush=True)
+            announced = len(produced)
         time.sleep(recipe.feed.poll_seconds)  # --follow is a daemon: it polls the backlog
     return FeedReport(produced, cleaned, quarantined, backlog(lake, stage), time.perf_counter() - started)
 

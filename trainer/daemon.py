@@ -374,6 +374,10 @@ class Trainer:
             if self.state.step % self.cfg.eval_every == 0:
                 record["perplexity_by_source"] = self.evaluate()
             self._metrics({k: v for k, v in record.items() if v is not None})
+            if self.rank == 0 and (self.state.step % 25 == 0 or "perplexity_by_source" in record):
+                cats = " ".join(f"{c} {v:.2f}" for c, v in sorted(record["loss_by_category"].items()))
+                self.log(f"[train] step {self.state.step}: loss {step_loss:.3f} ({cats}), lr {record['lr']:.2e}, "
+                         f"{tokens_per_s:,.0f} tokens/s, {self.state.tokens:,} tokens, {cid}")
             if verdict == "spike" and self.rank == 0:
                 self.events(self.state.step, "spike", cid, f"loss {step_loss:.3f}")
             if verdict == "rollback":
