@@ -1,29 +1,11 @@
-"""What the benchmarks share: a throwaway copy of the demo recipe and corpus, ~1 KB pieces of real
-text, and peak-memory sampling of the Spark JVM and its Python workers."""
+"""What the benchmarks share: ~1 KB pieces of real text, and peak-memory sampling of the Spark JVM and
+its Python workers. (A throwaway demo recipe and corpus: ``jobs.demo_corpus.demo_recipe_in``.)"""
 
 from __future__ import annotations
 
 import os
 import threading
 from pathlib import Path
-
-import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def demo_recipe(work: Path) -> Path:
-    """The demo recipe with its lake and corpus under ``work``; builds the corpus; returns the file."""
-    from jobs.demo_corpus import build_demo_corpus
-
-    demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    demo["lake"] = str(work / "lake")
-    for src in demo["sources"]:
-        src["path"] = str(work / "demo_corpus" / src["name"] / Path(src["path"]).name)
-    path = work / "recipe.yaml"
-    path.write_text(yaml.safe_dump(demo))
-    build_demo_corpus(work / "demo_corpus")
-    return path
 
 
 def kilobyte_pieces(texts: list[str], size: int = 1000, minimum: int = 300) -> list[str]:

@@ -34,7 +34,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import PeakMemory, demo_recipe, jvm_pid, kilobyte_pieces  # noqa: E402
+from bench.common import PeakMemory, jvm_pid, kilobyte_pieces  # noqa: E402
+from jobs.demo_corpus import demo_recipe_in  # noqa: E402
 from jobs import dedup, filter_rules, ingest, scrub_pii  # noqa: E402
 from jobs.lake import Lake  # noqa: E402
 from jobs.recipe import load_recipe  # noqa: E402
@@ -99,7 +100,7 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tokenmill-bench-dedup-"))
     try:
-        recipe = load_recipe(demo_recipe(work))
+        recipe = load_recipe(demo_recipe_in(work))
         spark = get_spark("tokenmill-bench-dedup", recipe)
         cores = spark.sparkContext.defaultParallelism
         for stage in (ingest, filter_rules, scrub_pii):

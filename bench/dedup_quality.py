@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pyarrow as pa  # noqa: E402
 
 from jobs import dedup, filter_rules, ingest, scrub_pii  # noqa: E402
-from bench.common import demo_recipe  # noqa: E402
+from jobs.demo_corpus import demo_recipe_in  # noqa: E402
 from jobs.lake import Lake  # noqa: E402
 from jobs.minhash import ShingleSpec, exact_jaccard, near_copy, normalize_for_dedup, shingles  # noqa: E402
 from jobs.recipe import load_recipe  # noqa: E402
@@ -41,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tokenmill-bench-dedup-quality-"))
     try:
-        recipe = load_recipe(demo_recipe(work))
+        recipe = load_recipe(demo_recipe_in(work))
         spark = get_spark("tokenmill-bench-dedup-quality", recipe)
         for stage in (ingest, filter_rules, scrub_pii):
             stage.run(spark, recipe)

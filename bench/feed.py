@@ -33,7 +33,8 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import demo_recipe, kilobyte_pieces  # noqa: E402
+from bench.common import kilobyte_pieces  # noqa: E402
+from jobs.demo_corpus import demo_recipe_in  # noqa: E402
 from jobs import feed, filter_rules, ingest, scrub_pii, train_tokenizer  # noqa: E402
 from jobs.lake import Lake  # noqa: E402
 from jobs.recipe import load_recipe  # noqa: E402
@@ -49,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tokenmill-bench-feed-"))
     try:
-        recipe = load_recipe(demo_recipe(work), {
+        recipe = load_recipe(demo_recipe_in(work), {
             "feed.chunk_tokens": args.chunk_tokens, "feed.rows_per_file": 1024,
             "feed.stages": {"pretrain": {"seq_len": 2048}}, "tokenizer.sample_bytes": 20_000_000,
             "tokenizer.vocab_size": 32000})

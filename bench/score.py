@@ -23,7 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import demo_recipe, kilobyte_pieces  # noqa: E402
+from bench.common import kilobyte_pieces  # noqa: E402
+from jobs.demo_corpus import demo_recipe_in  # noqa: E402
 from jobs import filter_rules, ingest, score, scrub_pii  # noqa: E402
 from jobs.lake import Lake  # noqa: E402
 from jobs.recipe import load_recipe  # noqa: E402
@@ -38,7 +39,7 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tokenmill-bench-score-"))
     try:
-        recipe_file = demo_recipe(work)
+        recipe_file = demo_recipe_in(work)
         recipe = load_recipe(recipe_file)
         spark = get_spark("tokenmill-bench-score", recipe)
         for stage in (ingest, filter_rules, scrub_pii):

@@ -186,3 +186,19 @@ def _stdlib_code(limit: int, max_lines: int = 120):
                 if n >= limit:
                     return
             start = end
+
+
+def demo_recipe_in(work: str | Path) -> Path:
+    """A copy of ``configs/demo.yaml`` whose lake and corpus live under ``work``, with the corpus built
+    there: a throwaway embedded default for benchmarks and end-to-end tests. Returns the recipe file."""
+    import yaml
+
+    work = Path(work)
+    demo = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").read_text())
+    demo["lake"] = str(work / "lake")
+    for src in demo["sources"]:
+        src["path"] = str(work / "demo_corpus" / src["name"] / Path(src["path"]).name)
+    path = work / "recipe.yaml"
+    path.write_text(yaml.safe_dump(demo))
+    build_demo_corpus(work / "demo_corpus")
+    return path

@@ -62,20 +62,12 @@ def test_airflow_dags_test_runs_the_refinery_end_to_end(spark, tmp_path):
     import subprocess
     import sys
 
-    import yaml
-
     from jobs import filter_rules, ingest, scrub_pii
-    from jobs.demo_corpus import build_demo_corpus
+    from jobs.demo_corpus import demo_recipe_in
     from jobs.lake import Lake
     from jobs.recipe import load_recipe
 
-    demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    demo["lake"] = str(tmp_path / "lake")
-    for src in demo["sources"]:
-        src["path"] = str(tmp_path / "corpus" / src["name"] / os.path.basename(src["path"]))
-    recipe_file = tmp_path / "demo.yaml"
-    recipe_file.write_text(yaml.safe_dump(demo))
-    build_demo_corpus(tmp_path / "corpus")
+    recipe_file = demo_recipe_in(tmp_path)
     recipe = load_recipe(recipe_file)
     for stage in (ingest, filter_rules, scrub_pii):  # the classifiers learn from what these keep and reject
         stage.run(spark, recipe)
