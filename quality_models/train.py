@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from quality_models.bert_backend import BertClassifier, Encoder, LinearHead, default_backbone
-from quality_models.fasttext_backend import FastTextClassifier, prepare_many
+from quality_models.fasttext_backend import FastTextClassifier, tokenize
 from quality_models.labels import weak_domain, weak_quality
 from quality_models.metrics import ClassificationReport, classification_report, split_holdout
 from quality_models.registry import ModelError, ModelRef, new_version_dir, resolve, write_metadata
@@ -185,35 +185,44 @@ class LoadedModels:
         return self._encoder
 
 
-def score_batch(models: LoadedModels, texts: list[str], low: float = 0.3, high: float = 0.7
+def score_batch(models: LoadedModels, texts, low: float = 0.3, high: float = 0.7
                 ) -> tuple[np.ndarray, list[str], int]:
     """(quality per document, domain per document, how many documents the cascade sent to BERT).
 
-    BERT heads read one embedding per document, computed once for every head that needs it.
+    ``texts`` is a list or an Arrow string array. fastText models share one tokenisation of the
+    batch; BERT heads read one embedding per document, computed once for every head that needs it.
     """
-    rows = np.arange(len(texts))
+    n = len(texts)
+    as_list = None
+
+    def text_list() -> list[str]:
+        nonlocal as_list
+        if as_list is None:
+            as_list = texts if isinstance(texts, list) else texts.to_pylist()
+        return as_list
+
     needs_all = any(m.backend == "bert" for m in (models.quality, models.domain))
-    embedded = models.encoder.embed(texts, models.batch_size) if needs_all else None
+    embedded = models.encoder.embed(text_list(), models.batch_size) if needs_all else None
     uses_fasttext = any(m.backend == "fasttext" for m in (models.quality, models.domain))
-    prepared = prepare_many(texts) if uses_fasttext else None  # once for every fastText model
+    tokens = tokenize(texts) if uses_fasttext else None  # once for every fastText model
 
-    def proba(model, idx: np.ndarray) -> np.ndarray:
-        if model.backend == "fasttext":
-            if len(idx) == len(texts):
-                return model.predict_proba(texts, prepared)
-            return model.predict_proba([texts[i] for i in idx], [prepared[i] for i in idx])
-        emb = embedded[idx] if embedded is not None else models.encoder.embed([texts[i] for i in idx], models.batch_size)
-        return model.head.predict_proba(emb)
+    def proba(model, idx: np.ndarray | None = None) -> np.ndarray:
+        if model.backend == "fasttext":  # fastText scores whole batches; the cascade's subset is BERT's
+            return model.predict_proba(texts, tokens)
+        if embedded is not None:
+            return model.head.predict_proba(embedded if idx is None else embedded[idx])
+        chosen = text_list() if idx is None else [text_list()[i] for i in idx]
+        return model.head.predict_proba(models.encoder.embed(chosen, models.batch_size))
 
-    quality = quality_value(models.quality.labels, proba(models.quality, rows)).astype(np.float64)
+    quality = quality_value(models.quality.labels, proba(models.quality)).astype(np.float64)
     sent = 0
     if models.cascade is not None:
         band = np.nonzero((quality >= low) & (quality <= high))[0]
         sent = len(band)
         if sent:
             quality[band] = quality_value(models.cascade.labels, proba(models.cascade, band))
-    domain_probs = proba(models.domain, rows)
-    domains = [models.domain.labels[i] for i in domain_probs.argmax(axis=1)]
+    domain_probs = proba(models.domain)
+    domains = [models.domain.labels[i] for i in domain_probs.argmax(axis=1)] if n else []
     return quality, domains, sent
 
 
