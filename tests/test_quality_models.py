@@ -68,8 +68,7 @@ def scored(spark, tmp_path_factory):
     with pytest.raises(ModelError, match="tokenmill models train --recipe .* --task quality --backend fasttext"):
         score.run(spark, recipe)
     labels = derive_weak_labels(recipe)
-    # Trained as a user trains them: `tokenmill models train`, in its own process. (Inside the pytest
-    # process fastText 0.9.3 aborts with "Encountered NaN" on this data; outside it never has.)
+    # Trained as a user trains them: `tokenmill models train`, in its own process.
     recipe_file = tmp / "recipe.yaml"
     recipe_file.write_text(json.dumps({"lake": recipe.lake, "sources": sources, "score": {"weak_labels": WEAK}}))
     results = {}
