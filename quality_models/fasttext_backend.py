@@ -84,8 +84,8 @@ def fnv1a32(strings) -> np.ndarray:
 class FastTextTokens:
     """A batch's tokens as fastText's reader sees them, shared by every model that scores the batch.
 
-    ``vocab`` holds the batch's distinct tokens (lower-cased, Han characters split off) followed by
-    the end-of-line token; ``sequence`` indexes it, document after document, each ending in
+    ``vocab`` holds the batch's tokens (lower-cased, Han characters split off; a word can appear
+    twice, as "The" and "the" do) followed by the end-of-line token; ``sequence`` indexes it, document after document, each ending in
     end-of-line; ``offsets`` delimit the documents; ``hashes`` are fastText's hashes of ``vocab``.
     """
 
@@ -143,22 +143,22 @@ def tokenize(texts, max_chars: int = 4000) -> FastTextTokens:
         keep = ~np.asarray(labels, bool)
         piece_offsets = np.concatenate([[0], np.cumsum(keep)])[piece_offsets]
         pieces = pieces.filter(pa.array(keep))
-    distinct = pc.dictionary_encode(pieces)
-    piece_id = np.asarray(distinct.indices, np.int64)
     counts = np.diff(piece_offsets)
     if len(counts) and counts.min() == 1 and counts.max() == 1:
-        sequence = piece_id[occurrence]
-    else:  # expand each occurrence into its token's pieces
+        # The pieces are the vocabulary: a word may be in it twice ("The", "the"); both map alike.
+        sequence = piece_offsets[:-1][occurrence]
+    else:  # expand each occurrence into its token's pieces, and count each distinct piece once
         lengths = counts[occurrence]
         ends = np.cumsum(lengths)
-        sequence = piece_id[np.repeat(piece_offsets[:-1][occurrence] - (ends - lengths), lengths)
-                            + np.arange(int(ends[-1]) if len(ends) else 0)]
+        positions = (np.repeat(piece_offsets[:-1][occurrence] - (ends - lengths), lengths)
+                     + np.arange(int(ends[-1]) if len(ends) else 0))
+        distinct = pc.dictionary_encode(pieces)
+        pieces, sequence = distinct.dictionary, np.asarray(distinct.indices, np.int64)[positions]
         doc_offsets = np.concatenate([[0], ends])[doc_offsets]
     # Every line ends in the end-of-line token, which fastText counts as a word.
-    eos = len(distinct.dictionary)
-    sequence = np.insert(sequence, doc_offsets[1:], eos)
+    sequence = np.insert(sequence, doc_offsets[1:], len(pieces))
     doc_offsets = doc_offsets + np.arange(len(doc_offsets))
-    vocab = pa.concat_arrays([distinct.dictionary.cast(pa.large_string()), pa.array([_EOS], pa.large_string())])
+    vocab = pa.concat_arrays([as_large_strings(pieces), pa.array([_EOS], pa.large_string())])
     return FastTextTokens(vocab, fnv1a32(vocab), sequence, doc_offsets)
 
 
@@ -166,14 +166,17 @@ def _split(strings) -> tuple[object, np.ndarray]:
     """(the non-empty ASCII-whitespace-separated tokens of all strings, offsets per string)."""
     import pyarrow.compute as pc
 
-    lists = pc.ascii_split_whitespace(strings)
+    trimmed = pc.ascii_trim_whitespace(strings)  # then only an empty string splits into an empty token
+    lists = pc.ascii_split_whitespace(trimmed)
     offsets = np.asarray(lists.offsets, np.int64)
+    offsets -= offsets[0]
     flat = lists.flatten()
-    nonempty = np.asarray(pc.greater(pc.binary_length(flat), 0), bool)
-    if nonempty.all():
-        return flat, offsets - offsets[0]
-    kept = np.concatenate([[0], np.cumsum(nonempty)])
-    return flat.filter(nonempty), kept[offsets - offsets[0]]
+    empty = np.flatnonzero(np.asarray(pc.binary_length(trimmed), np.int64) == 0)
+    if not len(empty):
+        return flat, offsets
+    nonempty = np.ones(len(flat), bool)
+    nonempty[offsets[empty]] = False
+    return flat.filter(nonempty), np.concatenate([[0], np.cumsum(nonempty)])[offsets]
 
 
 def _lower_and_split_han(tokens) -> tuple[object, np.ndarray]:
