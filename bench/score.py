@@ -88,12 +88,12 @@ def main() -> None:
         naive = naive_rate(models, sample)
 
         print(f"fastText: {len(pieces):,} documents of {piece_bytes:,.0f} bytes on average; {cores} cores")
-        print(f"{'quality + domain + lang, docs/s':58} {'tokenmill':>10} {'reference':>10} {'ratio':>6}")
-        print(f"{'one core, no Spark (reference: fasttext predict)':58} {fast['pure']:10,.0f} {fast['library']:10,.0f}"
+        print(f"{'quality + domain + lang, docs/s':64} {'tokenmill':>10} {'reference':>10} {'ratio':>6}")
+        print(f"{'one core, no Spark (reference: fasttext predict)':64} {fast['pure']:10,.0f} {fast['library']:10,.0f}"
               f" {fast['pure'] / fast['library']:6.2f}")
-        print(f"{'Spark: scoring (id + scores), per core (reference: read only)':58} {fast['spark_score']:10,.0f}"
+        print(f"{'Spark: scoring (id + scores), per core (reference: read only)':64} {fast['spark_score']:10,.0f}"
               f" {fast['spark_read']:10,.0f}")
-        print(f"{'Spark: whole score job per core (reference: read + write)':58} {fast['job']:10,.0f}"
+        print(f"{'Spark: whole score job per core (reference: read + write)':64} {fast['job']:10,.0f}"
               f" {fast['spark_copy']:10,.0f}   (read, score, write, commit, stats;"
               f" {fast['job_s']:.1f} s warm, {fast['cold_s']:.1f} s on first run)")
         print(f"BERT: {len(sample)} demo documents, mean {sum(map(len, sample)) / len(sample):,.0f} characters")
