@@ -123,7 +123,7 @@ def test_pinned_versions_and_mismatches_fail_with_the_fix(scored):
 
 
 @pytest.mark.slow
-def test_bert_heads_share_one_encoder_and_the_cascade_uses_them(scored, tmp_path):
+def test_bert_heads_share_one_encoder_and_the_cascade_uses_them(spark, scored, tmp_path):
     from quality_models.train import LoadedModels, score_batch
 
     recipe = scored[0]
@@ -157,3 +157,19 @@ def test_bert_heads_share_one_encoder_and_the_cascade_uses_them(scored, tmp_path
         **small.score.model_dump(), "cascade": {"low": 0.0, "high": 1.0}}}, Path(recipe.lake))
     q, _, sent = score_batch(LoadedModels(cascade), texts, 0.0, 1.0)
     assert sent == 2 and all(0 <= x <= 1 for x in q)
+
+    # The cascade in the Spark job, encoder quantised: BERT rescores the uncertain band, nothing else.
+    lake = Lake(recipe.lake, spark)
+    before = {r.doc_id: r.quality for r in lake.read("documents_scored").select("doc_id", "quality").collect()}
+    width = sorted(abs(q - 0.5) for q in before.values())[30]  # a band holding about 30 documents
+    low, high = 0.5 - width, 0.5 + width
+    job = parse_recipe({**small.model_dump(exclude={"origin"}), "score": {
+        **small.score.model_dump(), "quantize": True, "cascade": {"low": low, "high": high}}}, Path(recipe.lake))
+    report = score.run(spark, job)
+    after = {r.doc_id: r.quality for r in lake.read("documents_scored").select("doc_id", "quality").collect()}
+    assert report.documents == len(after) == len(before)
+    band = {d for d, q in before.items() if low <= q <= high}
+    changed = {d for d in before if abs(before[d] - after[d]) > 1e-9}
+    assert 0 < len(changed) and changed <= band
+    assert all(0.0 <= q <= 1.0 for q in after.values())
+    score.run(spark, recipe)  # back to fastText only, for the tests after this one
