@@ -108,7 +108,6 @@ def main() -> None:
 def fasttext_figures(spark, recipe, pieces, cores: int) -> dict[str, float]:
     """docs/s for the fastText scoring of ``pieces`` (and ``recipe``'s lake holding them), one core and in Spark."""
     from jobs.docstage import spread
-    from jobs.spark import session_conf
     from quality_models.fasttext_backend import prepare_many
     from quality_models.train import LoadedModels
 
@@ -133,7 +132,7 @@ def fasttext_figures(spark, recipe, pieces, cores: int) -> dict[str, float]:
 
     def per_core(action) -> float:
         started = time.perf_counter()
-        with session_conf(spark, {"spark.sql.parquet.columnarReaderBatchSize": str(score.ARROW_BATCH_ROWS)}):
+        with score.scoring_batches(spark):
             action()
         return n / (time.perf_counter() - started) / cores
 

@@ -102,6 +102,12 @@ def scored(documents, recipe: Recipe):
     return with_scores.select(*[F.col(f"_scores.{c}") if c in SCORES.names else F.col(c) for c in columns])
 
 
+def scoring_batches(spark):
+    """Settings for Spark work that scores: the Arrow UDF sees the Parquet reader's batches, and
+    10,000 rows (not 4,096) spread its per-batch costs (vocabulary lookups, pattern compiles) thinner."""
+    return session_conf(spark, {"spark.sql.parquet.columnarReaderBatchSize": str(ARROW_BATCH_ROWS)})
+
+
 @dataclass
 class ScoreReport:
     documents: int
@@ -132,9 +138,7 @@ def run(spark, recipe: Recipe, args=None) -> ScoreReport:
 
     versions = check_pinned(recipe)  # a missing model fails here, before any Spark work, naming the fix
     lake = Lake(recipe.lake, spark)
-    # The Arrow UDF sees the Parquet reader's batches: 10,000 rows (not 4,096) amortise its per-batch
-    # costs (vocabulary lookups, pattern compiles) over more documents.
-    with session_conf(spark, {"spark.sql.parquet.columnarReaderBatchSize": str(ARROW_BATCH_ROWS)}):
+    with scoring_batches(spark):
         version = lake.write("documents_scored", scored(spread(lake.read("documents_clean")), recipe), mode="overwrite", job=STAGE)
     written = lake.read("documents_scored")
     stats = written.groupBy("category", "domain").agg(F.count("*").alias("n"), F.sum("quality").alias("q")).collect()
