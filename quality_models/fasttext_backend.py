@@ -85,8 +85,9 @@ class FastTextTokens:
     """A batch's tokens as fastText's reader sees them, shared by every model that scores the batch.
 
     ``vocab`` holds the batch's tokens (lower-cased, Han characters split off; a word can appear
-    twice, as "The" and "the" do) followed by the end-of-line token; ``sequence`` indexes it, document after document, each ending in
-    end-of-line; ``offsets`` delimit the documents; ``hashes`` are fastText's hashes of ``vocab``.
+    twice, as "The" and "the" do) followed by the end-of-line token; ``sequence`` indexes it,
+    document after document, each ending in end-of-line; ``offsets`` delimit the documents;
+    ``hashes`` are fastText's hashes of ``vocab``.
     """
 
     vocab: object  # pa.LargeStringArray, end-of-line token last
@@ -108,10 +109,9 @@ class FastTextTokens:
             out, h = [], word_hash
             for gap in range(1, n):
                 h = h[:-1] * np.uint64(_NGRAM_PRIME) + word_hash[gap:]
-                # n-grams start at a document's positions 0 .. length-gap-1: drop the ones that span two.
-                counts = np.maximum(lengths - gap, 0)
-                offsets = np.concatenate([[0], np.cumsum(counts)])
-                # An n-gram starting within gap of its document's end would reach into the next one.
+                # n-grams start at a document's positions 0 .. length-gap-1; one starting within gap of
+                # its document's end would reach into the next document, and is dropped.
+                offsets = np.concatenate([[0], np.cumsum(np.maximum(lengths - gap, 0))])
                 inside = np.ones(len(h), bool)
                 starts = (self.offsets[1:, None] - np.arange(1, gap + 1)).ravel()
                 inside[starts[(starts >= 0) & (starts < len(h))]] = False
