@@ -4,6 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 
+# Han characters, as every stage counts them: CJK Unified Ideographs, Extension A, Compatibility.
+HAN_RANGES = ((0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF))
+HAN_CLASS = "".join(f"{chr(lo)}-{chr(hi)}" for lo, hi in HAN_RANGES)  # a regex character-class body
+
+
+def is_han(points: np.ndarray) -> np.ndarray:
+    """Per code point: whether it is a Han character."""
+    out = np.zeros(points.shape, bool)
+    for lo, hi in HAN_RANGES:
+        out |= (points >= lo) & (points <= hi)
+    return out
+
 
 def as_large_strings(texts):
     """An Arrow ``large_string`` array of a list, an Arrow array or a chunked array."""

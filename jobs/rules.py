@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Literal
 
-from jobs.arrowtext import as_large_strings, ascii_letters, code_points, cut_to, segment_sums
+from jobs.arrowtext import HAN_CLASS, HAN_RANGES, as_large_strings, ascii_letters, code_points, cut_to, segment_sums
 
 # -- line cleanup ------------------------------------------------------------------------------
 
@@ -64,7 +64,7 @@ def clean_lines(text: str, cleanup: LineCleanup) -> tuple[str, int]:
 
 # -- signals -----------------------------------------------------------------------------------
 
-_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_HAN = re.compile(f"[{HAN_CLASS}]")
 _URL = re.compile(r"(?:https?://|www\.)[^\s<>\"'）)]+", re.IGNORECASE)
 _WORD = re.compile(r"\S+")
 _BULLET = re.compile(r"^\s*([-*•·●○▪■◦‣⁃]|\d{1,2}[.)])\s+")
@@ -103,7 +103,7 @@ def _script_table() -> np.ndarray:
             ch = chr(cp)
             if ch.isalpha():
                 table[cp] = _IS_ALPHA | (_IS_LATIN if "a" <= ch.lower() <= "z" else 0)
-        for lo, hi in ((0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF)):
+        for lo, hi in HAN_RANGES:
             table[lo : hi + 1] |= _IS_HAN
         _SCRIPT_TABLE = table
     return _SCRIPT_TABLE
@@ -122,9 +122,11 @@ def script_langs(texts) -> list[Lang]:
     if n == 0:
         return []
     if n <= 4 and isinstance(texts, list):  # Arrow's per-call costs outweigh a handful of documents
-        counts = np.stack([_packed_script_table()[np.frombuffer((t or "")[:_SCRIPT_SAMPLE].encode("utf-32-le"), np.uint32)].sum(dtype=np.int64)
-                           for t in texts])
-        heads = [list(islice((ln for ln in (t or "").split("\n") if ln and not ln.isspace()), _HEAD_LINES)) for t in texts]
+        table = _packed_script_table()
+        counts = np.array([table[np.frombuffer((t or "")[:_SCRIPT_SAMPLE].encode("utf-32-le"), np.uint32)].sum()
+                           for t in texts], np.int64)
+        heads = [list(islice((ln for ln in (t or "").split("\n") if ln and not ln.isspace()), _HEAD_LINES))
+                 for t in texts]
         nonblank = np.array([bool(h) for h in heads])
         share = np.array([sum(CODE_LINE.search(ln) is not None for ln in h) / max(len(h), 1) for h in heads])
         return _decide(counts, share, nonblank, np.arange(n))

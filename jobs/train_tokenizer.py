@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterable
 
+from jobs.arrowtext import HAN_RANGES
 from jobs.lake import Lake
 from jobs.recipe import Recipe, TokenizerCfg
 from jobs.stage import stage_main
@@ -31,7 +32,6 @@ from quality_models.registry import ModelError
 STAGE = "tokenizer"
 NAME = "tokenizer"
 EOS, PAD = "<|endoftext|>", "<|pad|>"
-_HAN_RANGES = ((0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF))
 
 
 def round_up(n: int, multiple: int = 128) -> int:
@@ -112,7 +112,7 @@ def pad_to_multiple(tok, multiple: int = 128) -> list[str]:
 
 
 def han_count(text: str) -> int:
-    return sum(1 for ch in text if any(lo <= ord(ch) <= hi for lo, hi in _HAN_RANGES))
+    return sum(1 for ch in text if any(lo <= ord(ch) <= hi for lo, hi in HAN_RANGES))
 
 
 def compression(tok, texts_by_category: dict[str, list[str]]) -> dict[str, dict[str, float]]:

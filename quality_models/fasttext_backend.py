@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs.arrowtext import as_large_strings, cut_to, segment_sums, string_buffers
+from jobs.arrowtext import HAN_CLASS, as_large_strings, cut_to, is_han, segment_sums, string_buffers
 
-_HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 _EOS = "</s>"
 _LABEL = "__label__"
 _FNV_BASIS, _FNV_PRIME = 2166136261, 16777619
@@ -40,7 +39,7 @@ def prepare_many(texts, max_chars: int = 4000) -> list[str]:
     import pyarrow.compute as pc
 
     arr = pc.utf8_lower(pc.utf8_slice_codeunits(as_large_strings(texts), 0, max_chars))
-    arr = pc.replace_substring_regex(arr, f"[{_HAN}]", r" \0 ")
+    arr = pc.replace_substring_regex(arr, f"[{HAN_CLASS}]", r" \0 ")
     # fastText splits on any ASCII whitespace itself; only a newline would end the example early.
     arr = pc.ascii_trim_whitespace(pc.replace_substring(arr, "\n", " "))
     return arr.to_pylist()
@@ -189,12 +188,11 @@ def _lower_and_split_han(tokens) -> tuple[object, np.ndarray]:
 
     lowered = as_large_strings(pc.utf8_lower(tokens))
     offsets, data = string_buffers(lowered)
-    if not len(lowered) or not pc.any(pc.match_substring_regex(lowered, f"[{_HAN}]")).as_py():
+    if not len(lowered) or not pc.any(pc.match_substring_regex(lowered, f"[{HAN_CLASS}]")).as_py():
         return lowered, np.arange(len(lowered) + 1, dtype=np.int64)
     text = data[offsets[0] : offsets[-1]].tobytes().decode("utf-8")
     points = np.frombuffer(text.encode("utf-32-le"), np.uint32)
-    han = ((points >= 0x3400) & (points <= 0x4DBF)) | ((points >= 0x4E00) & (points <= 0x9FFF)) | (
-        (points >= 0xF900) & (points <= 0xFAFF))
+    han = is_han(points)
     char_offsets = np.concatenate([[0], np.cumsum(np.asarray(pc.utf8_length(lowered), np.int64))])
     starts = han.copy()  # a piece starts at a Han character, after one, and where a token starts
     starts[1:] |= han[:-1]
