@@ -3,7 +3,8 @@
     backlog_low (short-circuit: fewer than N ready chunks?) → [tokenizer, when asked] → feed
 
 Each step runs the same entry point a user runs by hand: ``jobs/feed.py --until-ready N`` and
-``jobs/train_tokenizer.py`` through spark-submit; the backlog check is ``jobs.feed.backlog_below``.
+``jobs/train_tokenizer.py`` (both from ``jobs.stages``) through spark-submit; the backlog check is
+``lake.chunks.backlog_below``.
 Params (defaults from Airflow Variables): ``recipe`` (``tokenmill_recipe``), ``backlog``
 (``tokenmill_backlog``, default 4), ``retrain_tokenizer`` (false), ``py_files``
 (``tokenmill_py_files``). Scheduled every 10 minutes; one run at a time, since one feed per lake.
@@ -19,10 +20,11 @@ from airflow.providers.standard.operators.python import ShortCircuitOperator
 from airflow.sdk import DAG, Param
 
 from airflow_dags.common import PROJECT, report_failure, variable
+from jobs.stages import stage
 
 
 def _backlog_low(recipe: str, backlog: int) -> bool:
-    from jobs.feed import backlog_below
+    from lake.chunks import backlog_below
 
     return backlog_below(recipe, int(backlog))
 
@@ -60,11 +62,11 @@ with DAG(
         op_kwargs={"retrain": "{{ params.retrain_tokenizer }}"}, ignore_downstream_trigger_rules=False,
     )
     tokenizer = SparkSubmitOperator(
-        task_id="tokenizer", application=str(PROJECT / "jobs" / "train_tokenizer.py"),
+        task_id="tokenizer", application=str(PROJECT / "jobs" / f"{stage('tokenizer').module}.py"),
         application_args=["--recipe", "{{ params.recipe }}"], name="tokenmill-tokenizer", **submit,
     )
     feed = SparkSubmitOperator(
-        task_id="feed", application=str(PROJECT / "jobs" / "feed.py"),
+        task_id="feed", application=str(PROJECT / "jobs" / f"{stage('feed').module}.py"),
         application_args=["--recipe", "{{ params.recipe }}", "--until-ready", "{{ params.backlog }}"],
         name="tokenmill-feed", trigger_rule="none_failed", **submit,
     )

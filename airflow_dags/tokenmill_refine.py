@@ -1,4 +1,5 @@
-"""Airflow DAG ``tokenmill_refine``: the refinery's stages in order, each a spark-submit of jobs/<stage>.py.
+"""Airflow DAG ``tokenmill_refine``: the refinery's stages in order (``jobs.stages.REFINE``), each a
+spark-submit of jobs/<module>.py.
 
 No pipeline logic lives here: each task runs the same entry point a user runs by hand. Settings come
 from the DAG's params (set per run in the UI or with ``airflow dags trigger --conf``), whose defaults
@@ -19,14 +20,12 @@ from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOpe
 from airflow.sdk import DAG, Param
 
 from airflow_dags.common import PROJECT, report_failure, variable
-
-# In pipeline order; each is jobs/<module>.py with the same --recipe argument.
-STAGES = [("ingest", "ingest"), ("filter", "filter_rules"), ("pii", "scrub_pii"), ("score", "score"), ("dedup", "dedup")]
+from jobs.stages import REFINE
 
 
 with DAG(
     dag_id="tokenmill_refine",
-    description="ingest → filter → pii → score → dedup, one spark-submit per stage",
+    description=" → ".join(s.name for s in REFINE) + ", one spark-submit per stage",
     schedule=None,
     catchup=False,
     params={
@@ -41,14 +40,14 @@ with DAG(
     tags=["tokenmill"],
 ) as dag:
     previous = None
-    for stage, module in STAGES:
+    for stage in REFINE:  # the declared refinery stages, in pipeline order
         task = SparkSubmitOperator(
-            task_id=stage,
-            application=str(PROJECT / "jobs" / f"{module}.py"),
+            task_id=stage.name,
+            application=str(PROJECT / "jobs" / f"{stage.module}.py"),
             application_args=["--recipe", "{{ params.recipe }}"],
             conn_id=variable("tokenmill_spark_conn", "spark_default"),
             py_files="{{ params.py_files }}",  # rendered empty: no --py-files
-            name=f"tokenmill-{stage}",
+            name=f"tokenmill-{stage.name}",
             env_vars={"PYSPARK_PYTHON": os.environ.get("PYSPARK_PYTHON", "python3")},
         )
         if previous is not None:

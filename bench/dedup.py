@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import PeakMemory, jvm_pid, kilobyte_pieces  # noqa: E402
 from jobs.demo_corpus import demo_recipe_in  # noqa: E402
 from jobs import dedup, filter_rules, ingest, scrub_pii  # noqa: E402
-from jobs.lake import Lake  # noqa: E402
-from jobs.recipe import load_recipe  # noqa: E402
-from jobs.rules import script_langs  # noqa: E402
+from lake.tables import Lake  # noqa: E402
+from lake.recipe import load_recipe  # noqa: E402
+from quality_models.language import script_langs  # noqa: E402
 from jobs.spark import get_spark  # noqa: E402
 from schemas import table  # noqa: E402
 
@@ -124,7 +124,7 @@ def main() -> None:
         jvm = jvm_pid(spark)
         with PeakMemory(jvm) as ours_mem:
             started = time.perf_counter()
-            report = dedup.run(spark, recipe, argparse.Namespace(incremental=False))
+            report = dedup.run(spark, recipe)
             ours = time.perf_counter() - started
         spark.stop()
 

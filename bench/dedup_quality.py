@@ -29,9 +29,9 @@ import pyarrow as pa  # noqa: E402
 
 from jobs import dedup, filter_rules, ingest, scrub_pii  # noqa: E402
 from jobs.demo_corpus import demo_recipe_in  # noqa: E402
-from jobs.lake import Lake  # noqa: E402
+from lake.tables import Lake  # noqa: E402
 from jobs.minhash import ShingleSpec, exact_jaccard, near_copy, normalize_for_dedup, shingles  # noqa: E402
-from jobs.recipe import load_recipe  # noqa: E402
+from lake.recipe import load_recipe  # noqa: E402
 from jobs.spark import get_spark  # noqa: E402
 from schemas import table  # noqa: E402
 
@@ -73,7 +73,7 @@ def main() -> None:
         lake = Lake(recipe.lake)
         lake.write_arrow("documents_scored", scored, mode="overwrite", job="bench")
         started = time.perf_counter()
-        report = dedup.run(spark, recipe, argparse.Namespace(incremental=False))
+        report = dedup.run(spark, recipe)
         seconds = time.perf_counter() - started
         clusters = lake.read_arrow("dedup_clusters").to_pylist()
         cluster_of = {r["doc_id"]: r["cluster_id"] for r in clusters}

@@ -36,9 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import kilobyte_pieces  # noqa: E402
 from jobs.demo_corpus import demo_recipe_in  # noqa: E402
 from jobs import feed, filter_rules, ingest, scrub_pii, train_tokenizer  # noqa: E402
-from jobs.lake import Lake  # noqa: E402
-from jobs.recipe import load_recipe  # noqa: E402
-from jobs.rules import script_langs  # noqa: E402
+from lake import chunks  # noqa: E402
+from lake.artifacts import load_tokenizer  # noqa: E402
+from lake.tables import Lake  # noqa: E402
+from lake.recipe import load_recipe  # noqa: E402
+from quality_models.language import script_langs  # noqa: E402
 from jobs.spark import get_spark  # noqa: E402
 from schemas import table  # noqa: E402
 
@@ -70,17 +72,17 @@ def main() -> None:
         lake.write_arrow("documents_dedup", pa.Table.from_pylist(rows, schema=table("documents_dedup").schema),
                          mode="overwrite", job="bench")
         print(train_tokenizer.run(spark, recipe))
-        tok, meta = train_tokenizer.load_tokenizer(recipe)
+        tok, meta = load_tokenizer(recipe)
 
         report = feed.produce_chunk(spark, recipe, lake, tok, meta)
         ours = report.n_tokens / report.phases["tokenise_pack"] / cores
         whole = report.n_tokens / report.seconds / cores
 
-        chunk = feed.manifest(lake)[0]
+        chunk = chunks.manifest(lake)[0]
         import pyarrow.parquet as pq
 
         used = {s["doc_id"] for r in pq.read_table(
-            feed.chunk_dir(recipe.lake, chunk["chunk_id"]), columns=["spans"]).column("spans").to_pylist() for s in r}
+            chunks.chunk_dir(recipe.lake, chunk["chunk_id"]), columns=["spans"]).column("spans").to_pylist() for s in r}
         sample = [t for i, t in enumerate(texts) if f"d{i:08d}" in used]
         started = time.perf_counter()
         limit_tokens = 0
@@ -93,11 +95,11 @@ def main() -> None:
         reads = []
         for _ in range(3):
             started = time.perf_counter()
-            data = pq.read_table(feed.chunk_dir(recipe.lake, chunk["chunk_id"]), columns=["input_ids"])
+            data = pq.read_table(chunks.chunk_dir(recipe.lake, chunk["chunk_id"]), columns=["input_ids"])
             flat = np.asarray(data.column("input_ids").combine_chunks().flatten())
             reads.append(flat.size / (time.perf_counter() - started))
         read_rate = max(reads)
-        size = sum(f.stat().st_size for f in Path(feed.chunk_dir(recipe.lake, chunk["chunk_id"])).glob("part-*"))
+        size = sum(f.stat().st_size for f in Path(chunks.chunk_dir(recipe.lake, chunk["chunk_id"])).glob("part-*"))
 
         print(f"chunk {chunk['chunk_id']}: {report.n_tokens:,} tokens, {report.n_rows:,} rows of 2049, "
               f"{report.files} files, {size / 1e6:.1f} MB ({flat.dtype}); {report.documents:,} documents; {cores} cores")

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs import filter_rules, ingest, scrub_pii  # noqa: E402
 from jobs.demo_corpus import build_demo_corpus  # noqa: E402
-from jobs.recipe import parse_recipe  # noqa: E402
+from lake.recipe import parse_recipe  # noqa: E402
 from jobs.spark import get_spark  # noqa: E402
 
 

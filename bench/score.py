@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import kilobyte_pieces  # noqa: E402
 from jobs.demo_corpus import demo_recipe_in  # noqa: E402
 from jobs import filter_rules, ingest, score, scrub_pii  # noqa: E402
-from jobs.lake import Lake  # noqa: E402
-from jobs.recipe import load_recipe  # noqa: E402
+from lake.tables import Lake  # noqa: E402
+from lake.recipe import load_recipe  # noqa: E402
 from jobs.spark import get_spark  # noqa: E402
 
 

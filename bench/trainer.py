@@ -30,12 +30,12 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().paren
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
-from jobs.recipe import parse_recipe  # noqa: E402
+from lake.recipe import parse_recipe  # noqa: E402
 from schemas import table  # noqa: E402
-from trainer import chunks as store  # noqa: E402
+from lake import chunks as store  # noqa: E402
 from trainer.daemon import Trainer  # noqa: E402
 from trainer.model import build_model, parameter_groups, row_layout, token_losses  # noqa: E402
-from trainer.synthetic import add_chunk, make_lake  # noqa: E402
+from jobs.synthetic_lake import add_chunk, make_lake  # noqa: E402
 
 
 def reset_chunks(lake) -> None:
@@ -47,7 +47,7 @@ def reset_chunks(lake) -> None:
 
 def bare_steps(recipe, lake, steps: int, micro: int) -> list[float]:
     torch.manual_seed(recipe.trainer.seed)
-    from jobs.train_tokenizer import load_tokenizer
+    from lake.artifacts import load_tokenizer
 
     _, meta = load_tokenizer(recipe)
     model = build_model(recipe.trainer.model, meta["model_vocab_size"])

@@ -1,39 +1,40 @@
-"""The ``tokenmill`` command: one subcommand per stage, plus ``status`` and ``demo``."""
+"""The ``tokenmill`` command: one subcommand per declared stage (``jobs/stages.py``), plus ``refine``,
+``status``, ``models``, ``demo``, and the trainer's ``train`` and ``plan``. Nothing imports this module:
+it is the edge where the refinery and the trainer meet."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from pathlib import Path
 
-from jobs.recipe import Recipe, RecipeError
-from jobs.stage import recipe_arguments, recipe_from_args
+from jobs.stages import REFINE, STAGES, add_option_flags, options_from, run_stages, user_errors
+from lake.recipe import Recipe, RecipeError, recipe_arguments, recipe_from_args
 
 DEMO_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-# stage name → module under jobs/ with run(spark, recipe, args)
-REFINE_STAGES = {"ingest": "ingest", "filter": "filter_rules", "pii": "scrub_pii", "score": "score", "dedup": "dedup"}
+# commands that parse their own arguments: the stages, and the tools beside them
+OWN_PARSERS = {**{s.name: f"jobs.{s.module}" for s in STAGES},
+               "plan": "trainer.planner", "train": "trainer.daemon", "package": "jobs.package"}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tokenmill", description="LLM pretraining data refinery and streaming trainer")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    sub.add_parser("ingest", help="sources → documents_raw (rejects bad records with their reason)", add_help=False)
-    sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on the kept documents (a new version)",
-                   add_help=False)
-    sub.add_parser("feed", help="produce token chunks for the trainer (--until-ready N, --follow)", add_help=False)
+    for s in STAGES:
+        sub.add_parser(s.name, help=s.summary, add_help=False)
     sub.add_parser("plan", help="parameters, FLOPs, days, memory per GPU, batch size of a Llama run", add_help=False)
     sub.add_parser("train", help="the streaming trainer: tails the chunk store and trains (or --export)", add_help=False)
     sub.add_parser("package", help="tokenmill.zip and entry scripts for spark-submit --py-files", add_help=False)
 
     refine = sub.add_parser("refine", help="run refinery stages in order on one Spark session")
     recipe_arguments(refine)
-    refine.add_argument("--stages", default=",".join(REFINE_STAGES),
-                        help=f"comma-separated, in pipeline order; any of {', '.join(REFINE_STAGES)}")
-    refine.add_argument("--dry-run", action="store_true", help="filter: compute signals and the report only")
-    refine.add_argument("--incremental", action="store_true",
-                        help="dedup: only documents not seen before, against the documents kept earlier")
+    refine.add_argument("--stages", default=",".join(s.name for s in REFINE),
+                        help=f"comma-separated, in pipeline order; any of {', '.join(s.name for s in REFINE)}")
+    seen: set[str] = set()
+    for s in REFINE:  # every refine stage's options, as flags of refine
+        add_option_flags(refine, s.options, seen)
 
     status = sub.add_parser("status", help="every table with its version, rows and last commit; chunk backlog")
     recipe_arguments(status)
@@ -59,20 +60,18 @@ def main(argv: list[str] | None = None) -> int:
     recipe_arguments(listing)
 
     argv = sys.argv[1:] if argv is None else argv
-    stage_commands = {"ingest": "jobs.ingest", "tokenizer": "jobs.train_tokenizer", "feed": "jobs.feed",
-                      "plan": "trainer.planner", "train": "trainer.daemon", "package": "jobs.package"}
-    if argv and argv[0] in stage_commands:  # stage commands parse their own arguments
-        import importlib
-
-        module = importlib.import_module(stage_commands[argv[0]])
+    if argv and argv[0] in OWN_PARSERS:
+        module = importlib.import_module(OWN_PARSERS[argv[0]])
         return _guarded(lambda: module.main(argv[1:]))
     args = parser.parse_args(argv)
     if args.command == "models":
         return _guarded(lambda: run_models(recipe_from_args(args), args))
     if args.command == "refine":
-        return _guarded(lambda: run_refine(recipe_from_args(args), args))
+        return _guarded(lambda: refine_command(recipe_from_args(args), args))
     if args.command == "status":
-        return _guarded(lambda: print_status(recipe_from_args(args)))
+        from lake.status import print_status
+
+        return _guarded(lambda: print_status(recipe_from_args(args).lake))
     if args.command == "demo":
         from jobs.demo import run_demo
 
@@ -89,67 +88,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def _guarded(action) -> int:
     """Run a command; user-facing errors become one clear line and exit code 2, not a traceback."""
-    from jobs.lake import LakeError
-    from jobs.sources import SourceError
-    from quality_models.registry import ModelError
-
     try:
         result = action()
-    except (RecipeError, LakeError, SourceError, ModelError) as err:
+    except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return result if isinstance(result, int) else 0
 
 
-def print_status(recipe: Recipe) -> None:
-    """Print every table of the lake with version, rows and last commit (no Spark needed)."""
-    from jobs.lake import Lake
-    from schemas import TABLES
-
-    lake = Lake(recipe.lake)
-    print(f"lake {recipe.lake}")
-    print(f"  {'table':<20} {'version':>7} {'rows':>10} {'files':>6}  last commit")
-    missing = []
-    for name in TABLES:
-        if not lake.exists(name):
-            missing.append(name)
-            continue
-        s = lake.summary(name)
-        last = s.last_commit
-        by = f" by {last.job}" if last.job else ""
-        print(
-            f"  {name:<20} {s.version:>7} {s.rows:>10} {s.files:>6}  "
-            f"{last.timestamp:%Y-%m-%d %H:%M:%S} UTC {last.operation}{by}"
-        )
-    if missing:
-        print(f"  not written yet: {', '.join(missing)}")
-    if lake.exists("documents_rejected"):
-        rejected = lake.read_arrow("documents_rejected", columns=["stage", "reason"])
-        if rejected.num_rows:
-            print("rejected documents by stage and reason:")
-            grouped = rejected.group_by(["stage", "reason"]).aggregate([("reason", "count")])
-            for row in sorted(grouped.to_pylist(), key=lambda r: (r["stage"], -r["reason_count"])):
-                print(f"  {row['stage']:<10} {row['reason']:<22} {row['reason_count']:>8}")
-    if lake.exists("chunks"):
-        chunks = lake.read_arrow("chunks", columns=["status", "n_tokens"])
-        print("chunk backlog by status:")
-        grouped = chunks.group_by("status").aggregate([("status", "count"), ("n_tokens", "sum")])
-        by_status = {row["status"]: row for row in grouped.to_pylist()}
-        for status, row in sorted(by_status.items()):
-            print(f"  {status:<12} {row['status_count']:>6} chunks  {row['n_tokens_sum']:>14,} tokens")
-        print(f"  ready for the trainer: {by_status.get('ready', {}).get('status_count', 0)}")
-    if lake.exists("usage"):
-        used = [n for n in lake.read_arrow("usage", columns=["times_used"]).column("times_used").to_pylist() if n]
-        if used:
-            print(f"usage: {len(used):,} documents in chunks, {sum(used) / len(used):.2f} times each on average, "
-                  f"at most {max(used)}")
-    if lake.exists("trainer_events"):
-        events = sorted(lake.read_arrow("trainer_events").to_pylist(), key=lambda r: r["at"])[-5:]
-        if events:
-            print("the trainer's last events:")
-            for e in events:
-                print(f"  {e['at']:%Y-%m-%d %H:%M:%S} run {e['run_id']} step {e['step']:>6} {e['event']:<12} "
-                      f"{e['chunk_id'] or ''} {e['detail'] or ''}")
+def refine_command(recipe: Recipe, args: argparse.Namespace) -> None:
+    names = [n.strip() for n in args.stages.split(",") if n.strip()]
+    unknown = [n for n in names if n not in {s.name for s in REFINE}]
+    if unknown:
+        raise RecipeError(f"--stages: unknown stage(s) {unknown}; stages are: {', '.join(s.name for s in REFINE)}")
+    run_stages(recipe, names, {s.name: options_from(args, s.options) for s in REFINE})
 
 
 def run_models(recipe: Recipe, args) -> None:
@@ -167,38 +119,15 @@ def run_models(recipe: Recipe, args) -> None:
         print(result.report)
         print(f"saved {result.folder}")
     else:
-        from quality_models.registry import model_root
+        from lake.artifacts import all_metadata
 
-        import json
-
-        root = model_root(recipe.lake)
-        for meta_path in sorted(root.glob("*/v*/metadata.json")):
-            meta = json.loads(meta_path.read_text())
+        for meta in all_metadata(recipe.lake):
             if meta.get("task") == "tokenizer":
                 print(f"{meta['name']:<18} {meta['version']:<5} {meta['created_at'][:19]}  vocabulary {meta['vocab_size']} "
                       f"(embedding {meta['model_vocab_size']})")
                 continue
             print(f"{meta['name']:<18} {meta['version']:<5} {meta['created_at'][:19]}  labels {','.join(meta['labels'])}  "
                   f"macro-F1 {meta['metrics']['macro_f1']:.3f}")
-
-
-def run_refine(recipe: Recipe, args) -> None:
-    """Run the chosen refinery stages in pipeline order on one Spark session."""
-    import importlib
-
-    from jobs.spark import get_spark
-
-    chosen = [s.strip() for s in args.stages.split(",") if s.strip()]
-    unknown = [s for s in chosen if s not in REFINE_STAGES]
-    if unknown:
-        raise RecipeError(f"--stages: unknown stage(s) {unknown}; stages are: {', '.join(REFINE_STAGES)}")
-    spark = get_spark("tokenmill-refine", recipe)
-    for stage in [s for s in REFINE_STAGES if s in chosen]:
-        started = time.perf_counter()
-        print(f"[refine] {stage}")
-        module = importlib.import_module(f"jobs.{REFINE_STAGES[stage]}")
-        print(module.run(spark, recipe, args))
-        print(f"[refine] {stage} finished in {time.perf_counter() - started:.1f} s")
 
 
 if __name__ == "__main__":

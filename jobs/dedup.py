@@ -34,11 +34,11 @@ import numpy as np
 import pyarrow as pa
 
 from jobs.docstage import spread
-from jobs.lake import Lake
+from lake.tables import Lake
 from jobs.minhash import (ShingleSpec, band_keys, jaccard_estimate, normalize_for_dedup, optimal_params,
                           shingle_hashes, signatures, text_key)
-from jobs.recipe import Recipe
-from jobs.stage import stage_main
+from lake.recipe import Recipe
+from jobs.stages import DedupOptions, stage_main
 from schemas import table
 
 STAGE = "dedup"
@@ -225,13 +225,13 @@ def _line_dedup(spark, docs, recipe: Recipe):
     return docs.mapInArrow(strip, schema)
 
 
-def run(spark, recipe: Recipe, args=None) -> DedupReport:
+def run(spark, recipe: Recipe, options: DedupOptions = DedupOptions()) -> DedupReport:
     """Remove exact and near duplicates from documents_scored into documents_dedup, with lineage."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     started = time.perf_counter()
-    incremental = bool(getattr(args, "incremental", False))
+    incremental = options.incremental
     lake = Lake(recipe.lake, spark)
     cfg = recipe.dedup
     bands, rows, _ = lsh_shape(recipe)
@@ -372,13 +372,8 @@ def run(spark, recipe: Recipe, args=None) -> DedupReport:
     return report
 
 
-def _arguments(parser) -> None:
-    parser.add_argument("--incremental", action="store_true",
-                        help="dedup only documents not seen before, against the documents kept earlier")
-
-
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(STAGE, run, argv, _arguments)
+    return stage_main(STAGE, argv)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ every stage with its numbers, the loss curve and where the TensorBoard logs are.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -18,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from jobs.recipe import Recipe
+from lake.recipe import Recipe
 
 MARKER = ".tokenmill-demo-lake"  # the demo wipes only a lake it made itself
 
@@ -52,9 +51,10 @@ def _child(name: str, args: list[str], env: dict) -> subprocess.Popen:
 
 
 def run_demo(recipe: Recipe, steps: int = 300) -> None:
-    from jobs.cli import print_status, run_refine
     from jobs.demo_corpus import build_demo_corpus
-    from quality_models.registry import ModelRef, versions
+    from jobs.stages import run_stages
+    from lake.artifacts import ModelRef, versions
+    from lake.status import print_status
 
     started = time.perf_counter()
     _fresh_lake(recipe)
@@ -63,7 +63,7 @@ def run_demo(recipe: Recipe, steps: int = 300) -> None:
     for built in build_demo_corpus(corpus):
         print(f"  {built.name:<12} {built.documents:>6} documents", flush=True)
     _say("refinery, stage 1 (Spark local mode): ingest → filter → pii")
-    run_refine(recipe, argparse.Namespace(stages="ingest,filter,pii", dry_run=False, incremental=False))
+    run_stages(recipe, ["ingest", "filter", "pii"])
     # Labels and models are made the way a user makes them: the `tokenmill models` commands.
     base = [sys.executable, "-m", "jobs.cli", "models"]
     where = ["--recipe", recipe.origin, "--lake", recipe.lake]
@@ -74,14 +74,12 @@ def run_demo(recipe: Recipe, steps: int = 300) -> None:
         if not versions(recipe.lake, ModelRef(task, backend, "latest").name):
             subprocess.run([*base, "train", *where, "--task", task, "--backend", backend], check=True)
     _say("refinery, stage 2: score → dedup")
-    run_refine(recipe, argparse.Namespace(stages="score,dedup", dry_run=False, incremental=False))
-    from jobs import train_tokenizer
+    run_stages(recipe, ["score", "dedup"])
     from jobs.spark import get_spark
 
-    spark = get_spark("tokenmill-demo", recipe)
     _say("tokenizer")
-    print(train_tokenizer.run(spark, recipe), flush=True)
-    spark.stop()  # the feed and the trainer run in processes of their own, as in production
+    run_stages(recipe, ["tokenizer"], log=lambda line: print(line, flush=True))
+    get_spark("tokenmill-demo", recipe).stop()  # the feed and the trainer run in processes of their own, as in production
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENMILL_SPARK_LOG_LEVEL": "ERROR"}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(recipe.lake).parent / "torch_extensions"))
@@ -99,7 +97,7 @@ def run_demo(recipe: Recipe, steps: int = 300) -> None:
     if code != 0:
         raise SystemExit(f"error: the trainer exited with {code}; its output is above")
     _say("status")
-    print_status(recipe)
+    print_status(recipe.lake)
     print(summary(recipe), flush=True)
     _say(f"finished in {time.perf_counter() - started:.1f} s")
 
@@ -129,7 +127,7 @@ def summary(recipe: Recipe) -> str:
     """Every stage of the demo with its numbers, from the lake and the run's metrics."""
     from collections import Counter
 
-    from jobs.lake import Lake
+    from lake.tables import Lake
 
     lake = Lake(recipe.lake)
     out = ["", "=" * 78, "tokenmill demo: summary", "=" * 78]

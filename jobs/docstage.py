@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
-from jobs.lake import Lake
+from lake.tables import Lake
 from schemas import table
 
 # Columns every stage's intermediate output carries beside the target table's columns.

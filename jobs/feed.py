@@ -35,128 +35,27 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from jobs.lake import Lake
 from jobs.packing import curriculum_rank, plan_budgets
-from jobs.recipe import Recipe
-from jobs.sources import filesystem
-from jobs.stage import parse_with_recipe
-from jobs.train_tokenizer import kept_documents_table, load_tokenizer
+from jobs.stages import FeedOptions, StageError, stage_main
+from lake import chunks
+from lake.artifacts import load_tokenizer
+from lake.fs import make_dirs, write_bytes, write_parquet
+from lake.holdout import without_holdout
+from lake.recipe import Recipe
+from lake.tables import Lake
 from schemas import chunk_row_schema
 
 STAGE = "feed"
 _TOKENIZERS: dict[str, object] = {}  # per Python worker process: tokenizer sha256 → Tokenizer
 
 
-class FeedError(RuntimeError):
+class FeedError(StageError):
     """A chunk that cannot be made (or verified); the message names the chunk and the fix."""
-
-
-# -- the lake side ------------------------------------------------------------------------------------
-
-
-def chunk_dir(lake_root: str, chunk_id: str) -> str:
-    return f"{lake_root.rstrip('/')}/chunks/{chunk_id}"
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def manifest(lake: Lake, stage: str | None = None) -> list[dict]:
-    rows = lake.read_arrow("chunks").to_pylist()
-    return sorted((r for r in rows if stage is None or r["stage"] == stage), key=lambda r: r["chunk_id"])
-
-
-def set_manifest_row(lake: Lake, row: dict, job: str) -> None:
-    """Replace one chunk's manifest row (insert it if new)."""
-    lake.put_rows("chunks", [row], replace_where={"chunk_id": row["chunk_id"]}, job=job)
-
-
-def delete_manifest_row(lake: Lake, chunk_id: str, job: str) -> None:
-    lake.put_rows("chunks", [], replace_where={"chunk_id": chunk_id}, job=job)
-
-
-def _remove_dir(uri: str) -> None:
-    fs, path = filesystem(uri)
-    if fs.get_file_info(path).type != 0:  # not NotFound
-        fs.delete_dir(path)
-
-
-def usage_increments_path(lake_root: str, chunk_id: str) -> str:
-    return f"{chunk_dir(lake_root, chunk_id)}/_usage.parquet"
-
-
-def cleanup_interrupted(lake: Lake) -> list[str]:
-    """Undo every chunk left ``writing`` by a run that died; returns their ids."""
-    if not lake.exists("chunks"):
-        return []
-    cleaned = []
-    for row in manifest(lake):
-        if row["status"] != "writing":
-            continue
-        chunk_id = row["chunk_id"]
-        if lake.exists("usage"):
-            jobs = [v.job for v in lake.versions("usage")]
-            if f"feed:{chunk_id}" in jobs and f"feed-undo:{chunk_id}" not in jobs:
-                increments = _read_table(usage_increments_path(lake.root, chunk_id))
-                undo = pa.table({"doc_id": increments.column("doc_id"),
-                                 "times_used": pc.negate(increments.column("times_used")),
-                                 "last_chunk_id": pa.nulls(increments.num_rows, pa.string())})
-                lake.merge_counters("usage", undo, key=["doc_id"], add=["times_used"], job=f"feed-undo:{chunk_id}")
-        _remove_dir(chunk_dir(lake.root, chunk_id))
-        delete_manifest_row(lake, chunk_id, job=f"feed-cleanup:{chunk_id}")
-        cleaned.append(chunk_id)
-    return cleaned
-
-
-def _read_table(uri: str) -> pa.Table:
-    fs, path = filesystem(uri)
-    with fs.open_input_file(path) as f:
-        return pq.read_table(f)
-
-
-def file_sha256(uri: str) -> str:
-    fs, path = filesystem(uri)
-    digest = hashlib.sha256()
-    with fs.open_input_stream(path) as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def verify_chunk(lake_root: str, row: dict) -> str | None:
-    """None when every file of the chunk exists with its recorded sha256; else the reason it does not."""
-    for name, expected in zip(row["files"], row["sha256"]):
-        uri = f"{chunk_dir(lake_root, row['chunk_id'])}/{name}"
-        fs, path = filesystem(uri)
-        if fs.get_file_info(path).type == 0:
-            return f"file {name} is missing from {chunk_dir(lake_root, row['chunk_id'])}"
-        actual = file_sha256(uri)
-        if actual != expected:
-            return f"file {name} has sha256 {actual[:12]}…, the manifest says {expected[:12]}…"
-    return None
-
-
-def quarantine(lake: Lake, row: dict, reason: str, job: str = "verify") -> None:
-    set_manifest_row(lake, {**row, "status": "quarantined", "reason": reason, "updated_at": _now()}, job=job)
-
-
-def verify_ready_chunks(lake: Lake) -> list[tuple[str, str]]:
-    """Check every ready chunk's files; quarantine the bad ones. Returns (chunk_id, reason) of those."""
-    bad = []
-    for row in manifest(lake):
-        if row["status"] == "ready":
-            reason = verify_chunk(lake.root, row)
-            if reason:
-                quarantine(lake, row, reason)
-                bad.append((row["chunk_id"], reason))
-    return bad
 
 
 # -- executor side ------------------------------------------------------------------------------------
@@ -254,9 +153,7 @@ def write_files_batches(batches, directory: str, row_len: int, pad_id: int, voca
             buffer = io.BytesIO()
             pq.write_table(data, buffer, compression="zstd")
             payload = buffer.getvalue()
-            fs, path = filesystem(f"{directory}/{name}")
-            with fs.open_output_stream(path) as f:
-                f.write(payload)
+            write_bytes(f"{directory}/{name}", payload)
             out.append({"name": name, "sha256": hashlib.sha256(payload).hexdigest(), "rows": len(rows), "tokens": tokens})
         return out
 
@@ -296,10 +193,6 @@ class ChunkReport:
         return "\n".join(lines)
 
 
-def next_chunk_id(lake: Lake, stage: str) -> str:
-    return f"{stage}-{len(manifest(lake, stage)) if lake.exists('chunks') else 0:06d}"
-
-
 def produce_chunk(spark, recipe: Recipe, lake: Lake, tokenizer=None, meta: dict | None = None) -> ChunkReport:
     """Make, write and publish the next chunk of the current stage."""
     from pyspark.sql import Window
@@ -309,25 +202,19 @@ def produce_chunk(spark, recipe: Recipe, lake: Lake, tokenizer=None, meta: dict 
     feed, stage_cfg = recipe.feed, recipe.feed.current
     if tokenizer is None:
         tokenizer, meta = load_tokenizer(recipe)
-    chunk_id = next_chunk_id(lake, feed.stage)
-    now = _now()
+    chunk_id = chunks.next_chunk_id(lake, feed.stage)
+    now = chunks.now()
     base_row = {"chunk_id": chunk_id, "stage": feed.stage, "status": "writing", "n_tokens": 0, "n_rows": 0, "files": [],
                 "sha256": [], "mix": None, "times_consumed": 0, "recipe_hash": recipe.fingerprint(),
                 "tokenizer_version": f"{meta['version']}:{meta['sha256']}", "run_id": None, "reason": None,
                 "created_at": now, "updated_at": now}
-    set_manifest_row(lake, base_row, job=f"feed:{chunk_id}")
-    directory = chunk_dir(lake.root, chunk_id)
-    dir_fs, dir_path = filesystem(directory)
-    dir_fs.create_dir(dir_path, recursive=True)
+    chunks.put(lake, base_row, job=f"feed:{chunk_id}")
+    directory = chunks.chunk_dir(lake.root, chunk_id)
+    make_dirs(directory)
 
     mix = {c: s for c, s in stage_cfg.mix.items() if s > 0}
-    source = kept_documents_table(lake)
-    docs = lake.read(source)
-    # the trainer's held-out documents (holdout_ids, the same rule in Spark) never go into chunks
-    held = Window.partitionBy("source").orderBy(F.sha2("doc_id", 256), "doc_id")
-    limit = F.least(F.lit(recipe.trainer.eval_docs),
-                    F.floor(F.count("*").over(Window.partitionBy("source")) * HOLDOUT_MAX_SHARE))
-    docs = docs.withColumn("_held", F.row_number().over(held) <= limit).where(~F.col("_held")).drop("_held")
+    source = lake.kept_documents()
+    docs = without_holdout(lake.read(source), recipe.trainer.eval_docs)  # the trainer's perplexity set
     docs = docs.where(F.col("category").isin(list(mix)))
     if stage_cfg.min_quality is not None:
         docs = docs.where(F.col("quality") >= stage_cfg.min_quality)
@@ -405,7 +292,7 @@ def produce_chunk(spark, recipe: Recipe, lake: Lake, tokenizer=None, meta: dict 
         docs.unpersist()
         tokenized.unpersist()
         offsets.unpersist()
-        delete_manifest_row(lake, chunk_id, job=f"feed-cleanup:{chunk_id}")
+        chunks.delete(lake, chunk_id, job=f"feed-cleanup:{chunk_id}")
         raise FeedError(f"no documents of the categories {', '.join(mix)} in {source} for stage {feed.stage!r}")
     n_rows = math.ceil(total / row_len)
     n_files = math.ceil(n_rows / feed.rows_per_file)
@@ -425,51 +312,17 @@ def produce_chunk(spark, recipe: Recipe, lake: Lake, tokenizer=None, meta: dict 
     offsets.unpersist()
 
     # usage first (its increments saved beside the files, so a cleanup can take them back), then ready
-    fs, path = filesystem(usage_increments_path(lake.root, chunk_id))
-    with fs.open_output_stream(path) as f:
-        pq.write_table(increments, f)
+    write_parquet(chunks.usage_increments_path(lake.root, chunk_id), increments)
     lake.merge_counters("usage", increments, key=["doc_id"], add=["times_used"], assign=["last_chunk_id"],
                         job=f"feed:{chunk_id}")
-    set_manifest_row(lake, {**base_row, "status": "ready", "n_tokens": int(total), "n_rows": n_rows,
+    chunks.put(lake, {**base_row, "status": chunks.READY, "n_tokens": int(total), "n_rows": n_rows,
                             "files": [r["name"] for r in written], "sha256": [r["sha256"] for r in written],
                             "mix": list(per_category.items()), "reason": "; ".join(plan.warnings) or None,
-                            "updated_at": _now()}, job=f"feed:{chunk_id}")
+                            "updated_at": chunks.now()}, job=f"feed:{chunk_id}")
     done = time.perf_counter()
     return ChunkReport(chunk_id, feed.stage, int(total), n_rows, len(written), per_category, plan.budgets, n_docs,
                        plan.warnings, done - started,
                        {"plan": planned - started, "tokenise_pack": packed - planned, "publish": done - packed})
-
-
-def backlog(lake: Lake, stage: str) -> int:
-    """Ready chunks of the stage not taken by a trainer yet."""
-    if not lake.exists("chunks"):
-        return 0
-    return sum(1 for r in manifest(lake, stage) if r["status"] == "ready")
-
-
-HOLDOUT_MAX_SHARE = 0.1  # a small source keeps at least 90% of its documents for training
-
-
-def holdout_ids(docs: list[dict], per_source: int) -> set[str]:
-    """The held-out documents (the trainer's perplexity set, never put in a chunk): per source, the
-    documents with the smallest sha256 of their doc_id, ``per_source`` of them but no more than 10% of
-    the source. ``docs``: dicts with doc_id and source."""
-    by_source: dict[str, list[str]] = {}
-    for d in docs:
-        by_source.setdefault(d["source"], []).append(hashlib.sha256(d["doc_id"].encode()).hexdigest() + d["doc_id"])
-    return {h[64:] for hs in by_source.values()
-            for h in sorted(hs)[: min(per_source, int(len(hs) * HOLDOUT_MAX_SHARE))]}
-
-
-def backlog_below(recipe_path: str, wanted: int) -> bool:
-    """True when the recipe's current stage has fewer than ``wanted`` ready chunks (no Spark needed):
-    what the Airflow feed DAG asks before it submits feed."""
-    from jobs.recipe import load_recipe
-
-    recipe = load_recipe(recipe_path)
-    waiting = backlog(Lake(recipe.lake), recipe.feed.stage)
-    print(f"{waiting} ready chunk(s) of {recipe.feed.stage}; the backlog wants {wanted}")
-    return waiting < wanted
 
 
 @dataclass
@@ -490,20 +343,19 @@ class FeedReport:
         return "\n".join(lines)
 
 
-def run(spark, recipe: Recipe, args=None) -> FeedReport:
+def run(spark, recipe: Recipe, options: FeedOptions = FeedOptions()) -> FeedReport:
     """Clean up interrupted chunks, then produce chunks until the backlog is full (or one chunk)."""
     started = time.perf_counter()
     lake = Lake(recipe.lake, spark)
-    cleaned = cleanup_interrupted(lake)
-    quarantined = verify_ready_chunks(lake) if getattr(args, "verify", False) else []
-    until = getattr(args, "until_ready", None)
-    follow = getattr(args, "follow", False)
+    cleaned = chunks.cleanup_interrupted(lake)
+    quarantined = chunks.verify_ready(lake) if options.verify else []
+    until, follow = options.until_ready, options.follow
     tokenizer, meta = load_tokenizer(recipe)
     produced: list[ChunkReport] = []
     stage = recipe.feed.stage
     announced = -1
     while True:
-        waiting = backlog(lake, stage)
+        waiting = chunks.backlog(lake, stage)
         if until is None and not follow:
             want = 1 - len(produced)
         else:
@@ -520,32 +372,11 @@ def run(spark, recipe: Recipe, args=None) -> FeedReport:
                   f"{recipe.feed.poll_seconds:g} s", flush=True)
             announced = len(produced)
         time.sleep(recipe.feed.poll_seconds)  # --follow is a daemon: it polls the backlog
-    return FeedReport(produced, cleaned, quarantined, backlog(lake, stage), time.perf_counter() - started)
+    return FeedReport(produced, cleaned, quarantined, chunks.backlog(lake, stage), time.perf_counter() - started)
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from jobs.spark import get_spark
-
-    def arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--until-ready", type=int, help="produce chunks until N are ready and unconsumed")
-        parser.add_argument("--follow", action="store_true", help="keep the backlog topped up (polling; Ctrl-C stops)")
-        parser.add_argument("--verify", action="store_true", help="check every ready chunk's files; quarantine bad ones")
-
-    args, recipe = parse_with_recipe("tokenmill feed", run.__doc__, argv, arguments)
-    if recipe is None:
-        return 2
-    spark = get_spark("tokenmill-feed", recipe)
-    try:
-        print(run(spark, recipe, args))
-    except KeyboardInterrupt:
-        print("[feed] stopped; a chunk left half-written is cleaned up by the next run", file=sys.stderr)
-        return 130
-    except FeedError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return stage_main(STAGE, argv)
 
 
 if __name__ == "__main__":

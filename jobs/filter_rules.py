@@ -22,10 +22,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from jobs.docstage import Outcome, commit_stage, kept_and_rejected, run_document_stage
-from jobs.lake import Lake
-from jobs.recipe import Recipe
-from jobs.rules import LineCleanup, Rule, build_rules, clean_lines, compute_signals, failed_rules, script_lang
-from jobs.stage import stage_main
+from lake.tables import Lake
+from lake.recipe import Recipe, RecipeError
+from jobs.rules import (DEFAULT_DROP_LINE_PATTERNS, DEFAULT_TRUNCATE_PATTERNS, LineCleanup, Rule, build_rules,
+                        clean_lines, compute_signals, failed_rules)
+from quality_models.language import script_lang
+from jobs.stages import FilterOptions, stage_main
 
 STAGE = "filter"
 
@@ -35,12 +37,21 @@ def read_word_list(path: str) -> list[str]:
     return [w for w in words if w and not w.startswith("#")]
 
 
+def check_recipe(recipe: Recipe) -> None:
+    """Unknown rule names in ``filter.thresholds`` fail before any Spark work, listing the real ones."""
+    try:
+        build_rules(recipe.filter.thresholds, recipe.filter.limits())
+    except ValueError as err:
+        raise RecipeError(f"recipe {recipe.origin} is not valid:\n  filter.thresholds: {err}") from None
+
+
 def make_filter(recipe: Recipe):
     """A factory (called once per Spark task) of the per-document filter function."""
     cfg = recipe.filter
     rules = build_rules(cfg.thresholds, cfg.limits())
     keywords = {name: frozenset(w.lower() for w in read_word_list(path)) for name, path in cfg.keyword_lists.items()}
-    drop, truncate = list(cfg.drop_line_patterns), list(cfg.truncate_patterns)
+    drop = list(DEFAULT_DROP_LINE_PATTERNS if cfg.drop_line_patterns is None else cfg.drop_line_patterns)
+    truncate = list(DEFAULT_TRUNCATE_PATTERNS if cfg.truncate_patterns is None else cfg.truncate_patterns)
 
     def make():
         cleanup = LineCleanup.compile(drop, truncate)
@@ -94,10 +105,10 @@ class FilterReport:
         return "\n".join(lines)
 
 
-def run(spark, recipe: Recipe, args=None) -> FilterReport:
+def run(spark, recipe: Recipe, options: FilterOptions = FilterOptions()) -> FilterReport:
     """Filter documents_raw by rules into documents_filtered, with a report of what each rule removed."""
     started = time.perf_counter()
-    dry_run = bool(getattr(args, "dry_run", False))
+    dry_run = options.dry_run
     lake = Lake(recipe.lake, spark)
     processed = run_document_stage(lake, STAGE, "documents_raw", "documents_filtered", make_filter(recipe))
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
@@ -192,12 +203,8 @@ def _markdown(report: FilterReport) -> str:
     return "\n".join(out) + "\n"
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--dry-run", action="store_true", help="compute signals and the report; write no table")
-
-
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(STAGE, run, argv, add_arguments)
+    return stage_main(STAGE, argv)
 
 
 if __name__ == "__main__":

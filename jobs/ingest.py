@@ -23,12 +23,12 @@ from datetime import datetime, timezone
 import pyarrow as pa
 
 from jobs.docstage import commit_stage, kept_and_rejected
-from jobs.lake import Lake
-from jobs.recipe import Recipe
+from lake.tables import Lake
+from lake.recipe import Recipe
 from jobs.records import Document, SourceSpec, parse_json_line, parse_record
 from jobs.sources import (Split, SourceError, count_newlines, file_size, list_files, plan_splits, read_lines,
                           read_parquet_rows)
-from jobs.stage import stage_main
+from jobs.stages import NoOptions, stage_main
 
 STAGE = "ingest"
 _PARSED_ARROW = pa.schema(
@@ -74,7 +74,7 @@ class IngestReport:
         return "\n".join(lines)
 
 
-def run(spark, recipe: Recipe, args=None) -> IngestReport:
+def run(spark, recipe: Recipe, options: NoOptions = NoOptions()) -> IngestReport:
     """Read every source of the recipe into documents_raw, rejecting bad records with their reason."""
     from pyspark.sql import functions as F
 
@@ -205,7 +205,7 @@ def _row(split: Split, line_no: int, outcome) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(STAGE, run, argv)
+    return stage_main(STAGE, argv)
 
 
 if __name__ == "__main__":

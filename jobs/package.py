@@ -3,9 +3,9 @@
     tokenmill package --out dist/
     cd dist && spark-submit --master spark://head:7077 --py-files tokenmill.zip jobs/filter_rules.py --recipe R
 
-Writes ``<out>/tokenmill.zip`` (the packages jobs, schemas, quality_models and trainer, with their
-data files) for ``--py-files``, and ``<out>/jobs/<stage>.py``, one small entry script per stage that
-imports the stage from the archive. The cluster's Python still needs the third-party libraries
+Writes ``<out>/tokenmill.zip`` (the packages jobs, lake, schemas, quality_models and trainer, with
+their data files) for ``--py-files``, and ``<out>/jobs/<stage>.py``, one small entry script per stage that
+imports the stage from the archive (one per stage of ``jobs/stages.py``). The cluster's Python still needs the third-party libraries
 (pyarrow, deltalake, numpy, pydantic, PyYAML, fasttext, tokenizers, ...): ``pip install`` them there,
 or ship a packed virtual environment with ``--archives``.
 """
@@ -17,9 +17,11 @@ import sys
 import zipfile
 from pathlib import Path
 
+from jobs.stages import STAGES
+
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("jobs", "schemas", "quality_models", "trainer")
-ENTRY_POINTS = ("ingest", "filter_rules", "scrub_pii", "score", "dedup", "train_tokenizer", "feed")
+PACKAGES = ("jobs", "lake", "schemas", "quality_models", "trainer")
+ENTRY_POINTS = tuple(s.module for s in STAGES)
 _LAUNCHER = '''"""spark-submit entry point for jobs/{stage}.py; the code comes from tokenmill.zip (--py-files)."""
 import sys
 

@@ -3,7 +3,7 @@
 ``clean_lines`` removes reprint notices, navigation lines and trailing reference sections.
 ``compute_signals`` turns a text into named numbers (Gopher-style repetition, character classes,
 URL density, keyword hits, ...). ``failed_rules`` compares them with thresholds that may differ per
-script language (``script_lang``), so that prose rules never silently remove code.
+script language (``quality_models.language.script_lang``), so that prose rules never silently remove code.
 Defaults mirror the Gopher paper (Rae et al., 2021) and C4 where those define a rule.
 """
 
@@ -12,12 +12,11 @@ from __future__ import annotations
 import re
 import unicodedata
 
-import numpy as np
 from dataclasses import dataclass, field
-from itertools import islice
-from typing import Literal
 
-from jobs.arrowtext import HAN_CLASS, HAN_RANGES, as_large_strings, ascii_letters, code_points, cut_to, segment_sums
+import numpy as np
+
+from quality_models.arrowtext import HAN_CLASS
 
 # -- line cleanup ------------------------------------------------------------------------------
 
@@ -71,138 +70,7 @@ _BULLET = re.compile(r"^\s*([-*•·●○▪■◦‣⁃]|\d{1,2}[.)])\s+")
 _ELLIPSIS = re.compile(r"(\.\.\.|…)\s*$")
 
 
-# A line shaped like code: it starts with a statement keyword or a comment, or ends in a bracket or
-# separator. One template, two spellings: Python's ``re`` (Unicode ``\s``/``\w``) for lines with
-# non-ASCII characters, and RE2 (Arrow's regex engine, ASCII-only ``\s``/``\w``) for ASCII lines,
-# with the classes spelled as Python's own ASCII part so that both agree.
-_CODE_LINE = (
-    r"^[{s}]*(def |class |import |from [^{s}]+ import|#include|public |private |function |"
-    r"return(?:[^{w}]|$)|if \(|for \(|\}}[{s}]*$|\{{[{s}]*$|[A-Za-z_][{w}.]* = |@[{w}]+|//|/\*|\*/|"
-    r"if .*:$|elif |else:|try:|except|raise |with .*:$|for .* in .*:$|while .*:$|#)"
-    r"|[:;{{}}()\[\],][{s}]*$"
-)
-CODE_LINE = re.compile(_CODE_LINE.format(s=r"\s", w=r"\w"))
-CODE_LINE_ASCII_RE2 = _CODE_LINE.format(s=r"\t\n\x0b\x0c\r\x1c-\x1f ", w="0-9A-Za-z_")
 EN_STOP_WORDS = frozenset(["the", "be", "to", "of", "and", "that", "have", "with"])
-Lang = Literal["zh", "en", "code", "other"]
-
-
-_SCRIPT_SAMPLE = 20_000  # characters of a document the script statistics read
-_HEAD_LINES = 400  # non-blank lines the code-shape statistic reads
-_IS_ALPHA, _IS_LATIN, _IS_HAN = 1, 2, 4
-_SCRIPT_TABLE: np.ndarray | None = None
-_PACKED_TABLE: np.ndarray | None = None
-
-
-def _script_table() -> np.ndarray:
-    """One flag byte per code point (letter, Latin a-z after lower-casing, Han), built once per process."""
-    global _SCRIPT_TABLE
-    if _SCRIPT_TABLE is None:
-        table = np.zeros(0x110000, np.uint8)
-        for cp in range(0x110000):
-            ch = chr(cp)
-            if ch.isalpha():
-                table[cp] = _IS_ALPHA | (_IS_LATIN if "a" <= ch.lower() <= "z" else 0)
-        for lo, hi in HAN_RANGES:
-            table[lo : hi + 1] |= _IS_HAN
-        _SCRIPT_TABLE = table
-    return _SCRIPT_TABLE
-
-
-def script_langs(texts) -> list[Lang]:
-    """zh / en / code / other per document, from script statistics alone (no model).
-
-    zh when Han characters are at least 30% of the letters; code when at least 35% of the first 400
-    non-blank lines are shaped like code (``CODE_LINE``); en when at least 70% of the letters are
-    Latin; other otherwise (and for blank text). Letters are counted over the first 20,000
-    characters, through one code-point table. A batch (a list or an Arrow string array) is measured
-    with Arrow kernels over all its documents and lines at once; a few documents, one by one.
-    """
-    n = len(texts)
-    if n == 0:
-        return []
-    if n <= 4 and isinstance(texts, list):  # Arrow's per-call costs outweigh a handful of documents
-        table = _packed_script_table()
-        counts = np.array([table[np.frombuffer((t or "")[:_SCRIPT_SAMPLE].encode("utf-32-le"), np.uint32)].sum()
-                           for t in texts], np.int64)
-        heads = [list(islice((ln for ln in (t or "").split("\n") if ln and not ln.isspace()), _HEAD_LINES))
-                 for t in texts]
-        nonblank = np.array([bool(h) for h in heads])
-        share = np.array([sum(CODE_LINE.search(ln) is not None for ln in h) / max(len(h), 1) for h in heads])
-        return _decide(counts, share, nonblank, np.arange(n))
-    import pyarrow.compute as pc
-
-    arr = pc.fill_null(as_large_strings(texts), "")
-    sample = cut_to(arr, _SCRIPT_SAMPLE)
-    # ASCII documents are counted on their bytes (each letter a Latin one); the others by code point.
-    ascii = np.asarray(pc.string_is_ascii(sample), bool)
-    counts = np.zeros(n, np.int64)
-    if ascii.any():
-        counts[ascii] = ascii_letters(sample if ascii.all() else sample.filter(ascii)) * (1 + (1 << 20))
-    if not ascii.all():
-        points, char_offsets = code_points(sample if not ascii.any() else sample.filter(~ascii))
-        counts[~ascii] = segment_sums(np.take(_packed_script_table(), points), char_offsets)
-    rest = np.flatnonzero(~_is_zh(counts))  # only these need the line statistics
-    share, nonblank = _code_line_share(arr if len(rest) == n else arr.take(rest)) if len(rest) else (None, None)
-    return _decide(counts, share, nonblank, rest)
-
-
-def _is_zh(counts: np.ndarray) -> np.ndarray:
-    return (counts >> 40) / np.maximum(counts & 0xFFFFF, 1) >= 0.3
-
-
-def _decide(counts: np.ndarray, share, nonblank, measured: np.ndarray) -> list[Lang]:
-    """Languages from packed letter counts per document, and the line statistics of ``measured`` ones."""
-    letters = np.maximum(counts & 0xFFFFF, 1)
-    langs = np.where(((counts >> 20) & 0xFFFFF) / letters >= 0.7, "en", "other").astype(object)
-    if len(measured):
-        langs[measured[share >= 0.35]] = "code"
-        langs[measured[~nonblank]] = "other"
-    langs[_is_zh(counts)] = "zh"  # Han characters imply a non-blank text
-    return langs.tolist()
-
-
-def _packed_script_table() -> np.ndarray:
-    """Per code point: 1 if a letter, + 1<<20 if a Latin one, + 1<<40 if a Han character (sums of up
-    to 20,000 characters fit each 20-bit field)."""
-    global _PACKED_TABLE
-    if _PACKED_TABLE is None:
-        flags = _script_table()
-        _PACKED_TABLE = ((flags & _IS_ALPHA != 0).astype(np.int64) + ((flags & _IS_LATIN != 0).astype(np.int64) << 20)
-                         + ((flags & _IS_HAN != 0).astype(np.int64) << 40))
-    return _PACKED_TABLE
-
-
-def _code_line_share(arr) -> tuple[np.ndarray, np.ndarray]:
-    """(share of each document's first 400 non-blank lines shaped like code, whether it has any)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    lines = pc.split_pattern(arr, "\n")
-    line_offsets = np.asarray(lines.offsets, np.int64)
-    line_offsets -= line_offsets[0]
-    flat = lines.flatten()
-    nonblank = ~np.asarray(pc.or_(pc.utf8_is_space(flat), pc.equal(pc.binary_length(flat), 0)), bool)
-    seen = np.concatenate([[0], np.cumsum(nonblank)])
-    rank = seen[1:] - np.repeat(seen[line_offsets[:-1]], np.diff(line_offsets))  # 1-based among non-blank
-    head = nonblank & (rank <= _HEAD_LINES)
-    head_offsets = np.concatenate([[0], np.cumsum(head)])[line_offsets]
-    heads = flat.filter(pa.array(head))
-    # RE2 (compiled per call) pays off on many ASCII lines; Python's cached pattern takes the rest.
-    ascii = np.asarray(pc.string_is_ascii(heads), bool) if len(heads) > 256 else np.zeros(len(heads), bool)
-    is_code = np.zeros(len(heads), np.int64)
-    if ascii.any():
-        is_code[ascii] = np.asarray(pc.match_substring_regex(heads.filter(pa.array(ascii)), CODE_LINE_ASCII_RE2))
-    if not ascii.all():
-        rest = heads if not ascii.any() else heads.filter(pa.array(~ascii))
-        is_code[~ascii] = [CODE_LINE.search(line) is not None for line in rest.to_pylist()]
-    per_doc = np.diff(head_offsets)
-    return segment_sums(is_code, head_offsets) / np.maximum(per_doc, 1), per_doc > 0
-
-
-def script_lang(text: str) -> Lang:
-    """``script_langs`` of one document."""
-    return script_langs([text])[0]
 
 
 def _ngram_signals(token_ids: np.ndarray, token_lens: np.ndarray) -> dict[str, float]:

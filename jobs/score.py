@@ -24,11 +24,11 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from jobs.docstage import spread
-from jobs.lake import Lake
-from jobs.recipe import Recipe
-from jobs.rules import script_langs
+from lake.tables import Lake
+from lake.recipe import Recipe
+from quality_models.language import script_langs
 from jobs.spark import session_conf
-from jobs.stage import stage_main
+from jobs.stages import NoOptions, stage_main
 from schemas import table
 
 STAGE = "score"
@@ -129,14 +129,21 @@ class ScoreReport:
         )
 
 
-def run(spark, recipe: Recipe, args=None) -> ScoreReport:
+def check_recipe(recipe: Recipe) -> None:
+    """Every pinned model exists and matches its pin: fails before any Spark work, naming the command to run."""
+    from quality_models.train import check_pinned
+
+    check_pinned(recipe)
+
+
+def run(spark, recipe: Recipe, options: NoOptions = NoOptions()) -> ScoreReport:
     """Score documents_clean with the pinned quality and domain models into documents_scored."""
     from pyspark.sql import functions as F
 
     started = time.perf_counter()
     from quality_models.train import check_pinned
 
-    versions = check_pinned(recipe)  # a missing model fails here, before any Spark work, naming the fix
+    versions = check_pinned(recipe)  # the versions the report names
     lake = Lake(recipe.lake, spark)
     with scoring_batches(spark):
         version = lake.write("documents_scored", scored(spread(lake.read("documents_clean")), recipe), mode="overwrite", job=STAGE)
@@ -153,7 +160,7 @@ def run(spark, recipe: Recipe, args=None) -> ScoreReport:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(STAGE, run, argv)
+    return stage_main(STAGE, argv)
 
 
 if __name__ == "__main__":

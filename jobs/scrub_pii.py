@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 from jobs.docstage import Outcome, commit_stage, kept_and_rejected, run_document_stage
 from jobs.filter_rules import read_word_list
-from jobs.lake import Lake
+from lake.tables import Lake
 from jobs.pii import Scrubber
-from jobs.recipe import Recipe
-from jobs.stage import stage_main
+from lake.recipe import Recipe
+from jobs.stages import NoOptions, stage_main
 
 STAGE = "pii"
 
@@ -70,7 +70,7 @@ class PiiReport:
         )
 
 
-def run(spark, recipe: Recipe, args=None) -> PiiReport:
+def run(spark, recipe: Recipe, options: NoOptions = NoOptions()) -> PiiReport:
     """Replace PII in documents_filtered with typed placeholders into documents_clean."""
     from pyspark.sql import functions as F
 
@@ -93,7 +93,7 @@ def run(spark, recipe: Recipe, args=None) -> PiiReport:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(STAGE, run, argv)
+    return stage_main(STAGE, argv)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from typing import Iterator
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from lake.fs import filesystem
+
 _COMPRESSED = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".zstd": "zstd"}
 _WILDCARD = re.compile(r"[*?\[]")
 _READ_BLOCK = 8 * 1024 * 1024
@@ -33,12 +35,6 @@ class Split:
     end: int  # exclusive; -1 = to the end of the file
     # newlines before ``start`` in the file (filled in by counting; 0 for the first split)
     lines_before: int = 0
-
-
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" not in uri or uri.startswith("file://"):
-        return pafs.LocalFileSystem(), uri.removeprefix("file://")
-    return pafs.FileSystem.from_uri(uri)
 
 
 def list_files(pattern: str) -> list[str]:

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pyspark import SparkConf
 from pyspark.sql import SparkSession
 
-from jobs.recipe import Recipe
+from lake.recipe import Recipe
 
 
 def get_spark(app_name: str, recipe: Recipe | None = None) -> SparkSession:
@@ -42,19 +42,6 @@ def get_spark(app_name: str, recipe: Recipe | None = None) -> SparkSession:
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(os.environ.get("TOKENMILL_SPARK_LOG_LEVEL", "WARN"))
     return spark
-
-
-def delta_jar_available(spark: SparkSession) -> bool:
-    """True when delta-spark's classes are on the JVM classpath (a cluster with the Delta jar)."""
-    forced = os.environ.get("TOKENMILL_DELTA_MODE")
-    if forced in ("native", "bridge"):
-        return forced == "native"
-    try:
-        jvm = spark.sparkContext._jvm  # noqa: SLF001 - py4j is the only way to ask the classpath
-        jvm.java.lang.Class.forName("io.delta.tables.DeltaTable", False, jvm.Thread.currentThread().getContextClassLoader())
-        return True
-    except Exception:  # py4j raises its own error type for ClassNotFoundException
-        return False
 
 
 @contextmanager

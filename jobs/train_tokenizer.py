@@ -23,14 +23,13 @@ import time
 from dataclasses import dataclass
 from typing import Iterable
 
-from jobs.arrowtext import HAN_RANGES
-from jobs.lake import Lake
-from jobs.recipe import Recipe, TokenizerCfg
-from jobs.stage import stage_main
-from quality_models.registry import ModelError
+from quality_models.arrowtext import HAN_RANGES
+from lake.tables import Lake
+from lake.recipe import Recipe, TokenizerCfg
+from jobs.stages import NoOptions, stage_main
+from lake.artifacts import TOKENIZER, ModelError, model_root, new_version, tokenizer_hash, write_metadata
 
 STAGE = "tokenizer"
-NAME = "tokenizer"
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 
 
@@ -132,10 +131,6 @@ def compression(tok, texts_by_category: dict[str, list[str]]) -> dict[str, dict[
     return out
 
 
-def tokenizer_hash(folder: Path) -> str:
-    return hashlib.sha256((folder / "tokenizer.json").read_bytes()).hexdigest()[:16]
-
-
 def read_domain_tokens(cfg: TokenizerCfg) -> list[str]:
     words = list(cfg.domain_tokens)
     if cfg.domain_tokens_file:
@@ -144,15 +139,6 @@ def read_domain_tokens(cfg: TokenizerCfg) -> list[str]:
             raise ModelError(f"tokenizer.domain_tokens_file {path} does not exist")
         words += [w.strip() for w in path.read_text(encoding="utf-8").splitlines() if w.strip() and not w.startswith("#")]
     return list(dict.fromkeys(words))
-
-
-def kept_documents_table(lake: Lake) -> str:
-    """documents_dedup, or documents_scored when dedup has not run."""
-    for name in ("documents_dedup", "documents_scored"):
-        if lake.exists(name):
-            return name
-    raise ModelError(f"neither documents_dedup nor documents_scored exists in {lake.root}; "
-                            "run `tokenmill refine --recipe R` first")
 
 
 def sample_by_mix(spark, recipe: Recipe, lake: Lake) -> tuple[dict[str, list[str]], dict[str, list[str]], str]:
@@ -165,7 +151,7 @@ def sample_by_mix(spark, recipe: Recipe, lake: Lake) -> tuple[dict[str, list[str
     cfg = recipe.tokenizer
     mix = recipe.feed.current.mix
     total = sum(mix.values())
-    source = kept_documents_table(lake)
+    source = lake.kept_documents()
     docs = lake.read(source).where(F.col("category").isin(list(mix))).select(
         "doc_id", "text", "category", F.length(F.encode("text", "utf-8")).alias("bytes"))
     sizes = {r["category"]: r["b"] for r in docs.groupBy("category").agg(F.sum("bytes").alias("b")).collect()}
@@ -209,10 +195,8 @@ class TokenizerReport:
         return "\n".join(lines)
 
 
-def run(spark, recipe: Recipe, args=None) -> TokenizerReport:
+def run(spark, recipe: Recipe, options: NoOptions = NoOptions()) -> TokenizerReport:
     """Train a byte-level BPE tokenizer on a mix-weighted sample of the kept documents."""
-    from quality_models.registry import new_version_dir, write_metadata
-
     started = time.perf_counter()
     cfg = recipe.tokenizer
     lake = Lake(recipe.lake, spark)
@@ -228,38 +212,23 @@ def run(spark, recipe: Recipe, args=None) -> TokenizerReport:
     reserved = pad_to_multiple(tok)
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     measured = compression(tok, held)
-    folder = new_version_dir(recipe.lake, NAME)
-    tok.save(str(folder / "tokenizer.json"))
-    write_metadata(
-        folder, task="tokenizer", backend="bpe", vocab_size=vocab_size,
-        model_vocab_size=round_up(vocab_size + cfg.embedding_buffer), embedding_buffer=cfg.embedding_buffer,
-        eos_id=tok.token_to_id(EOS), pad_id=tok.token_to_id(PAD), special_tokens=specials, reserved_tokens=reserved,
-        domain_tokens=domain, removed_tokens=list(cfg.remove_tokens), trained_from=source,
-        trained_bytes={c: sum(len(t.encode()) for t in v) for c, v in train.items()}, compression=measured,
-        sha256=tokenizer_hash(folder),
-    )
-    return TokenizerReport(folder.name, str(folder), vocab_size, round_up(vocab_size + cfg.embedding_buffer),
+    with new_version(recipe.lake, TOKENIZER) as folder:
+        tok.save(str(folder / "tokenizer.json"))
+        write_metadata(
+            folder, task="tokenizer", backend="bpe", vocab_size=vocab_size,
+            model_vocab_size=round_up(vocab_size + cfg.embedding_buffer), embedding_buffer=cfg.embedding_buffer,
+            eos_id=tok.token_to_id(EOS), pad_id=tok.token_to_id(PAD), special_tokens=specials, reserved_tokens=reserved,
+            domain_tokens=domain, removed_tokens=list(cfg.remove_tokens), trained_from=source,
+            trained_bytes={c: sum(len(t.encode()) for t in v) for c, v in train.items()}, compression=measured,
+            sha256=tokenizer_hash((folder / "tokenizer.json").read_bytes()),
+        )
+    return TokenizerReport(folder.name, f"{model_root(recipe.lake)}/{TOKENIZER}/{folder.name}", vocab_size, round_up(vocab_size + cfg.embedding_buffer),
                            {c: sum(len(t.encode()) for t in v) for c, v in train.items()}, measured,
                            time.perf_counter() - started)
 
 
-def load_tokenizer(recipe: Recipe):
-    """(tokenizers.Tokenizer, metadata) of the pinned version; fails naming the command that trains one."""
-    from tokenizers import Tokenizer
-
-    from quality_models.registry import resolve_version
-
-    folder, meta = resolve_version(recipe.lake, NAME, recipe.tokenizer.version,
-                                   f"tokenmill tokenizer --recipe {recipe.origin}",
-                                   f"tokenizer.version in {recipe.origin}")
-    if tokenizer_hash(folder) != meta["sha256"]:
-        raise ModelError(f"{folder / 'tokenizer.json'} does not match the sha256 in its metadata.json; "
-                         f"train a new version: tokenmill tokenizer --recipe {recipe.origin}")
-    return Tokenizer.from_file(str(folder / "tokenizer.json")), {**meta, "folder": str(folder)}
-
-
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(STAGE, run, argv)
+    return stage_main(STAGE, argv)
 
 
 if __name__ == "__main__":

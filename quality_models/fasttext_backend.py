@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs.arrowtext import HAN_CLASS, as_large_strings, cut_to, is_han, segment_sums, string_buffers
+from quality_models.arrowtext import HAN_CLASS, as_large_strings, cut_to, is_han, segment_sums, string_buffers
 
 _EOS = "</s>"
 _LABEL = "__label__"

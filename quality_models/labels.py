@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from jobs.rules import script_lang
+from quality_models.language import script_lang
 
 DEFAULT_URL_DOMAINS = [
     (r"news|xinwen|people\.com|xinhua|reuters|rmrb", "news"),

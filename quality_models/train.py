@@ -21,12 +21,12 @@ from quality_models.bert_backend import BertClassifier, Encoder, LinearHead, def
 from quality_models.fasttext_backend import FastTextClassifier, tokenize
 from quality_models.labels import weak_domain, weak_quality
 from quality_models.metrics import ClassificationReport, classification_report, split_holdout
-from quality_models.registry import ModelError, ModelRef, new_version_dir, resolve, write_metadata
+from lake.artifacts import ModelError, ModelRef, describe, model_root, new_version, resolve, write_metadata
 
 
 @dataclass
 class TrainResult:
-    folder: Path
+    folder: str  # the version's URI in the lake
     report: ClassificationReport
     n_train: int
     n_holdout: int
@@ -40,7 +40,7 @@ def derive_weak_labels(recipe) -> dict[str, tuple[Path, dict[str, int]]]:
     """Write ``<lake>/labels/domain.jsonl`` and ``quality.jsonl`` from the lake; returns counts per label."""
     import pyarrow.compute as pc
 
-    from jobs.lake import Lake
+    from lake.tables import Lake
 
     lake = Lake(recipe.lake)
     cfg = recipe.score.weak_labels
@@ -125,15 +125,16 @@ def train_model(recipe, task: str, backend: str, data: Path | None = None, seed:
         raise ModelError(f"unknown backend {backend!r}: fasttext or bert")
     probs = predict(hold_t)
     report = classification_report(hold_y, [model.labels[i] for i in probs.argmax(axis=1)], model.labels)
-    folder = new_version_dir(recipe.lake, ModelRef(task, backend, "latest").name)
-    model.save(folder)
-    write_metadata(
-        folder, task=task, backend=backend, backbone=backbone, labels=model.labels,
-        max_tokens=cfg.max_tokens if backend == "bert" else None,
-        training_data=str(path), training_data_sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
-        n_train=len(train_idx), n_holdout=len(hold_t), metrics=report.as_dict(),
-    )
-    return TrainResult(folder, report, len(train_idx), len(hold_t))
+    name = ModelRef(task, backend, "latest").name
+    with new_version(recipe.lake, name) as folder:
+        model.save(folder)
+        write_metadata(
+            folder, task=task, backend=backend, backbone=backbone, labels=model.labels,
+            max_tokens=cfg.max_tokens if backend == "bert" else None,
+            training_data=str(path), training_data_sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+            n_train=len(train_idx), n_holdout=len(hold_t), metrics=report.as_dict(),
+        )
+    return TrainResult(f"{model_root(recipe.lake)}/{name}/{folder.name}", report, len(train_idx), len(hold_t))
 
 
 def pinned_models(recipe) -> dict[str, ModelRef]:
@@ -150,7 +151,7 @@ def pinned_models(recipe) -> dict[str, ModelRef]:
 
 def check_pinned(recipe) -> dict[str, str]:
     """Resolve every pinned model without loading it: fails naming the command that trains it."""
-    return {role: f"{ref.name}/{resolve(recipe.lake, ref, recipe.origin)[1]['version']}"
+    return {role: f"{ref.name}/{describe(recipe.lake, ref, recipe.origin)[1]['version']}"
             for role, ref in pinned_models(recipe).items()}
 
 

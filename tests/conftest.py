@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENMILL_SPARK_LOG_LEVEL", "ERROR")
 
 @pytest.fixture(scope="session")
 def spark():
-    from jobs.recipe import Spark
+    from lake.recipe import Spark
     from jobs.spark import get_spark
 
     class _Settings:  # a recipe stand-in carrying only Spark settings sized for CI's 2 cores
@@ -40,7 +40,7 @@ def write_jsonl(path: Path, records: list) -> Path:
 
 def make_recipe(tmp_path: Path, sources: list[dict], **sections):
     """A validated recipe whose lake lives under tmp_path."""
-    from jobs.recipe import parse_recipe
+    from lake.recipe import parse_recipe
 
     raw = {"lake": str(tmp_path / "lake"), "sources": sources, **sections}
     return parse_recipe(raw, base_dir=tmp_path, origin=str(tmp_path / "recipe.yaml"))

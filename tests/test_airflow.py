@@ -64,8 +64,8 @@ def test_airflow_dags_test_runs_the_refinery_end_to_end(spark, tmp_path):
 
     from jobs import filter_rules, ingest, scrub_pii
     from jobs.demo_corpus import demo_recipe_in
-    from jobs.lake import Lake
-    from jobs.recipe import load_recipe
+    from lake.tables import Lake
+    from lake.recipe import load_recipe
 
     recipe_file = demo_recipe_in(tmp_path)
     recipe = load_recipe(recipe_file)

@@ -61,7 +61,7 @@ def test_status_shows_the_chunk_backlog_once_chunks_exist(tmp_path, capsys):
 
     import pyarrow as pa
 
-    from jobs.lake import Lake
+    from lake.tables import Lake
 
     now = datetime.now(timezone.utc)
     rows = [

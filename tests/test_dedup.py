@@ -14,7 +14,8 @@ import pyarrow as pa
 import pytest
 
 from jobs import dedup
-from jobs.lake import Lake
+from jobs.stages import DedupOptions
+from lake.tables import Lake
 from jobs.minhash import ShingleSpec, near_copy
 from tests.conftest import ROOT, make_recipe
 
@@ -91,9 +92,8 @@ def _run(spark, tmp_path, rows, name="lake", incremental=False, lake_root=None, 
     recipe = recipe.model_copy(update={"lake": lake_root or str(tmp_path / name)})
     lake = Lake(recipe.lake)
     lake.write_arrow("documents_scored", scored_rows(rows), mode="overwrite", job="test")
-    import argparse
 
-    report = dedup.run(spark, recipe, argparse.Namespace(incremental=incremental))
+    report = dedup.run(spark, recipe, DedupOptions(incremental=incremental))
     return recipe, lake, report
 
 

@@ -4,7 +4,6 @@ quarantined, backpressure stops at the backlog."""
 
 from __future__ import annotations
 
-import argparse
 import random
 from collections import Counter
 from datetime import datetime, timezone
@@ -14,7 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import feed, train_tokenizer
-from jobs.lake import Lake
+from jobs.stages import FeedOptions
+from lake import chunks
+from lake.artifacts import load_tokenizer
+from lake.holdout import holdout_ids
+from lake.tables import Lake
 from schemas import table
 from tests.conftest import make_recipe
 
@@ -56,17 +59,17 @@ def fed(spark, tmp_path_factory):
     lake = Lake(recipe.lake)
     lake.write_arrow("documents_dedup", _docs(), mode="overwrite", job="test")
     report = train_tokenizer.run(spark, recipe)
-    first = feed.run(spark, recipe, argparse.Namespace(until_ready=3, follow=False, verify=False))
+    first = feed.run(spark, recipe, FeedOptions(until_ready=3))
     return recipe, lake, report, first
 
 
 def _chunk_rows(lake_root: str, chunk_id: str) -> list[dict]:
-    return pq.read_table(feed.chunk_dir(lake_root, chunk_id)).sort_by("row").to_pylist()
+    return pq.read_table(chunks.chunk_dir(lake_root, chunk_id)).sort_by("row").to_pylist()
 
 
 def test_tokenizer_vocabulary_buffer_digits_and_domain_tokens(fed):
     recipe, _, report, _ = fed
-    tok, meta = train_tokenizer.load_tokenizer(recipe)
+    tok, meta = load_tokenizer(recipe)
     assert meta["vocab_size"] % 128 == 0 and meta["vocab_size"] == tok.get_vocab_size()
     assert meta["model_vocab_size"] % 128 == 0 and meta["model_vocab_size"] - meta["vocab_size"] >= 1000
     assert tok.encode("2026", add_special_tokens=False).tokens == ["2", "0", "2", "6"]
@@ -93,9 +96,9 @@ def test_removed_tokens_leave_the_vocabulary_and_ids_stay_contiguous():
 
 def test_chunks_trace_to_documents_and_hold_the_mix(fed):
     recipe, lake, _, first = fed
-    tok, meta = train_tokenizer.load_tokenizer(recipe)
+    tok, meta = load_tokenizer(recipe)
     texts = {r["doc_id"]: r["text"] for r in lake.read_arrow("documents_dedup").to_pylist()}
-    ready = [r for r in feed.manifest(lake) if r["status"] == "ready"]
+    ready = [r for r in chunks.manifest(lake) if r["status"] == "ready"]
     assert [r["chunk_id"] for r in ready] == ["pretrain-000000", "pretrain-000001", "pretrain-000002"]
     for chunk in ready:
         rows = _chunk_rows(recipe.lake, chunk["chunk_id"])
@@ -124,7 +127,7 @@ def test_chunks_trace_to_documents_and_hold_the_mix(fed):
 def test_usage_counts_equal_appearances_in_ready_chunks(fed):
     recipe, lake, _, _ = fed
     appearances: Counter = Counter()
-    for chunk in feed.manifest(lake):
+    for chunk in chunks.manifest(lake):
         if chunk["status"] == "ready":
             for row in _chunk_rows(recipe.lake, chunk["chunk_id"]):
                 appearances.update(s["doc_id"] for s in row["spans"] if s["doc_start"] == 0)
@@ -135,7 +138,7 @@ def test_usage_counts_equal_appearances_in_ready_chunks(fed):
 def test_same_seed_same_chunks_and_backpressure(spark, tmp_path, fed):
     recipe, lake, _, first = fed
     assert len(first.produced) == 3
-    again = feed.run(spark, recipe, argparse.Namespace(until_ready=3, follow=False, verify=False))
+    again = feed.run(spark, recipe, FeedOptions(until_ready=3))
     assert again.produced == [] and again.backlog == 3  # the backlog is full: nothing to do
     twin = recipe.model_copy(update={"lake": str(tmp_path / "twin")})
     twin_lake = Lake(twin.lake)
@@ -144,8 +147,8 @@ def test_same_seed_same_chunks_and_backpressure(spark, tmp_path, fed):
     import shutil
 
     shutil.copytree(f"{recipe.lake}/models", f"{twin.lake}/models")
-    feed.run(spark, twin, argparse.Namespace(until_ready=2, follow=False, verify=False))
-    for a, b in zip(feed.manifest(lake)[:2], feed.manifest(twin_lake)):
+    feed.run(spark, twin, FeedOptions(until_ready=2))
+    for a, b in zip(chunks.manifest(lake)[:2], chunks.manifest(twin_lake)):
         assert (a["chunk_id"], a["sha256"], a["n_tokens"]) == (b["chunk_id"], b["sha256"], b["n_tokens"])
 
 
@@ -154,26 +157,26 @@ def test_a_crash_before_ready_is_cleaned_up_and_usage_stays_true(spark, tmp_path
     lake = Lake(recipe.lake)
     lake.write_arrow("documents_dedup", _docs(1), mode="overwrite", job="test")
     train_tokenizer.run(spark, recipe)
-    feed.run(spark, recipe, argparse.Namespace(until_ready=1, follow=False, verify=False))
+    feed.run(spark, recipe, FeedOptions(until_ready=1))
     usage_before = {r["doc_id"]: r["times_used"] for r in lake.read_arrow("usage").to_pylist()}
 
-    real = feed.set_manifest_row
+    real = chunks.put
 
     def dies_before_ready(lake_, row, job):
         if row["status"] == "ready":
             raise KeyboardInterrupt("killed between the usage commit and the manifest")
         return real(lake_, row, job)
 
-    monkeypatch.setattr(feed, "set_manifest_row", dies_before_ready)
+    monkeypatch.setattr(chunks, "put", dies_before_ready)
     with pytest.raises(KeyboardInterrupt):
-        feed.run(spark, recipe, argparse.Namespace(until_ready=2, follow=False, verify=False))
-    monkeypatch.setattr(feed, "set_manifest_row", real)
-    assert [r["status"] for r in feed.manifest(lake)] == ["ready", "writing"]
-    report = feed.run(spark, recipe, argparse.Namespace(until_ready=None, follow=False, verify=False))
+        feed.run(spark, recipe, FeedOptions(until_ready=2))
+    monkeypatch.setattr(chunks, "put", real)
+    assert [r["status"] for r in chunks.manifest(lake)] == ["ready", "writing"]
+    report = feed.run(spark, recipe, FeedOptions())
     assert report.cleaned == ["pretrain-000001"]
-    assert [r["status"] for r in feed.manifest(lake)] == ["ready", "ready"]
+    assert [r["status"] for r in chunks.manifest(lake)] == ["ready", "ready"]
     appearances: Counter = Counter()
-    for chunk in feed.manifest(lake):
+    for chunk in chunks.manifest(lake):
         for row in _chunk_rows(recipe.lake, chunk["chunk_id"]):
             appearances.update(s["doc_id"] for s in row["spans"] if s["doc_start"] == 0)
     usage = {r["doc_id"]: r["times_used"] for r in lake.read_arrow("usage").to_pylist() if r["times_used"]}
@@ -186,19 +189,19 @@ def test_checksum_mismatch_or_missing_file_quarantines(spark, tmp_path):
     lake = Lake(recipe.lake)
     lake.write_arrow("documents_dedup", _docs(2), mode="overwrite", job="test")
     train_tokenizer.run(spark, recipe)
-    feed.run(spark, recipe, argparse.Namespace(until_ready=2, follow=False, verify=False))
-    first, second = feed.manifest(lake)
-    path = f"{feed.chunk_dir(recipe.lake, first['chunk_id'])}/{first['files'][0]}"
+    feed.run(spark, recipe, FeedOptions(until_ready=2))
+    first, second = chunks.manifest(lake)
+    path = f"{chunks.chunk_dir(recipe.lake, first['chunk_id'])}/{first['files'][0]}"
     data = bytearray(open(path, "rb").read())
     data[len(data) // 2] ^= 0xFF
     open(path, "wb").write(bytes(data))
     import os
 
-    os.remove(f"{feed.chunk_dir(recipe.lake, second['chunk_id'])}/{second['files'][-1]}")
-    report = feed.run(spark, recipe, argparse.Namespace(until_ready=None, follow=False, verify=True))
+    os.remove(f"{chunks.chunk_dir(recipe.lake, second['chunk_id'])}/{second['files'][-1]}")
+    report = feed.run(spark, recipe, FeedOptions(until_ready=None, verify=True))
     reasons = dict(report.quarantined)
     assert "sha256" in reasons["pretrain-000000"] and "missing" in reasons["pretrain-000001"]
-    statuses = {r["chunk_id"]: (r["status"], r["reason"]) for r in feed.manifest(lake)}
+    statuses = {r["chunk_id"]: (r["status"], r["reason"]) for r in chunks.manifest(lake)}
     assert statuses["pretrain-000000"][0] == "quarantined" and "sha256" in statuses["pretrain-000000"][1]
     assert statuses["pretrain-000002"][0] == "ready"  # and the run still made its chunk
 
@@ -206,8 +209,8 @@ def test_checksum_mismatch_or_missing_file_quarantines(spark, tmp_path):
 def test_the_trainers_held_out_documents_never_enter_a_chunk(fed):
     recipe, lake, _, _ = fed
     docs = lake.read_arrow("documents_dedup", columns=["doc_id", "source"]).to_pylist()
-    held = feed.holdout_ids(docs, recipe.trainer.eval_docs)
+    held = holdout_ids(docs, recipe.trainer.eval_docs)
     assert len(held) == 9  # 10% of each 30-document source: the cap for small sources
-    in_chunks = {s["doc_id"] for c in feed.manifest(lake) for row in _chunk_rows(recipe.lake, c["chunk_id"])
+    in_chunks = {s["doc_id"] for c in chunks.manifest(lake) for row in _chunk_rows(recipe.lake, c["chunk_id"])
                  for s in row["spans"]}
     assert in_chunks and not (held & in_chunks)

@@ -11,7 +11,7 @@ import pytest
 from deltalake import DeltaTable
 
 from jobs import ingest
-from jobs.lake import Lake
+from lake.tables import Lake
 from jobs.sources import SourceError
 from schemas import table
 

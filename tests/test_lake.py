@@ -17,9 +17,9 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
 
-import jobs.lake as lake_module
-from jobs.lake import ConflictError, Lake, SchemaMismatchError, TableMissingError
-from jobs.spark import delta_jar_available
+import lake.bridge as bridge_module
+from lake import ConflictError, Lake, SchemaMismatchError, TableMissingError
+from lake.native import delta_jar_available
 from schemas import table
 from schemas.spark import spark_schema
 
@@ -160,7 +160,7 @@ def test_two_overwrites_racing_one_wins_the_other_gets_a_conflict(spark, lake_ro
 def test_two_writers_creating_the_same_table_one_wins(spark, lake_root, monkeypatch):
     lake = Lake(lake_root, spark)
     a, b = usage_df(spark, [("a", 1, None)]), usage_df(spark, [("b", 1, None)])
-    outcomes = _race(monkeypatch, lake_module, "create_table_with_add_actions",
+    outcomes = _race(monkeypatch, bridge_module, "create_table_with_add_actions",
                      [lambda: lake.write("usage", a), lambda: lake.write("usage", b)])
     assert sorted(type(o).__name__ for o in outcomes) == ["ConflictError", "int"], outcomes
     assert len(lake.read("usage").collect()) == 1

@@ -90,7 +90,7 @@ def test_band_keys_collide_exactly_when_band_rows_are_equal():
 
 
 def test_default_banding_finds_pairs_above_the_threshold_and_few_below():
-    from jobs.recipe import Dedup
+    from lake.recipe import Dedup
 
     cfg = Dedup()
     bands, rows = optimal_params(0.7, cfg.num_perm, cfg.fp_weight, 1 - cfg.fp_weight)

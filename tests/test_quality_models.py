@@ -11,11 +11,11 @@ import pytest
 
 from jobs import filter_rules, ingest, score, scrub_pii
 from jobs.demo_corpus import build_demo_corpus
-from jobs.lake import Lake
-from jobs.recipe import parse_recipe
+from lake.tables import Lake
+from lake.recipe import parse_recipe
 from quality_models.labels import weak_domain, weak_quality
 from quality_models.metrics import classification_report
-from quality_models.registry import ModelError, ModelRef, resolve
+from lake.artifacts import ModelError, ModelRef, resolve
 from quality_models.train import derive_weak_labels, train_model
 
 from conftest import write_jsonl

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.recipe import RecipeError, load_recipe
+from lake.recipe import RecipeError, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from jobs import cli, filter_rules, ingest, scrub_pii
+from jobs.stages import FilterOptions
 from jobs.demo_corpus import build_demo_corpus
-from jobs.lake import Lake
+from lake.tables import Lake
 
 from conftest import ROOT, make_recipe, write_jsonl
 from test_pii import DECOYS, POSITIVES
@@ -64,7 +65,7 @@ def refined(spark, tmp_path_factory):
     data = write_jsonl(tmp / "in" / "part-0.jsonl", records)
     recipe = make_recipe(tmp, [{"name": "mix", "path": str(data), "id_field": "id"}])
     ingest.run(spark, recipe)
-    dry = filter_rules.run(spark, recipe, type("A", (), {"dry_run": True})())
+    dry = filter_rules.run(spark, recipe, FilterOptions(dry_run=True))
     dry_exists = Lake(recipe.lake).exists("documents_filtered")
     report = filter_rules.run(spark, recipe)
     pii_report = scrub_pii.run(spark, recipe)

@@ -4,7 +4,8 @@ import pytest
 
 from jobs.demo_corpus import build_demo_corpus
 from jobs.rules import (DEFAULT_DROP_LINE_PATTERNS, DEFAULT_RULES, DEFAULT_TRUNCATE_PATTERNS, LineCleanup, build_rules,
-                        clean_lines, compute_signals, failed_rules, script_lang)
+                        clean_lines, compute_signals, failed_rules)
+from quality_models.language import script_lang
 
 RULES = build_rules({}, {})
 CLEANUP = LineCleanup.compile(DEFAULT_DROP_LINE_PATTERNS, DEFAULT_TRUNCATE_PATTERNS)
@@ -137,7 +138,7 @@ def test_vectorised_ngram_signals_equal_the_plain_definitions(tokens):
 
 def test_keyword_lists_and_recipe_thresholds_reach_the_filter_function(tmp_path):
     from jobs.filter_rules import make_filter
-    from jobs.recipe import parse_recipe
+    from lake.recipe import parse_recipe
 
     (tmp_path / "gambling.txt").write_text("# one phrase per line\ncasino\n在线赌场\n")
     recipe = parse_recipe(

@@ -18,8 +18,8 @@ import pyarrow as pa
 import pytest
 
 from jobs import demo_corpus
-from jobs.arrowtext import ascii_letters, segment_sums
-from jobs.rules import _script_table, script_lang, script_langs
+from quality_models.arrowtext import ascii_letters, segment_sums
+from quality_models.language import _script_table, script_lang, script_langs
 from quality_models.fasttext_backend import FastTextClassifier, fnv1a32, prepare_many, tokenize
 
 

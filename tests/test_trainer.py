@@ -59,7 +59,7 @@ def test_spike_guard_needs_persistence_and_catches_non_finite():
 
 def _setup(tmp_path, name="lake", chunks=2, corrupt_second=False, **trainer):
     """A lake with ``chunks`` ready chunks; ``corrupt_second``: True (all of it) or a range of its documents."""
-    from trainer.synthetic import add_chunk, make_lake
+    from jobs.synthetic_lake import add_chunk, make_lake
 
     lake, tok, meta, docs = make_lake(str(tmp_path / name))
     per = len(docs) // chunks
@@ -77,7 +77,7 @@ def _events(lake) -> list[dict]:
 
 
 def test_trains_on_the_chunks_with_metrics_per_category_and_source(tmp_path):
-    from jobs.feed import manifest
+    from lake.chunks import manifest
     from trainer.daemon import Trainer
 
     recipe, lake = _setup(tmp_path)
@@ -115,7 +115,7 @@ SPIKY = {"window": 10, "z": 3.0, "min_delta": 0.5, "patience": 2, "warmup_steps"
 
 
 def test_a_loss_spike_rolls_back_skips_the_rows_and_recovers(tmp_path):
-    from jobs.feed import manifest
+    from lake.chunks import manifest
     from trainer.daemon import Trainer
 
     # the second chunk's documents 10-19 are random tokens: two or three steps' worth of rows
@@ -134,7 +134,7 @@ def test_a_loss_spike_rolls_back_skips_the_rows_and_recovers(tmp_path):
 
 
 def test_a_chunk_that_keeps_spiking_is_quarantined(tmp_path):
-    from jobs.feed import manifest
+    from lake.chunks import manifest
     from trainer.daemon import Trainer
 
     recipe, lake = _setup(tmp_path, chunks=2, corrupt_second=True, checkpoint_every=2, spike=SPIKY)
@@ -165,8 +165,8 @@ def test_export_loads_in_transformers_and_generates(tmp_path):
 
 
 def test_two_trainers_never_claim_the_same_chunk(tmp_path):
-    from trainer.chunks import claim_next
-    from trainer.synthetic import add_chunk, make_lake
+    from lake.chunks import claim_next
+    from jobs.synthetic_lake import add_chunk, make_lake
 
     lake, tok, meta, docs = make_lake(str(tmp_path / "race"), n_docs=30)
     for i in range(4):
@@ -191,7 +191,7 @@ def test_two_trainers_never_claim_the_same_chunk(tmp_path):
 
 
 def test_a_chunk_with_a_bad_checksum_is_quarantined_not_trained(tmp_path):
-    from jobs.feed import chunk_dir, manifest
+    from lake.chunks import chunk_dir, manifest
     from trainer.daemon import Trainer
 
     recipe, lake = _setup(tmp_path)
@@ -232,11 +232,11 @@ def test_two_processes_with_gloo_train_with_zero_2(tmp_path):
 
 
 def test_long_context_stage_continues_the_run_with_a_new_rope_base(tmp_path):
-    from trainer.synthetic import add_chunk
+    from jobs.synthetic_lake import add_chunk
     from trainer.daemon import Trainer
 
-    from jobs.recipe import TrainerStageCfg
-    from jobs.train_tokenizer import load_tokenizer
+    from lake.recipe import TrainerStageCfg
+    from lake.artifacts import load_tokenizer
 
     recipe, lake = _setup(tmp_path, chunks=1)
 
@@ -255,7 +255,7 @@ def test_long_context_stage_continues_the_run_with_a_new_rope_base(tmp_path):
     assert abs(float(model.model.rotary_emb.inv_freq[-1]) - float(expected[-1])) < 1e-9
     assert trainer.state.step > len(pre_losses)  # the same run, continued
     assert losses[0] < pre_losses[0] - 1.0  # it starts from the trained weights, not from scratch
-    from jobs.feed import manifest
+    from lake.chunks import manifest
 
     assert {r["chunk_id"]: r["status"] for r in manifest(lake)}["long-000000"] == "consumed"
 
@@ -280,10 +280,10 @@ def test_continued_pretraining_starts_from_a_hugging_face_folder(tmp_path):
 
 
 def test_anneal_stage_decays_the_learning_rate_from_its_start(tmp_path):
-    from jobs.recipe import TrainerStageCfg
-    from jobs.train_tokenizer import load_tokenizer
+    from lake.recipe import TrainerStageCfg
+    from lake.artifacts import load_tokenizer
     from trainer.daemon import Trainer
-    from trainer.synthetic import add_chunk
+    from jobs.synthetic_lake import add_chunk
 
     recipe, lake = _setup(tmp_path, chunks=1, warmup=0.0)
     tok, meta = load_tokenizer(recipe)
@@ -308,7 +308,7 @@ def test_document_mask_makes_a_packed_document_see_only_itself():
     import numpy as np
     import torch
 
-    from jobs.recipe import ModelCfg
+    from lake.recipe import ModelCfg
     from trainer.model import build_model, row_layout, token_losses
 
     torch.manual_seed(0)

@@ -33,10 +33,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jobs.lake import Lake
-from jobs.recipe import Recipe
-from jobs.train_tokenizer import load_tokenizer
-from trainer import chunks as store
+from lake import chunks as store
+from lake.artifacts import load_tokenizer
+from lake.holdout import holdout_ids
+from lake.recipe import Recipe, parse_with_recipe
+from lake.tables import Lake
 from trainer.model import build_model, parameter_count, parameter_groups, row_layout, token_losses
 from trainer.schedule import (SpikeGuard, accumulation_steps, batch_at, decay_drop, lr_factor,
                               model_flops_per_token)
@@ -231,9 +232,9 @@ class Trainer:
                 if row is not None:
                     self.events(self.state.step, "claimed", row["chunk_id"], f"{row['n_tokens']:,} tokens")
             if row is not None:
-                problem = store.check(self.lake, row)
+                problem = store.verify(self.lake.root, row)
                 if problem:
-                    store.set_status(self.lake, row, "quarantined", problem)
+                    store.quarantine(self.lake, row, problem, job="trainer")
                     self.events(self.state.step, "quarantine", row["chunk_id"], problem)
                     row = {"retry": True}
         return self._broadcast(row)
@@ -242,10 +243,7 @@ class Trainer:
     def _holdout_docs(self) -> dict[str, list[list[int]]]:
         """Token ids of the held-out documents per source (feed never puts them in chunks)."""
         if self._holdout is None:
-            from jobs.feed import holdout_ids
-            from jobs.train_tokenizer import kept_documents_table
-
-            name = kept_documents_table(self.lake)
+            name = self.lake.kept_documents()
             docs = self.lake.read_arrow(name, columns=["doc_id", "source"]).to_pylist()
             chosen = holdout_ids(docs, self.cfg.eval_docs)
             texts = self.lake.read_arrow(name, columns=["doc_id", "source", "text"]).to_pylist()
@@ -445,10 +443,10 @@ class Trainer:
                 break
             if self.rank == 0:
                 if outcome == "quarantined":
-                    store.set_status(self.lake, chunk, "quarantined", "loss kept spiking after rollbacks")
+                    store.quarantine(self.lake, chunk, "loss kept spiking after rollbacks", job="trainer")
                     self.events(self.state.step, "quarantine", chunk["chunk_id"], "loss kept spiking after rollbacks")
                 else:
-                    store.set_status(self.lake, chunk, "consumed", consumed=True)
+                    store.set_status(self.lake, chunk, store.CONSUMED, job="trainer", consumed=True)
                     self.events(self.state.step, "consumed", chunk["chunk_id"], f"{self.state.tokens:,} tokens so far")
             self.state.chunk_id, self.state.row = None, 0
             self.checkpoint("chunk end")
@@ -482,8 +480,6 @@ def export(recipe: Recipe, out: str, tag: str | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.stage import parse_with_recipe
-
     def arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (in all)")
         parser.add_argument("--exit-when-idle", type=float, help="stop after this many seconds with no ready chunk")

@@ -1,28 +1,15 @@
-"""The recipe: one YAML file that describes a whole run, validated before any Spark work.
+"""The recipe's sections: one pydantic model per top-level key, each with its defaults and checks.
 
-The minimum a user writes is ``lake:`` and ``sources:``; every other section has documented
-defaults (README, "Recipes"). Relative paths are resolved against the recipe file's folder, so a
-recipe means the same thing whatever directory a job is started from.
+``lake/recipe.py`` puts them together into the ``Recipe`` and loads it from YAML.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from jobs.rules import DEFAULT_DROP_LINE_PATTERNS, DEFAULT_TRUNCATE_PATTERNS, build_rules
-
-_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot be used; the message names the file, the key path and the fix."""
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -48,7 +35,8 @@ class Ingest(_Section):
 class Filter(_Section):
     thresholds: dict[str, float | None | dict[str, float | None]] = Field(
         default_factory=dict,
-        description="rule name → threshold, or {default: x, zh: y, en: z, code: w}; null disables (jobs/rules.py)",
+        description="rule name → threshold, or {default: x, zh: y, en: z, code: w}; null disables (jobs/rules.py; "
+                    "the filter stage checks the names before any Spark work)",
     )
     keyword_lists: dict[str, str] = Field(
         default_factory=dict, description="list name → file with one keyword or phrase per line"
@@ -56,14 +44,15 @@ class Filter(_Section):
     keyword_limits: dict[str, float] = Field(
         default_factory=dict, description="list name → most hits per 1000 characters a kept document may have (default 1.0)"
     )
-    drop_line_patterns: list[str] = Field(default_factory=lambda: list(DEFAULT_DROP_LINE_PATTERNS))
-    truncate_patterns: list[str] = Field(default_factory=lambda: list(DEFAULT_TRUNCATE_PATTERNS))
+    drop_line_patterns: list[str] | None = Field(
+        default=None, description="regular expressions of lines to drop; unset: the defaults of jobs/rules.py")
+    truncate_patterns: list[str] | None = Field(
+        default=None, description="a matching heading in the second half ends the document; unset: jobs/rules.py's")
     report_samples: int = Field(default=5, ge=0, description="removed documents shown per rule in the report")
 
     @model_validator(mode="after")
     def _check(self) -> "Filter":
-        build_rules(self.thresholds, self.limits())  # unknown rule names fail here, listing the real ones
-        for pattern in [*self.drop_line_patterns, *self.truncate_patterns]:
+        for pattern in [*(self.drop_line_patterns or []), *(self.truncate_patterns or [])]:
             re.compile(pattern)
         for name, path in self.keyword_lists.items():
             if not Path(path).is_file():
@@ -343,130 +332,3 @@ class Spark(_Section):
     shuffle_partitions: int = Field(default=8, gt=0)
     driver_memory: str = "4g"
     conf: dict[str, str] = Field(default_factory=dict, description="any other spark.* settings")
-
-
-class Recipe(_Section):
-    lake: str = Field(description="lake root: a local folder or a URI Spark and delta-rs both reach")
-    sources: list[Source] = Field(min_length=1)
-    ingest: Ingest = Ingest()
-    filter: Filter = Filter()
-    pii: Pii = Pii()
-    score: Score = Score()
-    dedup: Dedup = Dedup()
-    tokenizer: TokenizerCfg = TokenizerCfg()
-    feed: Feed = Feed()
-    trainer: TrainerCfg = TrainerCfg()
-    spark: Spark = Spark()
-    # Where the recipe came from, for messages; not a key a user writes.
-    origin: str = Field(default="<memory>", exclude=True)
-
-    @field_validator("sources")
-    @classmethod
-    def _unique_names(cls, sources: list[Source]) -> list[Source]:
-        seen: set[str] = set()
-        for src in sources:
-            if src.name in seen:
-                raise ValueError(f"source name {src.name!r} is used twice; names must be unique")
-            seen.add(src.name)
-        return sources
-
-    def source(self, name: str) -> Source:
-        for src in self.sources:
-            if src.name == name:
-                return src
-        raise KeyError(name)
-
-    def fingerprint(self) -> str:
-        """A short hash of everything that shapes the data (recorded in chunk manifests)."""
-        body = json.dumps(self.model_dump(mode="json"), sort_keys=True)
-        return hashlib.sha256(body.encode()).hexdigest()[:16]
-
-
-def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
-    """Read, resolve and validate a recipe file; raise RecipeError naming the key and the fix."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file {path} does not exist (pass --recipe with a YAML file; see configs/)")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: a recipe is a mapping with at least 'lake:' and 'sources:'")
-    for dotted, value in (overrides or {}).items():
-        _set_dotted(raw, dotted, value)
-    return parse_recipe(raw, base_dir=path.resolve().parent, origin=str(path))
-
-
-def parse_recipe(raw: dict[str, Any], base_dir: Path, origin: str = "<memory>") -> Recipe:
-    raw = dict(raw)
-    if isinstance(raw.get("lake"), str):
-        raw["lake"] = resolve_path(raw["lake"], base_dir)
-    if isinstance(raw.get("sources"), list):
-        raw["sources"] = [
-            {**s, "path": resolve_path(s["path"], base_dir)}
-            if isinstance(s, dict) and isinstance(s.get("path"), str)
-            else s
-            for s in raw["sources"]
-        ]
-    for section, key in (("filter", "keyword_lists"), ("pii", "word_lists")):
-        files = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
-        if isinstance(files, dict):
-            raw[section] = {**raw[section], key: {k: resolve_path(v, base_dir) if isinstance(v, str) else v for k, v in files.items()}}
-    tok = raw.get("tokenizer")
-    if isinstance(tok, dict) and isinstance(tok.get("domain_tokens_file"), str):
-        raw["tokenizer"] = {**tok, "domain_tokens_file": resolve_path(tok["domain_tokens_file"], base_dir)}
-    try:
-        return Recipe(**raw, origin=origin)
-    except ValidationError as err:
-        raise RecipeError(_explain(err, origin)) from None
-
-
-def resolve_path(value: str, base_dir: Path) -> str:
-    if _URI.match(value) or Path(value).is_absolute():
-        return value
-    return str((base_dir / value).resolve())
-
-
-def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    node = raw
-    *parents, leaf = dotted.split(".")
-    for key in parents:
-        node = node.setdefault(key, {})
-    node[leaf] = value
-
-
-def _explain(err: ValidationError, origin: str) -> str:
-    lines = [f"recipe {origin} is not valid:"]
-    for problem in err.errors():
-        where = ".".join(str(p) for p in problem["loc"]) or "(top level)"
-        kind = problem["type"]
-        if kind == "extra_forbidden":
-            parent_model = _model_at(problem["loc"][:-1])
-            allowed = ", ".join(sorted(k for k in parent_model.model_fields if k != "origin"))
-            lines.append(f"  {where}: unknown key; allowed here: {allowed}")
-        elif kind == "missing":
-            lines.append(f"  {where}: required key is missing")
-        elif kind == "literal_error":
-            lines.append(f"  {where}: {problem['msg']} (got {problem['input']!r})")
-        else:
-            lines.append(f"  {where}: {problem['msg']} (got {problem.get('input')!r})")
-    return "\n".join(lines)
-
-
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel]:
-    model: type[BaseModel] = Recipe
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(str(part))
-        if field is None:
-            break
-        annotation = field.annotation
-        inner = getattr(annotation, "__args__", None)
-        candidates = [annotation, *(inner or ())]
-        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
-        if not nested:
-            break
-        model = nested[0]
-    return model

@@ -14,11 +14,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.feed import chunk_dir
-from jobs.lake import Lake
 from jobs.packing import pack
-from jobs.train_tokenizer import EOS, PAD, build_tokenizer, pad_to_multiple, round_up, tokenizer_hash
-from quality_models.registry import new_version_dir, write_metadata
+from jobs.train_tokenizer import EOS, PAD, build_tokenizer, pad_to_multiple, round_up
+from lake.artifacts import TOKENIZER, new_version, tokenizer_hash, write_metadata
+from lake.chunks import chunk_dir
+from lake.tables import Lake
 from schemas import chunk_row_schema, table
 
 WORDS = "the river school budget council report station water energy house street train garden music".split()
@@ -46,12 +46,13 @@ def make_lake(root: str, n_docs: int = 120, seed: int = 0) -> tuple[Lake, object
                      mode="overwrite", job="test")
     tok = build_tokenizer([d["text"] for d in docs] * 3, 384, [EOS, PAD], [], 1)
     pad_to_multiple(tok)
-    folder = new_version_dir(root, "tokenizer")
-    tok.save(str(folder / "tokenizer.json"))
     vocab = tok.get_vocab_size()
-    meta = write_metadata(folder, task="tokenizer", backend="bpe", vocab_size=vocab, model_vocab_size=round_up(vocab + 64),
-                          eos_id=tok.token_to_id(EOS), pad_id=tok.token_to_id(PAD), compression={},
-                          sha256=tokenizer_hash(folder))
+    with new_version(root, TOKENIZER) as folder:
+        tok.save(str(folder / "tokenizer.json"))
+        meta = write_metadata(folder, task="tokenizer", backend="bpe", vocab_size=vocab,
+                              model_vocab_size=round_up(vocab + 64), eos_id=tok.token_to_id(EOS),
+                              pad_id=tok.token_to_id(PAD), compression={},
+                              sha256=tokenizer_hash((folder / "tokenizer.json").read_bytes()))
     return lake, tok, meta, docs
 
 

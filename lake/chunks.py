@@ -1,0 +1,199 @@
+"""The chunk store: the one owner of the ``chunks`` manifest and of every chunk's state.
+
+A chunk is a folder ``<lake>/chunks/<chunk_id>/`` of zstd Parquet files plus one row in ``chunks``.
+Its status moves ``writing → ready → training → consumed``, or to ``quarantined`` (bad data,
+checksum mismatch, loss spike). Feed writes chunks and publishes them ``ready``; the trainer
+claims, verifies, reads and finishes them. Everything here goes through delta-rs (no JVM).
+
+Feed's usage increments of a chunk are saved beside its files (``_usage.parquet``), so that a
+chunk a dead feed left ``writing`` can be undone entirely: files, usage and manifest row.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from lake.errors import ConflictError
+from lake.fs import exists, file_sha256, read_parquet, remove_dir
+from lake.tables import Lake
+from schemas import table
+
+WRITING, READY, TRAINING, CONSUMED, QUARANTINED = "writing", "ready", "training", "consumed", "quarantined"
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def chunk_dir(lake_root: str, chunk_id: str) -> str:
+    return f"{lake_root.rstrip('/')}/chunks/{chunk_id}"
+
+
+def usage_increments_path(lake_root: str, chunk_id: str) -> str:
+    return f"{chunk_dir(lake_root, chunk_id)}/_usage.parquet"
+
+
+# -- the manifest -------------------------------------------------------------------------------------
+
+
+def manifest(lake: Lake, stage: str | None = None, status: str | None = None) -> list[dict]:
+    """Manifest rows in chunk order, optionally of one stage and one status."""
+    rows = lake.read_arrow("chunks").to_pylist()
+    return sorted((r for r in rows if (stage is None or r["stage"] == stage) and (status is None or r["status"] == status)),
+                  key=lambda r: r["chunk_id"])
+
+
+def put(lake: Lake, row: dict, job: str) -> dict:
+    """Replace one chunk's manifest row (insert it if new)."""
+    lake.put_rows("chunks", [row], replace_where={"chunk_id": row["chunk_id"]}, job=job, attempts=50)
+    return row
+
+
+def delete(lake: Lake, chunk_id: str, job: str) -> None:
+    lake.put_rows("chunks", [], replace_where={"chunk_id": chunk_id}, job=job, attempts=50)
+
+
+def set_status(lake: Lake, row: dict, status: str, job: str, reason: str | None = None,
+               consumed: bool = False) -> dict:
+    """The chunk's row with a new status (and reason), written back; ``consumed`` counts one use."""
+    return put(lake, {**row, "status": status, "reason": reason if reason is not None else row.get("reason"),
+                      "times_consumed": row["times_consumed"] + (1 if consumed else 0), "updated_at": now()}, job)
+
+
+def quarantine(lake: Lake, row: dict, reason: str, job: str) -> dict:
+    """Take a chunk out of training for good, saying why (bad files, a loss that kept spiking)."""
+    return set_status(lake, row, QUARANTINED, job, reason=reason)
+
+
+def next_chunk_id(lake: Lake, stage: str) -> str:
+    return f"{stage}-{len(manifest(lake, stage)) if lake.exists('chunks') else 0:06d}"
+
+
+def backlog(lake: Lake, stage: str) -> int:
+    """Ready chunks of the stage not taken by a trainer yet."""
+    return len(manifest(lake, stage, READY)) if lake.exists("chunks") else 0
+
+
+# -- verification ---------------------------------------------------------------------------------------
+
+
+def verify(lake_root: str, row: dict) -> str | None:
+    """None when every file of the chunk exists with its recorded sha256; else the reason it does not."""
+    folder = chunk_dir(lake_root, row["chunk_id"])
+    for name, expected in zip(row["files"], row["sha256"]):
+        uri = f"{folder}/{name}"
+        if not exists(uri):
+            return f"file {name} is missing from {folder}"
+        actual = file_sha256(uri)
+        if actual != expected:
+            return f"file {name} has sha256 {actual[:12]}…, the manifest says {expected[:12]}…"
+    return None
+
+
+def verify_ready(lake: Lake, job: str = "verify") -> list[tuple[str, str]]:
+    """Check every ready chunk's files; quarantine the bad ones. Returns (chunk_id, reason) of those."""
+    bad = []
+    for row in manifest(lake, status=READY):
+        reason = verify(lake.root, row)
+        if reason:
+            quarantine(lake, row, reason, job)
+            bad.append((row["chunk_id"], reason))
+    return bad
+
+
+# -- the writer's side (feed) ----------------------------------------------------------------------------
+
+
+def cleanup_interrupted(lake: Lake) -> list[str]:
+    """Undo every chunk left ``writing`` by a run that died: its usage increments if they were committed,
+    its files, its row. Returns their ids."""
+    if not lake.exists("chunks"):
+        return []
+    cleaned = []
+    for row in manifest(lake, status=WRITING):
+        chunk_id = row["chunk_id"]
+        if lake.exists("usage"):
+            jobs = [v.job for v in lake.versions("usage")]
+            if f"feed:{chunk_id}" in jobs and f"feed-undo:{chunk_id}" not in jobs:
+                increments = read_parquet(usage_increments_path(lake.root, chunk_id))
+                undo = pa.table({"doc_id": increments.column("doc_id"),
+                                 "times_used": pc.negate(increments.column("times_used")),
+                                 "last_chunk_id": pa.nulls(increments.num_rows, pa.string())})
+                lake.merge_counters("usage", undo, key=["doc_id"], add=["times_used"], job=f"feed-undo:{chunk_id}")
+        remove_dir(chunk_dir(lake.root, chunk_id))
+        delete(lake, chunk_id, job=f"feed-cleanup:{chunk_id}")
+        cleaned.append(chunk_id)
+    return cleaned
+
+
+# -- the reader's side (trainer) ---------------------------------------------------------------------------
+
+
+def claim_next(lake: Lake, stage: str, run_id: str, attempts: int = 50) -> dict | None:
+    """Claim the first ready chunk of ``stage`` for ``run_id`` (status ``training``); None when none is ready.
+
+    The claim is a conditional commit on the version the choice was read from: of two trainers
+    racing for one chunk exactly one wins; the other re-reads and takes the next one."""
+    for _ in range(attempts):
+        if not lake.exists("chunks"):
+            return None
+        snapshot = lake.delta("chunks")
+        rows = sorted(snapshot.to_pyarrow_table().to_pylist(), key=lambda r: r["chunk_id"])
+        ready = [r for r in rows if r["stage"] == stage and r["status"] == READY]
+        if not ready:
+            return None
+        row = {**ready[0], "status": TRAINING, "run_id": run_id, "updated_at": now()}
+        try:
+            lake.replace_if_unchanged("chunks", snapshot, pa.Table.from_pylist([row], schema=table("chunks").schema),
+                                      {"chunk_id": row["chunk_id"]}, job=f"trainer:{run_id}")
+            return row
+        except ConflictError:
+            continue
+    return None
+
+
+def find_claimed(lake: Lake, stage: str, run_id: str) -> dict | None:
+    """The chunk this run had claimed and not finished (a restarted run resumes it)."""
+    if not lake.exists("chunks"):
+        return None
+    rows = [r for r in manifest(lake, stage, TRAINING) if r["run_id"] == run_id]
+    return rows[0] if rows else None
+
+
+def read_rows(lake: Lake, row: dict) -> tuple[np.ndarray, list[list[dict]]]:
+    """(input_ids as an int64 array [rows, seq_len + 1], spans per row), in row order."""
+    folder = chunk_dir(lake.root, row["chunk_id"])
+    data = pa.concat_tables([read_parquet(f"{folder}/{name}") for name in row["files"]]).sort_by("row")
+    ids = data.column("input_ids").combine_chunks()
+    width = len(ids[0]) if len(ids) else 0
+    flat = np.asarray(ids.flatten()).astype(np.int64)
+    return flat.reshape(len(ids), width), data.column("spans").to_pylist()
+
+
+class Events:
+    """``trainer_events`` rows of one run (appended with delta-rs)."""
+
+    def __init__(self, lake: Lake, run_id: str, enabled: bool = True):
+        self.lake, self.run_id, self.enabled = lake, run_id, enabled
+
+    def __call__(self, step: int, event: str, chunk_id: str | None = None, detail: str | None = None) -> None:
+        if not self.enabled:
+            return
+        row = {"run_id": self.run_id, "step": int(step), "chunk_id": chunk_id, "event": event, "detail": detail,
+               "at": now()}
+        self.lake.put_rows("trainer_events", [row], job="trainer")
+
+
+def backlog_below(recipe_path: str, wanted: int) -> bool:
+    """True when the recipe's current stage has fewer than ``wanted`` ready chunks (no Spark needed):
+    what the Airflow feed DAG asks before it submits feed."""
+    from lake.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    waiting = backlog(Lake(recipe.lake), recipe.feed.stage)
+    print(f"{waiting} ready chunk(s) of {recipe.feed.stage}; the backlog wants {wanted}")
+    return waiting < wanted

@@ -1,0 +1,40 @@
+"""The native path: the Delta jar is on Spark's classpath (a cluster), and Spark reads and writes
+``format("delta")`` itself."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Callable
+
+from lake.commits import spark_uri, sql_predicate
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+
+def delta_jar_available(spark: SparkSession) -> bool:
+    """True when delta-spark's classes are on the JVM classpath (``TOKENMILL_DELTA_MODE=native|bridge``
+    forces one path)."""
+    forced = os.environ.get("TOKENMILL_DELTA_MODE")
+    if forced in ("native", "bridge"):
+        return forced == "native"
+    try:
+        jvm = spark.sparkContext._jvm  # noqa: SLF001 - py4j is the only way to ask the classpath
+        jvm.java.lang.Class.forName("io.delta.tables.DeltaTable", False, jvm.Thread.currentThread().getContextClassLoader())
+        return True
+    except Exception:  # py4j raises its own error type for ClassNotFoundException
+        return False
+
+
+def read(spark: SparkSession, uri: str) -> DataFrame:
+    return spark.read.format("delta").load(spark_uri(uri))
+
+
+def write(uri: str, df: DataFrame, mode: str, replace_where: dict[str, str] | None,
+          version: Callable[[], int]) -> int:
+    """One Delta commit by delta-spark; returns the table's new version."""
+    writer = df.write.format("delta").mode(mode)
+    if replace_where:
+        writer = writer.option("replaceWhere", sql_predicate(replace_where))
+    writer.save(spark_uri(uri))
+    return version()

@@ -1,0 +1,182 @@
+"""The recipe: one YAML file that describes a whole run, validated before any Spark work.
+
+The minimum a user writes is ``lake:`` and ``sources:``; every other section has documented
+defaults (README, "Recipes"). Relative paths are resolved against the recipe file's folder, so a
+recipe means the same thing whatever directory a job is started from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from lake.sections import (Cascade, Curriculum, Dedup, Feed, FeedStage, Filter, Ingest, LineDedup, ModelCfg,  # noqa: F401
+                           ModelPin, Pii, Score, Shingling, Source, Spark, SpikeCfg, TokenizerCfg, TrainerCfg,
+                           TrainerStageCfg, WeakLabels, _Section)
+
+_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the file, the key path and the fix."""
+
+
+class Recipe(_Section):
+    lake: str = Field(description="lake root: a local folder or a URI Spark and delta-rs both reach")
+    sources: list[Source] = Field(min_length=1)
+    ingest: Ingest = Ingest()
+    filter: Filter = Filter()
+    pii: Pii = Pii()
+    score: Score = Score()
+    dedup: Dedup = Dedup()
+    tokenizer: TokenizerCfg = TokenizerCfg()
+    feed: Feed = Feed()
+    trainer: TrainerCfg = TrainerCfg()
+    spark: Spark = Spark()
+    # Where the recipe came from, for messages; not a key a user writes.
+    origin: str = Field(default="<memory>", exclude=True)
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, sources: list[Source]) -> list[Source]:
+        seen: set[str] = set()
+        for src in sources:
+            if src.name in seen:
+                raise ValueError(f"source name {src.name!r} is used twice; names must be unique")
+            seen.add(src.name)
+        return sources
+
+    def source(self, name: str) -> Source:
+        for src in self.sources:
+            if src.name == name:
+                return src
+        raise KeyError(name)
+
+    def fingerprint(self) -> str:
+        """A short hash of everything that shapes the data (recorded in chunk manifests)."""
+        body = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", required=True, help="recipe YAML file (see configs/)")
+    parser.add_argument("--lake", help="override the recipe's lake: (a folder or URI)")
+
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    return load_recipe(args.recipe, {"lake": args.lake} if args.lake else None)
+
+
+def parse_with_recipe(prog: str, description: str | None, argv: list[str] | None,
+                      add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+                      ) -> tuple[argparse.Namespace, Recipe | None]:
+    """Parse ``--recipe``/``--lake`` and a command's own arguments; the recipe is None (and the error
+    printed, naming the key and the fix) when it cannot be used."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    recipe_arguments(parser)
+    if add_arguments:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return args, recipe_from_args(args)
+    except RecipeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return args, None
+
+
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Read, resolve and validate a recipe file; raise RecipeError naming the key and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {path} does not exist (pass --recipe with a YAML file; see configs/)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping with at least 'lake:' and 'sources:'")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    return parse_recipe(raw, base_dir=path.resolve().parent, origin=str(path))
+
+
+def parse_recipe(raw: dict[str, Any], base_dir: Path, origin: str = "<memory>") -> Recipe:
+    raw = dict(raw)
+    if isinstance(raw.get("lake"), str):
+        raw["lake"] = resolve_path(raw["lake"], base_dir)
+    if isinstance(raw.get("sources"), list):
+        raw["sources"] = [
+            {**s, "path": resolve_path(s["path"], base_dir)}
+            if isinstance(s, dict) and isinstance(s.get("path"), str)
+            else s
+            for s in raw["sources"]
+        ]
+    for section, key in (("filter", "keyword_lists"), ("pii", "word_lists")):
+        files = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
+        if isinstance(files, dict):
+            raw[section] = {**raw[section], key: {k: resolve_path(v, base_dir) if isinstance(v, str) else v for k, v in files.items()}}
+    tok = raw.get("tokenizer")
+    if isinstance(tok, dict) and isinstance(tok.get("domain_tokens_file"), str):
+        raw["tokenizer"] = {**tok, "domain_tokens_file": resolve_path(tok["domain_tokens_file"], base_dir)}
+    try:
+        return Recipe(**raw, origin=origin)
+    except ValidationError as err:
+        raise RecipeError(_explain(err, origin)) from None
+
+
+def resolve_path(value: str, base_dir: Path) -> str:
+    if _URI.match(value) or Path(value).is_absolute():
+        return value
+    return str((base_dir / value).resolve())
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+
+
+def _explain(err: ValidationError, origin: str) -> str:
+    lines = [f"recipe {origin} is not valid:"]
+    for problem in err.errors():
+        where = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+        kind = problem["type"]
+        if kind == "extra_forbidden":
+            parent_model = _model_at(problem["loc"][:-1])
+            allowed = ", ".join(sorted(k for k in parent_model.model_fields if k != "origin"))
+            lines.append(f"  {where}: unknown key; allowed here: {allowed}")
+        elif kind == "missing":
+            lines.append(f"  {where}: required key is missing")
+        elif kind == "literal_error":
+            lines.append(f"  {where}: {problem['msg']} (got {problem['input']!r})")
+        else:
+            lines.append(f"  {where}: {problem['msg']} (got {problem.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel]:
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            break
+        annotation = field.annotation
+        inner = getattr(annotation, "__args__", None)
+        candidates = [annotation, *(inner or ())]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            break
+        model = nested[0]
+    return model

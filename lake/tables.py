@@ -1,0 +1,293 @@
+"""All reads and writes of the lake's Delta tables: the one place for table I/O.
+
+Two paths produce the same Delta tables:
+- **native** (``lake/native.py``): the Delta jar is on Spark's classpath (a cluster); Spark reads
+  and writes ``format("delta")`` itself.
+- **bridge** (``lake/bridge.py``): no jar (a laptop, CI). Spark writes Parquet files and the driver
+  commits them in one Delta transaction through delta-rs.
+
+The Arrow side (``read_arrow``, ``write_arrow``, ``put_rows``, ``merge_counters``) needs no JVM: the
+trainer uses it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from deltalake import DeltaTable, write_deltalake
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
+
+from lake import bridge, native
+from lake.native import delta_jar_available as native_available
+from lake.commits import commit_properties, sql_predicate
+from lake.errors import ConflictError, LakeError, SchemaMismatchError, TableMissingError
+from lake.fs import make_dirs, write_bytes
+from schemas import Table, arrow_differences, conform, table
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+Mode = Literal["append", "overwrite"]
+
+
+@dataclass(frozen=True)
+class TableVersion:
+    version: int
+    timestamp: datetime
+    operation: str
+    job: str | None
+    rows_written: int | None
+
+
+@dataclass(frozen=True)
+class TableSummary:
+    name: str
+    version: int
+    rows: int
+    files: int
+    last_commit: TableVersion
+
+
+class Lake:
+    def __init__(self, root: str, spark: SparkSession | None = None, native: bool | None = None):
+        self.root = root.rstrip("/")
+        self.spark = spark
+        if native is None and spark is not None:
+            native = native_available(spark)
+        self.native = bool(native)
+
+    # -- locations --------------------------------------------------------------------------
+    def uri(self, name: str) -> str:
+        table(name)  # unknown names fail here, with the list of tables
+        return f"{self.root}/tables/{name}"
+
+    def exists(self, name: str) -> bool:
+        return DeltaTable.is_deltatable(self.uri(name))
+
+    def delta(self, name: str) -> DeltaTable:
+        try:
+            return DeltaTable(self.uri(name))
+        except TableNotFoundError:
+            raise TableMissingError(
+                f"table {name!r} does not exist in the lake {self.root} (no Delta log at {self.uri(name)}); "
+                f"run the stage that writes it first (DESIGN.md, 'The lake')"
+            ) from None
+
+    def kept_documents(self) -> str:
+        """The table of documents the refinery kept: documents_dedup, or documents_scored before dedup ran."""
+        for name in ("documents_dedup", "documents_scored"):
+            if self.exists(name):
+                return name
+        raise TableMissingError(f"neither documents_dedup nor documents_scored exists in {self.root}; "
+                                "run `tokenmill refine --recipe R` first")
+
+    # -- Spark side -------------------------------------------------------------------------
+    def read(self, name: str) -> DataFrame:
+        spark = self._need_spark()
+        if self.native:
+            if not self.exists(name):
+                self.delta(name)  # raises TableMissingError with the hint
+            return native.read(spark, self.uri(name))
+        return bridge.read(spark, self.delta(name).file_uris(), table(name))
+
+    def write(
+        self,
+        name: str,
+        df: DataFrame,
+        mode: Mode = "overwrite",
+        replace_where: dict[str, str] | None = None,
+        job: str | None = None,
+    ) -> int:
+        """Write ``df`` as the table's next version, in one commit; returns that version.
+
+        ``replace_where`` (with mode "overwrite") replaces only the rows whose columns equal the
+        given values, e.g. ``{"stage": "ingest"}`` in ``documents_rejected``; the new rows must all
+        match it.
+        """
+        spec = table(name)
+        self._check_spark_schema(spec, df)
+        df = df.select(*spec.columns)
+        if self.native:
+            return native.write(self.uri(name), df, mode, replace_where, lambda: self.delta(name).version())
+        snapshot = DeltaTable(self.uri(name)) if self.exists(name) else None
+        if snapshot is not None:
+            self._check_table_schema(spec, snapshot)
+        return bridge.write(self.uri(name), snapshot, spec, df, mode, replace_where, job)
+
+    # -- Arrow side (no JVM) ----------------------------------------------------------------
+    def read_arrow(self, name: str, columns: list[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:
+        if not self.exists(name):
+            return table(name).schema.empty_table().select(columns or table(name).columns)
+        return self.delta(name).to_pyarrow_dataset().to_table(columns=columns, filter=filter)
+
+    def write_arrow(
+        self,
+        name: str,
+        data: pa.Table,
+        mode: Mode = "append",
+        replace_where: dict[str, str] | None = None,
+        job: str | None = None,
+    ) -> int:
+        spec = table(name)
+        try:
+            data = conform(spec, data)
+        except ValueError as err:
+            raise SchemaMismatchError(str(err)) from None
+        if self.exists(name):
+            self._check_table_schema(spec, self.delta(name))
+        try:
+            write_deltalake(
+                self.uri(name),
+                data,
+                mode=mode,
+                predicate=sql_predicate(replace_where) if replace_where else None,
+                commit_properties=commit_properties(job, data.num_rows, strict=mode == "overwrite"),
+            )
+        except CommitFailedError as err:
+            raise ConflictError(f"table {name!r}: a concurrent commit won; nothing was written ({err})") from None
+        return self.delta(name).version()
+
+    def put_rows(self, name: str, rows: list[dict], replace_where: dict[str, str] | None = None,
+                 job: str | None = None, attempts: int = 20) -> int:
+        """Append ``rows``, or replace the rows matching ``replace_where`` with them (none: delete them),
+        retrying with a short back-off while other writers' commits land (feed and trainer share
+        ``chunks``). For a decision that must not race, use ``replace_if_unchanged``."""
+        data = pa.Table.from_pylist(rows, schema=table(name).schema)
+        for attempt in range(attempts):
+            try:
+                if replace_where is None:
+                    return self.write_arrow(name, data, mode="append", job=job)
+                self.ensure(name)
+                return self.write_arrow(name, data, mode="overwrite", replace_where=replace_where, job=job)
+            except ConflictError:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.05 * (attempt + 1))  # back off while the other commit lands
+        raise AssertionError("unreachable")
+
+    def replace_if_unchanged(
+        self, name: str, snapshot: DeltaTable, data: pa.Table, replace_where: dict[str, str], job: str | None = None
+    ) -> int:
+        """Replace the rows matching ``replace_where`` with ``data``, only if the table is still at the
+        version ``snapshot`` was read at: a conditional commit (e.g. two trainers claiming one chunk).
+        Raises ConflictError when another commit landed in between; re-read and decide again."""
+        spec = table(name)
+        try:
+            data = conform(spec, data)
+        except ValueError as err:
+            raise SchemaMismatchError(str(err)) from None
+        try:
+            write_deltalake(snapshot, data, mode="overwrite", predicate=sql_predicate(replace_where),
+                            commit_properties=commit_properties(job, data.num_rows, strict=True))
+        except CommitFailedError as err:
+            raise ConflictError(f"table {name!r} changed since version {snapshot.version()}; nothing was written ({err})") from None
+        return self.delta(name).version()
+
+    def merge_counters(
+        self,
+        name: str,
+        updates: pa.Table,
+        key: list[str],
+        add: list[str],
+        assign: list[str] = (),
+        job: str | None = None,
+    ) -> int:
+        """Upsert ``updates``: matched rows get ``add`` columns incremented and ``assign`` columns set."""
+        spec = table(name)
+        try:
+            updates = conform(spec, updates)
+        except ValueError as err:
+            raise SchemaMismatchError(str(err)) from None
+        self.ensure(name)
+        set_exprs = {c: f"t.{c} + s.{c}" for c in add} | {c: f"s.{c}" for c in assign}
+        try:
+            (
+                self.delta(name)
+                .merge(
+                    source=updates,
+                    predicate=" AND ".join(f"t.{k} = s.{k}" for k in key),
+                    source_alias="s",
+                    target_alias="t",
+                    commit_properties=commit_properties(job, updates.num_rows, strict=False),
+                )
+                .when_matched_update(updates=set_exprs)
+                .when_not_matched_insert_all()
+                .execute()
+            )
+        except CommitFailedError as err:
+            raise ConflictError(f"table {name!r}: a concurrent merge won; retry the merge ({err})") from None
+        return self.delta(name).version()
+
+    def ensure(self, name: str) -> None:
+        """Create the table, empty, if it does not exist yet."""
+        if not self.exists(name):
+            try:
+                DeltaTable.create(self.uri(name), schema=table(name).schema, mode="ignore")
+            except Exception as err:  # a racing creator may have won; that is fine
+                if not self.exists(name):
+                    raise LakeError(f"cannot create table {name!r} at {self.uri(name)}: {err}") from err
+
+    def write_report(self, relative_dir: str, files: dict[str, str]) -> str:
+        """Write text files under ``<lake>/reports/<relative_dir>/``; returns that folder."""
+        folder = f"{self.root}/reports/{relative_dir}"
+        make_dirs(folder)
+        for name, content in files.items():
+            write_bytes(f"{folder}/{name}", content.encode("utf-8"))
+        return folder
+
+    # -- inspection ---------------------------------------------------------------------------
+    def versions(self, name: str, limit: int | None = None) -> list[TableVersion]:
+        return [_table_version(h) for h in self.delta(name).history(limit)]
+
+    def summary(self, name: str) -> TableSummary:
+        dt = self.delta(name)
+        actions = pa.table(dt.get_add_actions(flatten=True))
+        counts = actions.column("num_records").to_pylist() if actions.num_rows else []
+        rows = (
+            sum(counts)
+            if all(c is not None for c in counts)
+            else dt.to_pyarrow_dataset().count_rows()
+        )
+        return TableSummary(name, dt.version(), rows, actions.num_rows, self.versions(name, 1)[0])
+
+    # -- checks -------------------------------------------------------------------------------
+    def _need_spark(self) -> SparkSession:
+        if self.spark is None:
+            raise LakeError("this lake operation runs in Spark: create the Lake with a SparkSession")
+        return self.spark
+
+    @staticmethod
+    def _check_spark_schema(spec: Table, df: DataFrame) -> None:
+        from schemas.spark import schema_differences
+
+        problems = schema_differences(spec, df.schema)
+        if problems:
+            raise SchemaMismatchError(
+                f"refusing to write table {spec.name!r}: the data does not match its definition in "
+                f"schemas/tables.py: " + "; ".join(problems)
+            )
+
+    @staticmethod
+    def _check_table_schema(spec: Table, dt: DeltaTable) -> None:
+        problems = arrow_differences(spec, pa.schema(dt.schema().to_arrow()))
+        if problems:
+            raise SchemaMismatchError(
+                f"table {spec.name!r} at {dt.table_uri} was written with another schema than "
+                f"schemas/tables.py defines ({'; '.join(problems)}); write to a new lake or migrate the table"
+            )
+
+
+def _table_version(entry: dict[str, Any]) -> TableVersion:
+    rows = entry.get("tokenmill.rows")
+    return TableVersion(
+        version=int(entry.get("version", -1)),
+        timestamp=datetime.fromtimestamp(int(entry.get("timestamp", 0)) / 1000, tz=timezone.utc),
+        operation=str(entry.get("operation", "")),
+        job=entry.get("tokenmill.job") or None,
+        rows_written=int(rows) if rows not in (None, "") else None,
+    )
