@@ -19,7 +19,7 @@ OWN_PARSERS = {**{s.name: f"jobs.{s.module}" for s in STAGES},
                "plan": "trainer.planner", "train": "trainer.daemon", "package": "jobs.package"}
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description="LLM pretraining data refinery and streaming trainer")
     sub = parser.add_subparsers(dest="command", required=True)
     for s in STAGES:
@@ -58,7 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--data", help="labelled JSONL (text, label); default: <lake>/labels/<task>.jsonl")
     listing = models_sub.add_parser("list", help="every saved model with its version and held-out macro-F1")
     recipe_arguments(listing)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in OWN_PARSERS:
         module = importlib.import_module(OWN_PARSERS[argv[0]])

@@ -81,16 +81,40 @@ def run(spark, recipe: Recipe, options: NoOptions = NoOptions()) -> IngestReport
     started = time.perf_counter()
     lake = Lake(recipe.lake, spark)
     splits = _planned_splits(spark, recipe)
+    records = _parsed_records(spark, recipe, splits).persist()  # read twice: duplicate ids, then the rows
+    parsed = _reject_duplicate_ids(records)
+    counts = parsed.groupBy("source", "kind", "reason").count().collect()
+    now = datetime.now(timezone.utc)
+    docs, rejects = kept_and_rejected(
+        parsed.withColumn("ingested_at", F.lit(now).cast("timestamp"))
+        .withColumnRenamed("reason", "_reject_reason")
+        .withColumnRenamed("detail", "_reject_detail"),
+        STAGE,
+        "documents_raw",
+    )
+    raw_version = commit_stage(lake, STAGE, "documents_raw", docs, rejects)
+    records.unpersist()
+    report = _report(counts, files=len({s.file for s in splits}))
+    report.seconds = time.perf_counter() - started
+    report.raw_version = raw_version
+    return report
+
+
+def _parsed_records(spark, recipe: Recipe, splits: list[Split]):
+    """One row per input record, a document or a rejection, parsed in the executors split by split."""
     specs = {
         s.name: SourceSpec(s.name, s.text_field, s.id_field, s.url_field, recipe.ingest.max_doc_bytes)
         for s in recipe.sources
     }
     split_df = spark.createDataFrame([tuple(asdict(s).values()) for s in splits], _SPLITS_DDL)
-    parsed = split_df.repartition(len(splits)).mapInArrow(lambda batches: _parse_splits(batches, specs), _PARSED_DDL)
+    return split_df.repartition(len(splits)).mapInArrow(lambda batches: _parse_splits(batches, specs), _PARSED_DDL)
 
-    # Two documents with one doc_id: the first (by file, line) is kept, the others rejected. Only
-    # the keys are shuffled; the (usually tiny) result is joined back.
-    parsed = parsed.persist()
+
+def _reject_duplicate_ids(parsed):
+    """Two documents with one doc_id: the first (by file, line) is kept, the others rejected. Only
+    the keys are shuffled; the (usually tiny) result is joined back."""
+    from pyspark.sql import functions as F
+
     location = F.struct("file", "line")
     first_seen = (
         parsed.where(F.col("kind") == "doc")
@@ -100,7 +124,7 @@ def run(spark, recipe: Recipe, options: NoOptions = NoOptions()) -> IngestReport
         .select("doc_id", "_first")
     )
     is_dup = F.col("_first").isNotNull() & (F.col("kind") == "doc") & (location != F.col("_first"))
-    parsed = (
+    return (
         parsed.join(first_seen, "doc_id", "left")
         .withColumn("reason", F.when(is_dup, F.lit("duplicate_doc_id")).otherwise(F.col("reason")))
         .withColumn(
@@ -113,19 +137,10 @@ def run(spark, recipe: Recipe, options: NoOptions = NoOptions()) -> IngestReport
         .withColumn("kind", F.when(is_dup, F.lit("reject")).otherwise(F.col("kind")))
         .drop("_first")
     )
-    counts = parsed.groupBy("source", "kind", "reason").count().collect()
-    now = datetime.now(timezone.utc)
-    docs, rejects = kept_and_rejected(
-        parsed.withColumn("ingested_at", F.lit(now).cast("timestamp"))
-        .withColumnRenamed("reason", "_reject_reason")
-        .withColumnRenamed("detail", "_reject_detail"),
-        STAGE,
-        "documents_raw",
-    )
-    raw_version = commit_stage(lake, STAGE, "documents_raw", docs, rejects)
-    parsed.unpersist()
 
-    report = IngestReport(files=len({s.file for s in splits}), records=0, kept=0, rejected_by_reason={})
+
+def _report(counts, files: int) -> IngestReport:
+    report = IngestReport(files=files, records=0, kept=0, rejected_by_reason={})
     for row in counts:
         report.records += row["count"]
         report.by_source.setdefault(row["source"], {}).setdefault(row["kind"], 0)
@@ -134,8 +149,6 @@ def run(spark, recipe: Recipe, options: NoOptions = NoOptions()) -> IngestReport
             report.kept += row["count"]
         else:
             report.rejected_by_reason[row["reason"]] = report.rejected_by_reason.get(row["reason"], 0) + row["count"]
-    report.seconds = time.perf_counter() - started
-    report.raw_version = raw_version
     return report
 
 
