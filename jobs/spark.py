@@ -21,9 +21,11 @@ def get_spark(app_name: str, recipe: Recipe | None = None) -> SparkSession:
         return active
     settings = recipe.spark if recipe is not None else None
     builder = SparkSession.builder.appName(app_name)
-    if not SparkConf().contains("spark.master"):  # spark-submit sets it; a plain `python -m` does not
+    master = choose_master(submitted_master(), os.environ.get("TOKENMILL_SPARK_MASTER"),
+                           settings.master if settings else "local[*]")
+    if master is not None:  # no spark-submit: this process starts Spark itself
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")  # local mode needs no network interface
-        builder = builder.master(os.environ.get("TOKENMILL_SPARK_MASTER", settings.master if settings else "local[*]"))
+        builder = builder.master(master)
         builder = builder.config("spark.driver.memory", settings.driver_memory if settings else "4g")
     builder = (
         builder.config("spark.sql.shuffle.partitions", str(settings.shuffle_partitions if settings else 8))
@@ -42,6 +44,29 @@ def get_spark(app_name: str, recipe: Recipe | None = None) -> SparkSession:
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(os.environ.get("TOKENMILL_SPARK_LOG_LEVEL", "WARN"))
     return spark
+
+
+def submitted_master() -> str | None:
+    """The master spark-submit was given, when spark-submit started this process; else None.
+
+    spark-submit runs a Python application with the JVM already up (``PYSPARK_GATEWAY_PORT`` set);
+    its settings are only visible once Python is connected to that JVM, so connect first, then ask.
+    A plain ``python -m`` or ``tokenmill`` has no JVM yet, and connecting would start one too early
+    (before the driver's memory is set)."""
+    if "PYSPARK_GATEWAY_PORT" not in os.environ:
+        return None
+    from pyspark import SparkContext
+
+    SparkContext._ensure_initialized()  # noqa: SLF001 - attaches to spark-submit's JVM, starts nothing
+    return SparkConf().get("spark.master", None)
+
+
+def choose_master(submitted: str | None, environment: str | None, recipe_master: str) -> str | None:
+    """The master to set, or None to keep spark-submit's: spark-submit's ``--master`` wins, then
+    ``TOKENMILL_SPARK_MASTER``, then the recipe's ``spark.master``."""
+    if submitted:
+        return None
+    return environment or recipe_master
 
 
 @contextmanager

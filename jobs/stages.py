@@ -149,6 +149,7 @@ def run_stages(recipe: Recipe, names: list[str], options: dict[str, Any] | None 
         from jobs.spark import get_spark
 
         spark = get_spark("tokenmill-" + "-".join(s.name for s in ordered), recipe)
+    log(f"[refine] Spark master {spark.sparkContext.master}")
     reports = {}
     for s in ordered:
         started = time.perf_counter()
@@ -171,6 +172,7 @@ def stage_main(name: str, argv: list[str] | None = None) -> int:
     try:
         s.check_recipe(recipe)
         spark = get_spark(f"tokenmill-{s.name}", recipe)
+        print(f"[{s.name}] Spark master {spark.sparkContext.master}", flush=True)
         started = time.perf_counter()
         print(s.run(spark, recipe, options_from(args, s.options)))
     except user_errors() as err:

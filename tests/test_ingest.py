@@ -123,7 +123,7 @@ def test_every_entry_point_runs_the_same_job(tmp_path, launcher):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(5)) + "{broken\n")
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"lake: lake\nsources: [{{name: s, path: d.jsonl}}]\nspark: {{master: 'local[1]'}}\n")
+    recipe.write_text(f"lake: lake\nsources: [{{name: s, path: d.jsonl}}]\nspark: {{master: 'local[2]'}}\n")
     bindir = os.path.dirname(sys.executable)
     cmd = {
         "python -m": [sys.executable, "-m", "jobs.ingest"],
@@ -134,4 +134,15 @@ def test_every_entry_point_runs_the_same_job(tmp_path, launcher):
                           timeout=600, env={**os.environ, "PYSPARK_PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "read 6 records" in proc.stdout and "kept 5" in proc.stdout and "malformed_json     1" in proc.stdout
+    # spark-submit's --master wins over the recipe's spark.master, which applies everywhere else
+    expected = "local[1]" if launcher == "spark-submit" else "local[2]"
+    assert f"[ingest] Spark master {expected}\n" in proc.stdout, proc.stdout
     assert DeltaTable(str(tmp_path / "lake" / "tables" / "documents_raw")).to_pyarrow_table().num_rows == 5
+
+
+def test_spark_submits_master_wins_then_the_environment_then_the_recipe():
+    from jobs.spark import choose_master
+
+    assert choose_master("spark://head:7077", "local[3]", "local[*]") is None  # keep spark-submit's
+    assert choose_master(None, "local[3]", "local[*]") == "local[3]"
+    assert choose_master(None, None, "local[2]") == "local[2]"
