@@ -146,3 +146,21 @@ def test_spark_submits_master_wins_then_the_environment_then_the_recipe():
     assert choose_master("spark://head:7077", "local[3]", "local[*]") is None  # keep spark-submit's
     assert choose_master(None, "local[3]", "local[*]") == "local[3]"
     assert choose_master(None, None, "local[2]") == "local[2]"
+
+
+@pytest.mark.slow
+def test_a_lake_folder_in_the_working_folder_does_not_hide_the_lake_package(tmp_path):
+    """Spark's Python workers put the working folder first on their path: ``./lake/tables/`` there must
+    not stand in for the ``lake.tables`` module (the README's recipes use ``lake: ./lake``)."""
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": f"doc {i} " * 20}) + "\n" for i in range(5)))
+    (tmp_path / "r.yaml").write_text("lake: lake\nsources: [{name: s, path: d.jsonl}]\nspark: {master: 'local[1]'}\n")
+    bindir = os.path.dirname(sys.executable)
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable}
+    for script in ("ingest.py", "filter_rules.py"):  # filter's workers import jobs.docstage → lake.tables
+        proc = subprocess.run([os.path.join(bindir, "spark-submit"), "--master", "local[1]", str(ROOT / "jobs" / script),
+                               "--recipe", "r.yaml"], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    tables = tmp_path / "lake" / "tables"
+    kept = DeltaTable(str(tables / "documents_filtered")).to_pyarrow_table().num_rows
+    rejected = DeltaTable(str(tables / "documents_rejected")).to_pyarrow_table().column("stage").to_pylist()
+    assert kept + rejected.count("filter") == 5  # every document judged by the filter's workers
