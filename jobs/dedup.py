@@ -2,20 +2,25 @@
 
     spark-submit jobs/dedup.py --recipe R [--incremental]   |   tokenmill refine --recipe R --stages dedup
 
-1. optional line dedup: lines (or paragraphs) found in more than ``min_repeats`` documents are
-   removed from every document first (boilerplate);
-2. exact dedup: documents with the same normalised text are one group;
-3. MinHash signatures and LSH band keys per document, in ``mapInArrow`` (``jobs/minhash.py``),
-   banded for the loosest threshold of the recipe;
-4. candidate pairs from shared band keys, each checked by its estimated Jaccard against its
+The phases, in the order ``run`` calls them:
+
+1. ``remove_boilerplate_lines`` (optional line dedup): lines (or paragraphs) found in more than
+   ``min_repeats`` documents are removed from every document first;
+2. ``compute_signatures``: exact-text key, threshold, MinHash signature and LSH band keys per document,
+   in ``mapInArrow`` (``jobs/dedup_batches.py``, ``jobs/minhash.py``), banded for the loosest threshold;
+3. ``exact_groups``: documents with the same normalised text are one group, banded once;
+4. ``candidate_pairs``: pairs sharing a band key, each checked by its estimated Jaccard against its
    threshold (the domain's, else the category's; the stricter one across two);
-5. connected components of the verified pairs, distributed (alternating large-star / small-star,
-   Kiveris et al. 2014), with nothing collected to the driver but counts;
-6. the survivor of each cluster is the highest ``quality``, then the longer text, then the smaller
-   ``doc_id``; every member goes to ``dedup_clusters``, every removed one to ``documents_rejected``.
+5. ``connected_components`` of the exact and near edges, distributed (alternating large-star /
+   small-star, Kiveris et al. 2014), with nothing collected to the driver but counts;
+6. ``choose_survivors``: the survivor of each cluster is the highest ``quality``, then the longer text,
+   then the smaller ``doc_id``; every member is a ``dedup_clusters`` row;
+7. ``filter_documents`` and ``write_tables``: survivors and unclustered documents to
+   ``documents_dedup``, every removed one to ``documents_rejected``, naming the kept one.
 
 ``--incremental`` dedups documents not seen by an earlier run against the documents that run kept,
-without clustering the old corpus again: old kept documents are never removed.
+without clustering the old corpus again: old kept documents are never removed (``read_documents``
+and ``write_tables`` are where the two modes differ).
 """
 
 from __future__ import annotations
@@ -30,128 +35,20 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-import numpy as np
 import pyarrow as pa
+from pyspark.sql import Window
+from pyspark.sql import functions as F
+from pyspark.sql.types import LongType, StructField, StructType
 
+from jobs.dedup_batches import SIGNATURE_DDL, line_keys, lsh_shape, remove_lines, sign_batch, similarity_batch
 from jobs.docstage import spread
-from lake.tables import Lake
-from jobs.minhash import (ShingleSpec, band_keys, jaccard_estimate, normalize_for_dedup, optimal_params,
-                          shingle_hashes, signatures, text_key)
-from lake.recipe import Recipe
 from jobs.stages import DedupOptions, stage_main
+from lake.recipe import Recipe
+from lake.sections import LineDedup
+from lake.tables import Lake
 from schemas import table
 
 STAGE = "dedup"
-_SIG_DDL = ("doc_id string, text_key long, dkey string, threshold double, quality double, length long, "
-            "sig binary, bands array<long>")
-
-
-# -- pure parts (per Arrow batch) ------------------------------------------------------------------
-
-
-def lsh_shape(recipe: Recipe) -> tuple[int, int, float]:
-    """(bands, rows, loosest threshold): the banding every document gets."""
-    cfg = recipe.dedup
-    loosest = min([cfg.default_threshold, *cfg.thresholds.values()])
-    bands, rows = optimal_params(loosest, cfg.num_perm, cfg.fp_weight, 1.0 - cfg.fp_weight)
-    return bands, rows, loosest
-
-
-def sign_batch(batch: pa.RecordBatch, recipe: Recipe, bands: int, rows: int) -> pa.RecordBatch:
-    """Exact-text key, threshold, signature and band keys of each document of a batch."""
-    cfg = recipe.dedup
-    texts = batch.column("text").to_pylist()
-    langs = batch.column("lang").to_pylist()
-    specs = [ShingleSpec(s.unit, s.n) for s in (cfg.shingling(lang or "") for lang in langs)]
-    normalized = normalize_for_dedup(texts, [s.unit for s in specs])
-    sigs = signatures([shingle_hashes(t, s) for t, s in zip(normalized, specs)], cfg.num_perm, cfg.seed)
-    keys = band_keys(sigs, bands, rows)
-    chosen = [cfg.threshold_for(d, c) for d, c in zip(batch.column("domain").to_pylist(),
-                                                       batch.column("category").to_pylist())]
-    quality = batch.column("quality").to_numpy(zero_copy_only=False)
-    return pa.RecordBatch.from_pydict({
-        "doc_id": batch.column("doc_id"),
-        "text_key": pa.array([text_key(t) for t in normalized], pa.int64()),
-        "dkey": pa.array([key for _, key in chosen], pa.string()),
-        "threshold": pa.array([th for th, _ in chosen], pa.float64()),
-        "quality": pa.array(np.nan_to_num(quality.astype(np.float64), nan=-1.0), pa.float64()),
-        "length": pa.array([len(t) for t in texts], pa.int64()),
-        "sig": pa.array([row.tobytes() for row in sigs], pa.binary()),
-        "bands": pa.array(list(keys), pa.list_(pa.int64())),
-    })
-
-
-def _sig_matrix(column: pa.Array) -> np.ndarray:
-    return np.frombuffer(b"".join(column.to_pylist()), np.uint32).reshape(len(column), -1)
-
-
-def similarity_batch(batch: pa.RecordBatch) -> pa.RecordBatch:
-    """Estimated Jaccard of each (sig_a, sig_b) row, appended as ``similarity``."""
-    sim = jaccard_estimate(_sig_matrix(batch.column("sig_a")), _sig_matrix(batch.column("sig_b")))
-    names = [n for n in batch.schema.names if n not in ("sig_a", "sig_b")]
-    return pa.RecordBatch.from_arrays([batch.column(n) for n in names] + [pa.array(sim, pa.float64())],
-                                      names=names + ["similarity"])
-
-
-def line_keys(text: str, unit: str, min_chars: int) -> list[tuple[int, str]]:
-    """(key, piece) for each line or paragraph of a text; blank and short pieces get no key (0)."""
-    pieces = text.split("\n\n") if unit == "paragraph" else text.split("\n")
-    out = []
-    for piece in pieces:
-        norm = " ".join(piece.split()).lower()
-        out.append((text_key(norm) if len(norm) >= max(min_chars, 1) else 0, piece))
-    return out
-
-
-def remove_lines(text: str, boilerplate: set[int], unit: str, min_chars: int) -> tuple[str, int]:
-    """The text without its boilerplate lines (or paragraphs), and how many were removed."""
-    kept, removed = [], 0
-    for key, piece in line_keys(text, unit, min_chars):
-        if key and key in boilerplate:
-            removed += 1
-        else:
-            kept.append(piece)
-    return ("\n\n" if unit == "paragraph" else "\n").join(kept).strip(), removed
-
-
-# -- connected components ----------------------------------------------------------------------------
-
-
-def connected_components(edges, max_rounds: int = 64):
-    """(node, root) for every node of an undirected edge DataFrame (u, v); root = the component's
-    smallest node. Alternating large-star / small-star on DataFrames, checkpointed every round."""
-    from pyspark.sql import functions as F
-
-    def both_ways(e):
-        return e.unionByName(e.select(F.col("v").alias("u"), F.col("u").alias("v")))
-
-    # Checkpointed: each round reads its input several times, which must not recompute the edges.
-    current = edges.select(F.least("u", "v").alias("u"), F.greatest("u", "v").alias("v")) \
-        .where(F.col("u") != F.col("v")).distinct().localCheckpoint(eager=True)
-    for _ in range(max_rounds):
-        # Large-star: every larger neighbour of u links to the smallest of u's closed neighbourhood.
-        nb = both_ways(current)
-        smallest = nb.groupBy("u").agg(F.min("v").alias("m")).select("u", F.least("u", "m").alias("m"))
-        large = nb.where(F.col("v") > F.col("u")).join(smallest, "u") \
-            .select(F.col("v").alias("u"), F.col("m").alias("v")).distinct().localCheckpoint(eager=True)
-        # Small-star: u and its smaller neighbours all link to the smallest of them.
-        down = both_ways(large).where(F.col("v") < F.col("u"))
-        low = down.groupBy("u").agg(F.min("v").alias("m"))
-        small = down.join(low, "u").select(F.col("v").alias("u"), F.col("m").alias("v")) \
-            .unionByName(low.select("u", F.col("m").alias("v"))) \
-            .where(F.col("u") != F.col("v")) \
-            .select(F.greatest("u", "v").alias("u"), F.least("u", "v").alias("v")).distinct()
-        current = small.localCheckpoint(eager=True)
-        # Converged when the edges are stars: one parent per node, and no parent has a parent.
-        parents = current.groupBy("u").count().where(F.col("count") > 1).limit(1).count()
-        chained = current.join(current.select(F.col("u").alias("v")).distinct(), "v").limit(1).count()
-        if parents == 0 and chained == 0:
-            roots = current.select(F.col("v").alias("node"), F.col("v").alias("root")).distinct()
-            return current.select(F.col("u").alias("node"), F.col("v").alias("root")).unionByName(roots)
-    raise RuntimeError(f"connected components did not converge in {max_rounds} rounds")
-
-
-# -- the job -----------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -184,33 +81,61 @@ class DedupReport:
         )
 
 
-def _line_dedup(spark, docs, recipe: Recipe):
-    """Documents with boilerplate lines removed (+ ``_lines_removed``), or the input when off."""
-    from pyspark.sql import functions as F
+def run(spark, recipe: Recipe, options: DedupOptions = DedupOptions()) -> DedupReport:
+    """Remove exact and near duplicates from documents_scored into documents_dedup, with lineage."""
+    started = time.perf_counter()
+    lake = Lake(recipe.lake, spark)
+    unseen, old_kept = read_documents(lake, options.incremental)
+    incremental = old_kept is not None
+    documents = remove_boilerplate_lines(spark, unseen, recipe)
+    signed = compute_signatures(documents, old_kept, recipe)
+    representatives, exact_edges = exact_groups(signed, recipe.dedup.exact)
+    near_edges = candidate_pairs(representatives, signed, recipe.dedup.max_bucket_pairs, incremental)
+    edges = near_edges if exact_edges is None else near_edges.unionByName(exact_edges)
+    clusters = choose_survivors(connected_components(edges), signed)
+    kept, rejected = filter_documents(documents, clusters)
+    version = write_tables(lake, kept, rejected, clusters, old_kept)
+    report = _report(recipe, documents, clusters, kept, incremental, version)
+    for df in (documents, signed, clusters) + ((old_kept,) if incremental else ()):
+        df.unpersist()  # localCheckpoint data is released the same way
+    report.seconds = time.perf_counter() - started
+    return report
 
+
+# -- the phases, in order ------------------------------------------------------------------------------
+
+
+def read_documents(lake: Lake, incremental: bool):
+    """(documents to dedup, the documents an earlier run kept, or None when this is a full run).
+
+    Incremental after an earlier run: only the documents it neither kept nor rejected, to be deduped
+    against the ones it kept. Those are materialised now, because documents_dedup is rewritten at the end.
+    """
+    scored = lake.read("documents_scored")
+    if not (incremental and lake.exists("documents_dedup")):
+        return spread(scored), None
+    old_kept = lake.read("documents_dedup").localCheckpoint(eager=True)
+    seen = old_kept.select("doc_id")
+    if lake.exists("documents_rejected"):
+        seen = seen.unionByName(lake.read("documents_rejected").where(F.col("stage") == STAGE).select("doc_id"))
+    return spread(scored.join(seen, "doc_id", "left_anti")), old_kept
+
+
+def remove_boilerplate_lines(spark, documents, recipe: Recipe):
+    """The documents without their boilerplate lines, with ``_lines_removed``; materialised.
+
+    Before document dedup, because a footer or banner shared by thousands of pages says nothing about
+    them but pulls their signatures together. Materialised because every later phase reads it, and in
+    incremental mode its definition reads tables this job rewrites.
+    """
     cfg = recipe.dedup.line_dedup
     if cfg is None:
-        return docs.withColumn("_lines_removed", F.lit(0).cast("long"))
+        return documents.withColumn("_lines_removed", F.lit(0).cast("long")).localCheckpoint(eager=True)
+    boilerplate = _frequent_lines(spark, documents, cfg)
     unit, min_chars = cfg.unit, cfg.min_chars
-
-    def keys_of(batches):
-        for batch in batches:
-            # one row per (document, distinct key): a line repeated inside one document counts once
-            keys = [k for t in batch.column("text").to_pylist() for k in {k for k, _ in line_keys(t, unit, min_chars)} if k]
-            yield pa.RecordBatch.from_pydict({"key": pa.array(keys, pa.int64())})
-
-    frequent = docs.select("text").mapInArrow(keys_of, "key long").groupBy("key").count() \
-        .where(F.col("count") > cfg.min_repeats)
-    n_frequent = frequent.count()
-    if n_frequent > 5_000_000:
-        raise ValueError(f"dedup.line_dedup: {n_frequent:,} distinct lines occur in more than {cfg.min_repeats} "
-                         "documents; raise dedup.line_dedup.min_repeats")
-    boilerplate = spark.sparkContext.broadcast({r["key"] for r in frequent.select("key").collect()})
-    from pyspark.sql.types import LongType, StructField, StructType
-
-    names = docs.columns
+    names = documents.columns
     # a new StructType: DataFrame.schema is cached, and StructType.add would change it in place
-    schema = StructType([*docs.schema.fields, StructField("_lines_removed", LongType())])
+    schema = StructType([*documents.schema.fields, StructField("_lines_removed", LongType())])
 
     def strip(batches):
         for batch in batches:
@@ -222,38 +147,39 @@ def _line_dedup(spark, docs, recipe: Recipe):
             cols = [pa.array(out_text, pa.string()) if n == "text" else batch.column(n) for n in names]
             yield pa.RecordBatch.from_arrays(cols + [pa.array(removed, pa.int64())], names=names + ["_lines_removed"])
 
-    return docs.mapInArrow(strip, schema)
+    return documents.mapInArrow(strip, schema).localCheckpoint(eager=True)
 
 
-def run(spark, recipe: Recipe, options: DedupOptions = DedupOptions()) -> DedupReport:
-    """Remove exact and near duplicates from documents_scored into documents_dedup, with lineage."""
-    from pyspark.sql import Window
-    from pyspark.sql import functions as F
+def _frequent_lines(spark, documents, cfg: LineDedup):
+    """The keys of the lines found in more than ``min_repeats`` documents, broadcast to every task."""
+    unit, min_chars = cfg.unit, cfg.min_chars
 
-    started = time.perf_counter()
-    incremental = options.incremental
-    lake = Lake(recipe.lake, spark)
-    cfg = recipe.dedup
+    def keys_of(batches):
+        for batch in batches:
+            # one row per (document, distinct key): a line repeated inside one document counts once
+            keys = [k for t in batch.column("text").to_pylist() for k in {k for k, _ in line_keys(t, unit, min_chars)} if k]
+            yield pa.RecordBatch.from_pydict({"key": pa.array(keys, pa.int64())})
+
+    frequent = documents.select("text").mapInArrow(keys_of, "key long").groupBy("key").count() \
+        .where(F.col("count") > cfg.min_repeats)
+    n_frequent = frequent.count()
+    if n_frequent > 5_000_000:
+        raise ValueError(f"dedup.line_dedup: {n_frequent:,} distinct lines occur in more than {cfg.min_repeats} "
+                         "documents; raise dedup.line_dedup.min_repeats")
+    return spark.sparkContext.broadcast({r["key"] for r in frequent.select("key").collect()})
+
+
+def compute_signatures(documents, old_kept, recipe: Recipe):
+    """Exact-text key, threshold, MinHash signature and LSH band keys of every document with text left,
+    and of every old kept document (``is_old``), signed in Arrow batches by ``sign_batch``; persisted.
+
+    Old kept documents are signed again, by this run's shingling and permutations: two signatures are
+    only comparable when made the same way, and no table stores them. Persisted because exact groups,
+    candidate pairs and survivors all read it.
+    """
     bands, rows, _ = lsh_shape(recipe)
-    now = datetime.now(timezone.utc)
-
-    scored = lake.read("documents_scored")
-    old_kept = None
-    if incremental and lake.exists("documents_dedup"):
-        old_kept = lake.read("documents_dedup").localCheckpoint(eager=True)  # the table is rewritten below
-        seen = old_kept.select("doc_id")
-        if lake.exists("documents_rejected"):
-            seen = seen.unionByName(lake.read("documents_rejected").where(F.col("stage") == STAGE).select("doc_id"))
-        scored = scored.join(seen, "doc_id", "left_anti")
-    else:
-        incremental = False
-    # Materialised now: in incremental mode its definition reads tables this job rewrites.
-    docs = _line_dedup(spark, spread(scored), recipe).localCheckpoint(eager=True)
-    boilerplate_only = docs.where(F.length(F.trim("text")) == 0)
-    docs_live = docs.where(F.length(F.trim("text")) > 0)
-
     sign_cols = ["doc_id", "text", "lang", "domain", "category", "quality"]
-    to_sign = docs_live.select(*sign_cols).withColumn("is_old", F.lit(False))
+    to_sign = documents.where(_text_length() > 0).select(*sign_cols).withColumn("is_old", F.lit(False))
     if old_kept is not None:
         to_sign = to_sign.unionByName(old_kept.select(*sign_cols).withColumn("is_old", F.lit(True)))
 
@@ -263,113 +189,210 @@ def run(spark, recipe: Recipe, options: DedupOptions = DedupOptions()) -> DedupR
             yield pa.RecordBatch.from_arrays([*signed.columns, batch.column("is_old")],
                                              names=[*signed.schema.names, "is_old"])
 
-    sigs = spread(to_sign).mapInArrow(sign, _SIG_DDL + ", is_old boolean").persist()
+    return spread(to_sign).mapInArrow(sign, SIGNATURE_DDL + ", is_old boolean").persist()
 
-    # Exact groups: every copy links to the group's smallest doc_id; only that one is banded.
+
+def exact_groups(signed, exact: bool):
+    """(the documents that go on to LSH, edges (u, v) from each exact copy to its group's representative).
+
+    Copies of one normalised text are one group, represented by its smallest doc_id; only that one is
+    banded, so a bucket never fills with identical copies. A group made only of old kept documents gets
+    no edges: the earlier run settled it. With ``dedup.exact`` off every document is banded and there
+    are no such edges (None).
+    """
+    if not exact:
+        return signed, None
     by_text = Window.partitionBy("text_key")
-    sigs_g = sigs.withColumn("rep", F.min("doc_id").over(by_text)).withColumn("group_new", F.max(~F.col("is_old")).over(by_text))
-    exact_edges = sigs_g.where((F.col("doc_id") != F.col("rep")) & F.col("group_new")) \
-        .select(F.col("doc_id").alias("u"), F.col("rep").alias("v")) if cfg.exact else None
-    reps = sigs_g.where(F.col("doc_id") == F.col("rep")) if cfg.exact else sigs_g
+    grouped = signed.withColumn("rep", F.min("doc_id").over(by_text)) \
+        .withColumn("group_new", F.max(~F.col("is_old")).over(by_text))
+    edges = grouped.where((F.col("doc_id") != F.col("rep")) & F.col("group_new")) \
+        .select(F.col("doc_id").alias("u"), F.col("rep").alias("v"))
+    return grouped.where(F.col("doc_id") == F.col("rep")), edges
 
-    # LSH: documents sharing a band key are candidates; in a bucket each pairs with its next ones.
+
+def candidate_pairs(representatives, signed, max_bucket_pairs: int, incremental: bool):
+    """Near-duplicate edges (u, v): pairs sharing an LSH band key whose estimated Jaccard reaches their
+    threshold, the stricter of the two documents' thresholds.
+
+    In a bucket each document pairs only with its next ``max_bucket_pairs`` by doc_id, so a huge bucket
+    costs a linear number of pairs and its members still connect through their neighbours.
+    Incremental: two old kept documents are never paired again.
+    """
     bucket = Window.partitionBy("band", "key")
-    banded = reps.select("doc_id", "is_old", F.posexplode("bands").alias("band", "key")) \
+    banded = representatives.select("doc_id", "is_old", F.posexplode("bands").alias("band", "key")) \
         .withColumn("size", F.count("*").over(bucket)).where(F.col("size") > 1) \
         .withColumn("rank", F.row_number().over(bucket.orderBy("doc_id"))).drop("size")
     x, y = banded.alias("x"), banded.alias("y")
     pairs = x.join(y, (F.col("x.band") == F.col("y.band")) & (F.col("x.key") == F.col("y.key"))
-                   & (F.col("y.rank") > F.col("x.rank")) & (F.col("y.rank") <= F.col("x.rank") + cfg.max_bucket_pairs))
+                   & (F.col("y.rank") > F.col("x.rank")) & (F.col("y.rank") <= F.col("x.rank") + max_bucket_pairs))
     if incremental:
         pairs = pairs.where(~(F.col("x.is_old") & F.col("y.is_old")))
     pairs = pairs.select(F.least("x.doc_id", "y.doc_id").alias("a"), F.greatest("x.doc_id", "y.doc_id").alias("b")).distinct()
-    side = sigs.select("doc_id", "sig", "threshold")
+    side = signed.select("doc_id", "sig", "threshold")
     pairs = pairs.join(side.toDF("a", "sig_a", "th_a"), "a").join(side.toDF("b", "sig_b", "th_b"), "b") \
         .withColumn("threshold", F.greatest("th_a", "th_b")).select("a", "b", "threshold", "sig_a", "sig_b")
-    verified = pairs.mapInArrow(lambda bs: (similarity_batch(b) for b in bs),
-                                "a string, b string, threshold double, similarity double") \
-        .where(F.col("similarity") >= F.col("threshold"))
-    edges = verified.select(F.col("a").alias("u"), F.col("b").alias("v"))
-    if exact_edges is not None:
-        edges = edges.unionByName(exact_edges)
-    components = connected_components(edges)
+    verified = _with_similarity(pairs).where(F.col("similarity") >= F.col("threshold"))
+    return verified.select(F.col("a").alias("u"), F.col("b").alias("v"))
 
-    # Survivor per cluster: old kept documents first (incremental), then quality, length, doc_id.
-    members = components.join(sigs.withColumnRenamed("doc_id", "node"), "node")
+
+def connected_components(edges, max_rounds: int = 64):
+    """(node, root) for every node of an undirected edge DataFrame (u, v); root = the component's
+    smallest node. Alternating large-star / small-star on DataFrames, checkpointed every round."""
+
+    def both_ways(e):
+        return e.unionByName(e.select(F.col("v").alias("u"), F.col("u").alias("v")))
+
+    # Checkpointed: each round reads its input several times, which must not recompute the edges.
+    current = edges.select(F.least("u", "v").alias("u"), F.greatest("u", "v").alias("v")) \
+        .where(F.col("u") != F.col("v")).distinct().localCheckpoint(eager=True)
+    for _ in range(max_rounds):
+        # Large-star: every larger neighbour of u links to the smallest of u's closed neighbourhood.
+        nb = both_ways(current)
+        smallest = nb.groupBy("u").agg(F.min("v").alias("m")).select("u", F.least("u", "m").alias("m"))
+        large = nb.where(F.col("v") > F.col("u")).join(smallest, "u") \
+            .select(F.col("v").alias("u"), F.col("m").alias("v")).distinct().localCheckpoint(eager=True)
+        # Small-star: u and its smaller neighbours all link to the smallest of them.
+        down = both_ways(large).where(F.col("v") < F.col("u"))
+        low = down.groupBy("u").agg(F.min("v").alias("m"))
+        small = down.join(low, "u").select(F.col("v").alias("u"), F.col("m").alias("v")) \
+            .unionByName(low.select("u", F.col("m").alias("v"))) \
+            .where(F.col("u") != F.col("v")) \
+            .select(F.greatest("u", "v").alias("u"), F.least("u", "v").alias("v")).distinct()
+        current = small.localCheckpoint(eager=True)
+        # Converged when the edges are stars: one parent per node, and no parent has a parent.
+        parents = current.groupBy("u").count().where(F.col("count") > 1).limit(1).count()
+        chained = current.join(current.select(F.col("u").alias("v")).distinct(), "v").limit(1).count()
+        if parents == 0 and chained == 0:
+            roots = current.select(F.col("v").alias("node"), F.col("v").alias("root")).distinct()
+            return current.select(F.col("u").alias("node"), F.col("v").alias("root")).unionByName(roots)
+    raise RuntimeError(f"connected components did not converge in {max_rounds} rounds")
+
+
+def choose_survivors(components, signed):
+    """One ``dedup_clusters`` row per member of each connected component, naming the member kept, with
+    ``_exact`` (same normalised text as the kept one) and ``is_old``; materialised.
+
+    The kept member is an old kept document if the cluster has one (incremental: those are never
+    removed), else the highest quality, then the longer text, then the smaller doc_id: a total order,
+    so reruns and partition counts agree. Each member's similarity is estimated against the kept
+    member itself, not against the neighbour that joined it to the cluster.
+    """
+    members = components.join(signed.withColumnRenamed("doc_id", "node"), "node")
     best = Window.partitionBy("root").orderBy(F.col("is_old").desc(), F.col("quality").desc(),
                                               F.col("length").desc(), F.col("node").asc())
     members = members.withColumn("kept_doc_id", F.first("node").over(best)).persist()
     kept_side = members.where(F.col("node") == F.col("kept_doc_id")).select(
         F.col("node").alias("kept_doc_id"), F.col("sig").alias("sig_b"), F.col("text_key").alias("kept_text_key"),
         F.col("threshold").alias("kept_threshold"))
-    lineage = members.join(kept_side, "kept_doc_id").select(
+    lineage = _with_similarity(members.join(kept_side, "kept_doc_id").select(
         F.col("node").alias("a"), F.col("kept_doc_id").alias("b"),
-        F.greatest("threshold", "kept_threshold").alias("threshold"), F.col("sig").alias("sig_a"), "sig_b",
-    ).mapInArrow(lambda bs: (similarity_batch(b) for b in bs),
-                 "a string, b string, threshold double, similarity double")
+        F.greatest("threshold", "kept_threshold").alias("threshold"), F.col("sig").alias("sig_a"), "sig_b"))
+    same_text = F.col("text_key") == F.col("kept_text_key")
     clusters = lineage.join(members.select(F.col("node").alias("a"), "dkey", "text_key", "is_old"), "a") \
         .join(kept_side.select(F.col("kept_doc_id").alias("b"), "kept_text_key"), "b") \
         .select(F.col("a").alias("doc_id"), F.col("b").alias("cluster_id"), F.col("b").alias("kept_doc_id"),
-                F.when(F.col("text_key") == F.col("kept_text_key"), F.lit(1.0)).otherwise(F.col("similarity")).alias("similarity"),
-                "threshold", F.col("dkey").alias("category"),
-                (F.col("text_key") == F.col("kept_text_key")).alias("_exact"), "is_old").localCheckpoint(eager=True)
+                F.when(same_text, F.lit(1.0)).otherwise(F.col("similarity")).alias("similarity"),
+                "threshold", F.col("dkey").alias("category"), same_text.alias("_exact"), "is_old") \
+        .localCheckpoint(eager=True)
+    members.unpersist()
+    return clusters
 
-    removed = clusters.where((F.col("doc_id") != F.col("kept_doc_id")) & ~F.col("is_old"))
-    reason = F.when(F.col("_exact"), F.lit("exact_duplicate")).otherwise(F.lit("near_duplicate"))
-    detail = F.when(F.col("_exact"), F.concat(F.lit("same normalised text as kept "), F.col("kept_doc_id"))).otherwise(
+
+def filter_documents(documents, clusters):
+    """(``documents_dedup`` rows of the documents kept, ``documents_rejected`` rows of the others).
+
+    A removed cluster member names the document kept for it: ``exact_duplicate`` for the same
+    normalised text, else ``near_duplicate`` with similarity and threshold, noting a member that joined
+    through others when it is below the threshold itself. A document that line dedup emptied is
+    ``boilerplate_only``. Every document lands on exactly one side: count in = kept + rejected.
+    """
+    removed = _removed(clusters)
+    exact = F.col("_exact")
+    reason = F.when(exact, F.lit("exact_duplicate")).otherwise(F.lit("near_duplicate"))
+    detail = F.when(exact, F.concat(F.lit("same normalised text as kept "), F.col("kept_doc_id"))).otherwise(
         F.format_string("kept %s: similarity %.3f, threshold %.2f (%s)%s", F.col("kept_doc_id"), F.col("similarity"),
                         F.col("threshold"), F.col("category"),
                         F.when(F.col("similarity") < F.col("threshold"), F.lit("; joined through other members"))
                         .otherwise(F.lit(""))))
-    removed_rows = removed.select("doc_id", reason.alias("reason"), detail.alias("detail")) \
-        .join(docs.select("doc_id", "source", "text"), "doc_id")
-    rejected = removed_rows.select(
+    duplicates = removed.select("doc_id", reason.alias("reason"), detail.alias("detail")) \
+        .join(documents.select("doc_id", "source", "text"), "doc_id")
+    emptied = documents.where(_text_length() == 0).select(
+        "doc_id", F.lit("boilerplate_only").alias("reason"),
+        F.format_string("every line (%d) was boilerplate", F.col("_lines_removed")).alias("detail"), "source", "text")
+    now = datetime.now(timezone.utc)
+    rejected = duplicates.unionByName(emptied).select(
         "doc_id", "source", F.lit(STAGE).alias("stage"), "reason", "detail", "text",
-        F.lit(now).cast("timestamp").alias("rejected_at"),
-    ).unionByName(boilerplate_only.select(
-        "doc_id", "source", F.lit(STAGE).alias("stage"), F.lit("boilerplate_only").alias("reason"),
-        F.format_string("every line (%d) was boilerplate", F.col("_lines_removed")).alias("detail"),
-        "text", F.lit(now).cast("timestamp").alias("rejected_at"),
-    ))
-    heads = clusters.where(F.col("doc_id") == F.col("kept_doc_id")).select("doc_id", F.col("cluster_id").alias("_cluster"))
-    new_kept = docs_live.join(removed.select("doc_id"), "doc_id", "left_anti").join(heads, "doc_id", "left") \
-        .withColumn("cluster_id", F.col("_cluster")).select(*table("documents_dedup").columns)
-    cluster_rows = clusters.select(*table("dedup_clusters").columns)
+        F.lit(now).cast("timestamp").alias("rejected_at"))
+    kept = documents.where(_text_length() > 0).join(removed.select("doc_id"), "doc_id", "left_anti") \
+        .join(_cluster_heads(clusters), "doc_id", "left").withColumn("cluster_id", F.col("_cluster")) \
+        .select(*table("documents_dedup").columns)
+    return kept, rejected
 
-    if incremental:
-        # Old kept documents stay; one that now heads a cluster gets its cluster id.
-        old = old_kept.join(heads, "doc_id", "left").withColumn("cluster_id", F.coalesce("_cluster", "cluster_id")) \
-            .select(*table("documents_dedup").columns)
-        kept_all = old.unionByName(new_kept)
-        known = lake.read("dedup_clusters").select("doc_id") if lake.exists("dedup_clusters") else None
-        new_clusters = cluster_rows.join(known, "doc_id", "left_anti") if known is not None else cluster_rows
-        lake.write("documents_rejected", rejected, mode="append", job=STAGE)
-        lake.write("dedup_clusters", new_clusters, mode="append", job=STAGE)
-        version = lake.write("documents_dedup", kept_all, mode="overwrite", job=STAGE)
-    else:
+
+def write_tables(lake: Lake, kept, rejected, clusters, old_kept) -> int:
+    """Write documents_rejected, dedup_clusters, then documents_dedup; returns documents_dedup's version.
+
+    Two tables cannot change in one Delta commit; the audit trail goes first so that documents_dedup
+    never exists without it. A full run replaces all three (of documents_rejected, this stage's rows).
+    An incremental run appends the new rejections and the rows of documents not clustered before, and
+    rewrites documents_dedup as the old kept documents plus the new: an old one that now heads a
+    cluster gets its cluster id.
+    """
+    cluster_rows = clusters.select(*table("dedup_clusters").columns)
+    if old_kept is None:
         lake.write("documents_rejected", rejected, mode="overwrite", replace_where={"stage": STAGE}, job=STAGE)
         lake.write("dedup_clusters", cluster_rows, mode="overwrite", job=STAGE)
-        version = lake.write("documents_dedup", new_kept, mode="overwrite", job=STAGE)
+        return lake.write("documents_dedup", kept, mode="overwrite", job=STAGE)
+    old = old_kept.join(_cluster_heads(clusters), "doc_id", "left") \
+        .withColumn("cluster_id", F.coalesce("_cluster", "cluster_id")).select(*table("documents_dedup").columns)
+    if lake.exists("dedup_clusters"):
+        cluster_rows = cluster_rows.join(lake.read("dedup_clusters").select("doc_id"), "doc_id", "left_anti")
+    lake.write("documents_rejected", rejected, mode="append", job=STAGE)
+    lake.write("dedup_clusters", cluster_rows, mode="append", job=STAGE)
+    return lake.write("documents_dedup", old.unionByName(kept), mode="overwrite", job=STAGE)
 
-    stats = removed.groupBy("category", "_exact").count().collect()
-    n_in = docs.count()
-    report = DedupReport(
-        documents_in=n_in,
-        kept=new_kept.count(),
+
+def _report(recipe: Recipe, documents, clusters, kept, incremental: bool, version: int) -> DedupReport:
+    stats = _removed(clusters).groupBy("category", "_exact").count().collect()
+    removed_by_key: dict[str, int] = {}
+    for r in stats:
+        removed_by_key[r["category"]] = removed_by_key.get(r["category"], 0) + r["count"]
+    bands, rows, _ = lsh_shape(recipe)
+    return DedupReport(
+        documents_in=documents.count(),
+        kept=kept.count(),
         exact_removed=sum(r["count"] for r in stats if r["_exact"]),
         near_removed=sum(r["count"] for r in stats if not r["_exact"]),
-        boilerplate_only=boilerplate_only.count(),
-        lines_removed=docs.agg(F.sum("_lines_removed")).first()[0] or 0,
-        clusters=clusters.where(F.col("doc_id") == F.col("kept_doc_id")).count(),
-        removed_by_key={},
+        boilerplate_only=documents.where(_text_length() == 0).count(),
+        lines_removed=documents.agg(F.sum("_lines_removed")).first()[0] or 0,
+        clusters=_cluster_heads(clusters).count(),
+        removed_by_key=removed_by_key,
         bands=bands, rows=rows, incremental=incremental, version=version,
     )
-    for r in stats:
-        report.removed_by_key[r["category"]] = report.removed_by_key.get(r["category"], 0) + r["count"]
-    for df in (docs, sigs, members, clusters) + ((old_kept,) if old_kept is not None else ()):
-        df.unpersist()  # localCheckpoint data is released the same way
-    report.seconds = time.perf_counter() - started
-    return report
+
+
+# -- shared by the phases ------------------------------------------------------------------------------
+
+
+def _text_length():
+    """Characters of text left after line dedup, outer spaces aside: 0 for a document of boilerplate only."""
+    return F.length(F.trim("text"))
+
+
+def _with_similarity(pairs):
+    """Pairs (a, b, threshold, sig_a, sig_b) → (a, b, threshold, similarity), in Arrow batches."""
+    return pairs.mapInArrow(lambda batches: (similarity_batch(b) for b in batches),
+                            "a string, b string, threshold double, similarity double")
+
+
+def _removed(clusters):
+    """The members a cluster removes: not the kept one, and never an old kept document."""
+    return clusters.where((F.col("doc_id") != F.col("kept_doc_id")) & ~F.col("is_old"))
+
+
+def _cluster_heads(clusters):
+    """(doc_id, _cluster) of each cluster's kept member."""
+    return clusters.where(F.col("doc_id") == F.col("kept_doc_id")).select("doc_id", F.col("cluster_id").alias("_cluster"))
 
 
 def main(argv: list[str] | None = None) -> int:

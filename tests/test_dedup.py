@@ -14,6 +14,7 @@ import pyarrow as pa
 import pytest
 
 from jobs import dedup
+from jobs.dedup_batches import lsh_shape, sign_batch, similarity_batch
 from jobs.stages import DedupOptions
 from lake.tables import Lake
 from jobs.minhash import ShingleSpec, near_copy
@@ -120,6 +121,37 @@ def test_thresholds_survivors_lineage_and_counts(spark, tmp_path, corpus):
     assert report.exact_removed == 3 and report.near_removed == 4
     heads = {r["doc_id"]: r["cluster_id"] for r in lake.read_arrow("documents_dedup").to_pylist()}
     assert heads["en_chain2"] == "en_chain2" and heads["en010"] is None
+
+
+def test_sign_batch_keys_thresholds_and_similarity_without_spark(tmp_path):
+    recipe = make_recipe(tmp_path, [{"name": "test", "path": str(tmp_path / "none.jsonl")}])
+    bands, rows, loosest = lsh_shape(recipe)
+    assert bands * rows <= recipe.dedup.num_perm and loosest == 0.70
+    rng = random.Random(3)
+    text = _words(rng, 60)
+    batch = pa.RecordBatch.from_pylist([
+        doc("a", text, "news", "en", 0.5, category="knowledge"),  # the domain's threshold wins
+        doc("b", text.upper().replace(" ", ", "), None, "en", None, category="knowledge"),
+        doc("c", _words(rng, 60), None, "en", 0.5, category="poetry"),  # no threshold of its own
+    ])
+    signed = sign_batch(batch, recipe, bands, rows).to_pydict()
+    assert signed["text_key"][0] == signed["text_key"][1] != signed["text_key"][2]  # case and punctuation aside
+    assert list(zip(signed["threshold"], signed["dkey"])) == [(0.70, "news"), (0.85, "knowledge"), (0.80, "poetry")]
+    assert signed["quality"][1] == -1.0 and all(len(b) == bands for b in signed["bands"])
+    pairs = pa.RecordBatch.from_pydict({"a": ["a", "a"], "b": ["b", "c"], "sig_a": [signed["sig"][0]] * 2,
+                                        "sig_b": [signed["sig"][1], signed["sig"][2]]})
+    similar = similarity_batch(pairs)
+    assert similar.schema.names == ["a", "b", "similarity"]
+    assert similar.column("similarity").to_pylist()[0] == 1.0 > similar.column("similarity").to_pylist()[1]
+
+
+def test_without_exact_dedup_copies_are_found_by_lsh_and_still_named_exact(spark, tmp_path, corpus):
+    rows, expect_removed, _ = corpus
+    _, lake, report = _run(spark, tmp_path, rows, exact=False)
+    rejected = {r["doc_id"]: r for r in lake.read_arrow("documents_rejected").to_pylist() if r["stage"] == "dedup"}
+    assert set(rejected) == set(expect_removed)
+    assert rejected["en_exact_b"]["reason"] == "exact_duplicate" and "en002" in rejected["en_exact_b"]["detail"]
+    assert report.exact_removed == 3 and report.near_removed == 4
 
 
 def test_same_clusters_across_reruns_and_partition_counts(spark, tmp_path, corpus):

@@ -13,7 +13,7 @@ from datasketch.lsh import _optimal_param
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jobs.dedup import line_keys, remove_lines
+from jobs.dedup_batches import line_keys, remove_lines
 from jobs.minhash import (EMPTY, ShingleSpec, band_keys, candidate_probability, exact_jaccard, jaccard_estimate,
                           normalize_for_dedup, optimal_params, shingle_hash, shingle_hashes, shingles, signatures)
 
