@@ -168,7 +168,7 @@ def test_packaged_archive_runs_with_spark_submit_outside_the_repository(refined,
     import zipfile
 
     names = set(zipfile.ZipFile(archive).namelist())
-    assert {"jobs/filter_rules.py", "schemas/tables.py", "quality_models/registry.py", "trainer/daemon.py"} <= names
+    assert {"jobs/filter_rules.py", "schemas/tables.py", "lake/artifacts.py", "trainer/daemon.py"} <= names
     # the archive alone carries the project's code: imported from it, jobs comes from the zip
     probe = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(archive)!r}); import jobs.filter_rules, "
                             "jobs; print(jobs.__file__)"], capture_output=True, text=True, cwd=outside)
