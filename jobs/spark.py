@@ -20,12 +20,6 @@ def get_spark(app_name: str, recipe: Recipe | None = None) -> SparkSession:
     # Executors must run the same interpreter as the driver, or pandas/pyarrow versions diverge.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-    # Python workers start in the job's working folder, first on their path: a data folder there
-    # named like one of our packages (a lake at ./lake) would stand in for it as a namespace
-    # package. With the project's own folder on the path the real package is found first.
-    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
-    if PROJECT_ROOT not in paths:
-        os.environ["PYTHONPATH"] = os.pathsep.join([PROJECT_ROOT, *filter(None, paths)])
     active = SparkSession.getActiveSession()
     if active is not None:
         return active
@@ -48,7 +42,10 @@ def get_spark(app_name: str, recipe: Recipe | None = None) -> SparkSession:
         .config("spark.hadoop.mapreduce.fileoutputcommitter.marksuccessfuljobs", "false")
         .config("spark.hadoop.parquet.summary.metadata.level", "NONE")
         .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.executorEnv.PYTHONPATH", PROJECT_ROOT)  # see above: under spark-submit the JVM came first
+        # Python workers start in the job's working folder, first on their path: a data folder there
+        # named like one of our packages (a lake at ./lake) would stand in for it as a namespace
+        # package. With the project's own folder on their path the real package is found first.
+        .config("spark.executorEnv.PYTHONPATH", PROJECT_ROOT)
     )
     for key, value in (settings.conf if settings else {}).items():
         builder = builder.config(key, value)

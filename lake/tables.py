@@ -134,10 +134,7 @@ class Lake:
         job: str | None = None,
     ) -> int:
         spec = table(name)
-        try:
-            data = conform(spec, data)
-        except ValueError as err:
-            raise SchemaMismatchError(str(err)) from None
+        data = _conformed(spec, data)
         if self.exists(name):
             self._check_table_schema(spec, self.delta(name))
         try:
@@ -177,10 +174,7 @@ class Lake:
         version ``snapshot`` was read at: a conditional commit (e.g. two trainers claiming one chunk).
         Raises ConflictError when another commit landed in between; re-read and decide again."""
         spec = table(name)
-        try:
-            data = conform(spec, data)
-        except ValueError as err:
-            raise SchemaMismatchError(str(err)) from None
+        data = _conformed(spec, data)
         try:
             write_deltalake(snapshot, data, mode="overwrite", predicate=sql_predicate(replace_where),
                             commit_properties=commit_properties(job, data.num_rows, strict=True))
@@ -199,10 +193,7 @@ class Lake:
     ) -> int:
         """Upsert ``updates``: matched rows get ``add`` columns incremented and ``assign`` columns set."""
         spec = table(name)
-        try:
-            updates = conform(spec, updates)
-        except ValueError as err:
-            raise SchemaMismatchError(str(err)) from None
+        updates = _conformed(spec, updates)
         self.ensure(name)
         set_exprs = {c: f"t.{c} + s.{c}" for c in add} | {c: f"s.{c}" for c in assign}
         try:
@@ -280,6 +271,14 @@ class Lake:
                 f"table {spec.name!r} at {dt.table_uri} was written with another schema than "
                 f"schemas/tables.py defines ({'; '.join(problems)}); write to a new lake or migrate the table"
             )
+
+
+def _conformed(spec: Table, data: pa.Table) -> pa.Table:
+    """``data`` in the table's exact schema, or SchemaMismatchError naming what differs."""
+    try:
+        return conform(spec, data)
+    except ValueError as err:
+        raise SchemaMismatchError(str(err)) from None
 
 
 def _table_version(entry: dict[str, Any]) -> TableVersion:

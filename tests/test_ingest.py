@@ -156,9 +156,12 @@ def test_a_lake_folder_in_the_working_folder_does_not_hide_the_lake_package(tmp_
     (tmp_path / "r.yaml").write_text("lake: lake\nsources: [{name: s, path: d.jsonl}]\nspark: {master: 'local[1]'}\n")
     bindir = os.path.dirname(sys.executable)
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable}
-    for script in ("ingest.py", "filter_rules.py"):  # filter's workers import jobs.docstage → lake.tables
-        proc = subprocess.run([os.path.join(bindir, "spark-submit"), "--master", "local[1]", str(ROOT / "jobs" / script),
-                               "--recipe", "r.yaml"], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    submit = [os.path.join(bindir, "spark-submit"), "--master", "local[1]"]
+    for cmd in ([*submit, str(ROOT / "jobs" / "ingest.py")],
+                [*submit, str(ROOT / "jobs" / "filter_rules.py")],  # its workers import jobs.docstage → lake.tables
+                [os.path.join(bindir, "tokenmill"), "filter"]):  # Spark started by this process, not by spark-submit
+        proc = subprocess.run([*cmd, "--recipe", "r.yaml"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                              env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
     tables = tmp_path / "lake" / "tables"
     kept = DeltaTable(str(tables / "documents_filtered")).to_pyarrow_table().num_rows
