@@ -1,7 +1,7 @@
 """Benchmark: the trainer daemon's step time next to a bare torch training loop, interleaved in one
 run, on the same model and the same batches.
 
-- daemon: ``trainer.daemon.Trainer`` (DeepSpeed engine, chunk streaming, per-category losses,
+- daemon: ``trainer.loop.Trainer`` (DeepSpeed engine, chunk streaming, per-category losses,
   metrics to JSONL and TensorBoard, spike guard), wall time between consecutive steps;
 - bare: the same LlamaForCausalLM, the same rows in the same order, torch AdamW, forward,
   cross-entropy, backward, clip, step; nothing else.
@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from lake.recipe import parse_recipe  # noqa: E402
 from schemas import table  # noqa: E402
 from lake import chunks as store  # noqa: E402
-from trainer.daemon import Trainer  # noqa: E402
+from trainer.loop import Trainer  # noqa: E402
 from trainer.model import build_model, parameter_groups, row_layout, token_losses  # noqa: E402
 from jobs.synthetic_lake import add_chunk, make_lake  # noqa: E402
 

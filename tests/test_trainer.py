@@ -78,7 +78,7 @@ def _events(lake) -> list[dict]:
 
 def test_trains_on_the_chunks_with_metrics_per_category_and_source(tmp_path):
     from lake.chunks import manifest
-    from trainer.daemon import Trainer
+    from trainer.loop import Trainer
 
     recipe, lake = _setup(tmp_path)
     losses = Trainer(recipe, exit_when_idle=0.1).run()
@@ -100,7 +100,7 @@ def test_trains_on_the_chunks_with_metrics_per_category_and_source(tmp_path):
 
 
 def test_killed_and_restarted_the_run_continues_exactly(tmp_path):
-    from trainer.daemon import Trainer
+    from trainer.loop import Trainer
 
     recipe, _ = _setup(tmp_path, "whole")
     whole = Trainer(recipe, max_steps=14).run()
@@ -116,7 +116,7 @@ SPIKY = {"window": 10, "z": 3.0, "min_delta": 0.5, "patience": 2, "warmup_steps"
 
 def test_a_loss_spike_rolls_back_skips_the_rows_and_recovers(tmp_path):
     from lake.chunks import manifest
-    from trainer.daemon import Trainer
+    from trainer.loop import Trainer
 
     # the second chunk's documents 10-19 are random tokens: two or three steps' worth of rows
     recipe, lake = _setup(tmp_path, chunks=2, corrupt_second=range(10, 20), checkpoint_every=2, spike=SPIKY)
@@ -135,7 +135,7 @@ def test_a_loss_spike_rolls_back_skips_the_rows_and_recovers(tmp_path):
 
 def test_a_chunk_that_keeps_spiking_is_quarantined(tmp_path):
     from lake.chunks import manifest
-    from trainer.daemon import Trainer
+    from trainer.loop import Trainer
 
     recipe, lake = _setup(tmp_path, chunks=2, corrupt_second=True, checkpoint_every=2, spike=SPIKY)
     Trainer(recipe, exit_when_idle=0.1).run()
@@ -148,7 +148,8 @@ def test_export_loads_in_transformers_and_generates(tmp_path):
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from trainer.daemon import Trainer, export
+    from trainer.checkpoint import export
+    from trainer.loop import Trainer
 
     recipe, _ = _setup(tmp_path, chunks=1)
     Trainer(recipe, max_steps=6).run()
@@ -192,7 +193,7 @@ def test_two_trainers_never_claim_the_same_chunk(tmp_path):
 
 def test_a_chunk_with_a_bad_checksum_is_quarantined_not_trained(tmp_path):
     from lake.chunks import chunk_dir, manifest
-    from trainer.daemon import Trainer
+    from trainer.loop import Trainer
 
     recipe, lake = _setup(tmp_path)
     bad = manifest(lake)[0]
@@ -233,7 +234,7 @@ def test_two_processes_with_gloo_train_with_zero_2(tmp_path):
 
 def test_long_context_stage_continues_the_run_with_a_new_rope_base(tmp_path):
     from jobs.synthetic_lake import add_chunk
-    from trainer.daemon import Trainer
+    from trainer.loop import Trainer
 
     from lake.recipe import TrainerStageCfg
     from lake.artifacts import load_tokenizer
@@ -267,7 +268,8 @@ def torch_arange(*args):
 
 
 def test_continued_pretraining_starts_from_a_hugging_face_folder(tmp_path):
-    from trainer.daemon import Trainer, export
+    from trainer.checkpoint import export
+    from trainer.loop import Trainer
 
     recipe, _ = _setup(tmp_path, "base", chunks=1)
     base_losses = Trainer(recipe, exit_when_idle=0.1).run()
@@ -282,7 +284,7 @@ def test_continued_pretraining_starts_from_a_hugging_face_folder(tmp_path):
 def test_anneal_stage_decays_the_learning_rate_from_its_start(tmp_path):
     from lake.recipe import TrainerStageCfg
     from lake.artifacts import load_tokenizer
-    from trainer.daemon import Trainer
+    from trainer.loop import Trainer
     from jobs.synthetic_lake import add_chunk
 
     recipe, lake = _setup(tmp_path, chunks=1, warmup=0.0)

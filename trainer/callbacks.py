@@ -1,0 +1,201 @@
+"""Everything that watches the run, as callbacks of the loop (``trainer/loop.py``).
+
+The loop calls each callback's hooks in list order: ``on_run_start``, ``on_step_start`` (before a
+step chooses its rows), ``on_step_end`` (with the ``Step`` just taken: callbacks read it and add to
+its ``metrics``), ``on_starved`` (no ready chunk), ``on_chunk_end``, ``on_run_end``. A callback
+that keeps state across a restart returns it from ``state_dict`` (saved in every checkpoint under
+its ``name``) and takes it back in ``load_state_dict``, also after a rollback.
+
+``default_callbacks`` is the order the daemon uses: the ramp sizes the step; the spike guard gives
+the step its verdict, which checkpointing (only after a good step) and metrics read. A callback of
+your own goes before ``Metrics`` if what it adds to a step's metrics is to be logged:
+
+    callbacks = default_callbacks(recipe.trainer)
+    callbacks.insert([c.name for c in callbacks].index("metrics"), MyCallback())
+    Trainer(recipe, callbacks=callbacks).run()
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from lake.sections import SpikeCfg, TrainerCfg
+from trainer.evaluation import holdout_documents, perplexity_by_source
+from trainer.schedule import SpikeGuard, accumulation_steps, batch_at
+from trainer.step import StepResult
+
+
+@dataclass
+class Step:
+    """One optimizer step, as the callbacks see it."""
+
+    number: int  # steps of the run so far, this one included
+    chunk_id: str
+    rows: list[int]  # this rank's rows of the chunk the step trained on
+    result: StepResult
+    metrics: dict  # what is logged for the step (metrics.jsonl, TensorBoard); callbacks add to it
+    verdict: str = "ok"  # the spike guard's: ok | spike | rollback
+
+
+class Callback:
+    name = "callback"
+
+    def on_run_start(self, trainer) -> None: ...
+
+    def on_step_start(self, trainer) -> None: ...
+
+    def on_step_end(self, trainer, step: Step) -> None: ...
+
+    def on_starved(self, trainer, seconds: float) -> None: ...
+
+    def on_chunk_end(self, trainer, chunk: dict, outcome: str) -> None: ...
+
+    def on_run_end(self, trainer) -> None: ...
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class BatchRamp(Callback):
+    """The global batch follows ``trainer.batch_ramp`` by tokens consumed: the rows of the next step."""
+
+    name = "batch_ramp"
+
+    def __init__(self, ramp: list[tuple[int, int]], micro_batch: int):
+        self.ramp, self.micro = ramp, micro_batch
+
+    def on_step_start(self, trainer) -> None:
+        gas = accumulation_steps(batch_at(trainer.state.tokens, self.ramp), self.micro, trainer.world)
+        trainer.batch_rows = self.micro * gas
+
+
+class SpikeGuardCallback(Callback):
+    """Loss spikes (``trainer.schedule.SpikeGuard``): a spike is logged; one that persists, or a loss or
+    gradient that is not finite, makes the step's verdict ``rollback``, which the loop carries out."""
+
+    name = "spike_guard"
+
+    def __init__(self, cfg: SpikeCfg):
+        self.guard = SpikeGuard(cfg.window, cfg.z, cfg.min_delta, cfg.patience, cfg.warmup_steps)
+
+    def on_step_end(self, trainer, step: Step) -> None:
+        r = step.result
+        step.verdict = self.guard.observe(r.loss if r.finite else float("nan"), r.grad_norm)
+        step.metrics["guard"] = step.verdict
+        if step.verdict == "spike":
+            trainer.events(step.number, "spike", step.chunk_id, f"loss {r.loss:.3f}")
+
+    def state_dict(self) -> dict:
+        return self.guard.state()
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.guard.load(state)
+
+
+class Starvation(Callback):
+    """Seconds spent waiting for a ready chunk: a ``starved`` event per wait, a running total in the metrics."""
+
+    name = "starvation"
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def on_starved(self, trainer, seconds: float) -> None:
+        trainer.events(trainer.state.step, "starved", None, f"waiting {seconds:g} s")
+        self.seconds += seconds
+
+    def on_step_end(self, trainer, step: Step) -> None:
+        step.metrics["starved_seconds"] = self.seconds
+
+    def state_dict(self) -> dict:
+        return {"seconds": self.seconds}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seconds = state.get("seconds", 0.0)
+
+
+class Evaluation(Callback):
+    """Every ``every`` steps, perplexity per source on the held-out documents (read once, cut to the
+    chunks' sequence length)."""
+
+    name = "evaluation"
+
+    def __init__(self, every: int, docs_per_source: int):
+        self.every, self.docs_per_source = every, docs_per_source
+        self.documents: dict[str, list[list[int]]] | None = None
+
+    def on_step_end(self, trainer, step: Step) -> None:
+        if step.number % self.every:
+            return
+        if self.documents is None:
+            self.documents = holdout_documents(trainer.lake, trainer.tokenizer, self.docs_per_source,
+                                               step.result.seq_len)
+        step.metrics["perplexity_by_source"] = perplexity_by_source(trainer.engine.module, self.documents)
+
+
+class Metrics(Callback):
+    """On rank 0: every step's metrics to ``<run>/metrics.jsonl`` and TensorBoard; a console line every
+    ``console_every`` steps and with every evaluation."""
+
+    name = "metrics"
+
+    def __init__(self, console_every: int = 25):
+        self.console_every = console_every
+        self.jsonl = self.tb = None
+
+    def on_run_start(self, trainer) -> None:
+        if trainer.rank != 0:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(trainer.run_dir / "tensorboard"))
+        self.jsonl = open(trainer.run_dir / "metrics.jsonl", "a", encoding="utf-8")
+
+    def on_step_end(self, trainer, step: Step) -> None:
+        if trainer.rank != 0:
+            return
+        record = {k: v for k, v in step.metrics.items() if v is not None}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key != "step":
+                self.tb.add_scalar(key.replace(".", "/"), value, step.number)
+            elif isinstance(value, dict):
+                for k, v in value.items():
+                    self.tb.add_scalar(f"{key}/{k}", v, step.number)
+        self.tb.flush()
+        if step.number % self.console_every == 0 or "perplexity_by_source" in record:
+            cats = " ".join(f"{c} {v:.2f}" for c, v in sorted(record["loss_by_category"].items()))
+            trainer.log(f"[train] step {step.number}: loss {record['loss']:.3f} ({cats}), lr {record['lr']:.2e}, "
+                        f"{record['tokens_per_s']:,.0f} tokens/s, {record['tokens']:,} tokens, {step.chunk_id}")
+
+    def on_run_end(self, trainer) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+            self.tb.close()
+
+
+class Checkpointing(Callback):
+    """A checkpoint every ``every`` steps (only after a step the spike guard passed) and at each chunk's end."""
+
+    name = "checkpointing"
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def on_step_end(self, trainer, step: Step) -> None:
+        if step.verdict == "ok" and step.number % self.every == 0:
+            trainer.checkpoint("every N steps")
+
+    def on_chunk_end(self, trainer, chunk: dict, outcome: str) -> None:
+        trainer.checkpoint("chunk end")
+
+
+def default_callbacks(cfg: TrainerCfg) -> list[Callback]:
+    """The daemon's callbacks, built from the recipe's trainer section, in the order they must run."""
+    return [BatchRamp(cfg.batch_ramp, cfg.micro_batch), SpikeGuardCallback(cfg.spike), Starvation(),
+            Evaluation(cfg.eval_every, cfg.eval_docs), Metrics(), Checkpointing(cfg.checkpoint_every)]

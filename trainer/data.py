@@ -1,0 +1,61 @@
+"""The trainer's side of the chunk store: which chunk to train on next, this rank's rows of it, and
+what became of it. Rank 0 talks to the lake; every rank learns the answer by broadcast."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lake import chunks as store
+from lake.tables import Lake
+
+RETRY = {"retry": True}  # a chunk was quarantined on the way: ask again at once
+
+
+def broadcast(value):
+    """Rank 0's ``value`` on every rank."""
+    holder = [value]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+class ChunkFeed:
+    def __init__(self, lake: Lake, stage: str, run_name: str, rank: int, world: int, events: store.Events):
+        self.lake, self.stage, self.run_name = lake, stage, run_name
+        self.rank, self.world, self.events = rank, world, events
+
+    def next_chunk(self, step: int) -> dict | None:
+        """The chunk this run holds (after a restart) or a newly claimed one, verified; None when none is
+        ready; ``RETRY`` when the claimed one failed its checksums and was quarantined."""
+        row = None
+        if self.rank == 0:
+            row = store.find_claimed(self.lake, self.stage, self.run_name)
+            if row is None:
+                row = store.claim_next(self.lake, self.stage, self.run_name)
+                if row is not None:
+                    self.events(step, "claimed", row["chunk_id"], f"{row['n_tokens']:,} tokens")
+            if row is not None:
+                problem = store.verify(self.lake.root, row)
+                if problem:
+                    store.quarantine(self.lake, row, problem, job="trainer")
+                    self.events(step, "quarantine", row["chunk_id"], problem)
+                    row = RETRY
+        return broadcast(row)
+
+    def rows(self, chunk: dict) -> tuple[np.ndarray, list]:
+        """This rank's rows of the chunk (token ids [rows, seq_len + 1] and spans), every rank the same count."""
+        ids, spans = store.read_rows(self.lake, chunk)
+        n_local = len(ids) // self.world
+        return ids[self.rank :: self.world][:n_local], spans[self.rank :: self.world][:n_local]
+
+    def finish(self, chunk: dict, outcome: str, step: int, tokens: int) -> None:
+        """A chunk trained to its end is consumed; one that kept spiking is quarantined."""
+        if self.rank != 0:
+            return
+        if outcome == "quarantined":
+            why = "loss kept spiking after rollbacks"
+            store.quarantine(self.lake, chunk, why, job="trainer")
+            self.events(step, "quarantine", chunk["chunk_id"], why)
+        else:
+            store.set_status(self.lake, chunk, store.CONSUMED, job="trainer", consumed=True)
+            self.events(step, "consumed", chunk["chunk_id"], f"{tokens:,} tokens so far")

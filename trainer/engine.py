@@ -1,0 +1,115 @@
+"""The DeepSpeed engine, built from the recipe's trainer section and the stage the run is in.
+
+``init_distributed`` joins the launcher's process group (or makes a single local one); ``build``
+makes the Llama model (with the stage's RoPE base), AdamW with the stage's peak rate, the
+token-based schedule, and hands them to ``deepspeed.initialize``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+from lake.sections import TrainerCfg
+from trainer.model import build_model, parameter_count, parameter_groups
+from trainer.schedule import accumulation_steps, batch_at, decay_drop, lr_factor
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world): from the launcher's environment, or a single local process (gloo on CPU)."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+class TokenSchedule(torch.optim.lr_scheduler.LRScheduler):
+    """The learning rate as a function of consumed tokens (WSD or cosine); checkpointed with the engine."""
+
+    def __init__(self, optimizer, cfg, peak: float):
+        self.cfg, self.peak, self.tokens = cfg, peak, 0
+        super().__init__(optimizer)
+
+    anneal: tuple[int, int] | None = None  # (tokens at the stage's start, tokens to decay over)
+
+    def factor(self, tokens: int) -> float:
+        c = self.cfg
+        base = lr_factor(tokens / c.planned_tokens, c.schedule, c.warmup, c.decay, c.decay_shape, c.final_lr)
+        if self.anneal is None:
+            return base
+        start, length = self.anneal
+        at_start = lr_factor(start / c.planned_tokens, c.schedule, c.warmup, c.decay, c.decay_shape, c.final_lr)
+        # an anneal: from the stage's start, a decay of its own down to final_lr
+        t = min(1.0, max(0.0, (tokens - start) / length))
+        return at_start - (at_start - c.final_lr) * decay_drop(t, c.decay_shape)
+
+    def get_lr(self):
+        return [self.peak * self.factor(self.tokens) for _ in self.optimizer.param_groups]
+
+    def state_dict(self):
+        # the peak and the anneal come from the recipe's stage, not from the checkpoint
+        return {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "cfg", "anneal", "peak")}
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    """What a stage of ``trainer.stages`` changes; None where the trainer section's value holds."""
+
+    rope_theta: float | None
+    lr_peak: float
+    schedule_cfg: TrainerCfg
+    decay_tokens: int | None
+
+
+def stage_settings(cfg: TrainerCfg, stage: str) -> StageSettings:
+    s = cfg.stages.get(stage)
+    return StageSettings(
+        rope_theta=s.rope_theta if s and s.rope_theta else None,
+        lr_peak=s.lr_peak if s and s.lr_peak else cfg.lr_peak,
+        schedule_cfg=cfg.model_copy(update={"schedule": s.schedule}) if s and s.schedule else cfg,
+        decay_tokens=s.decay_tokens if s else None,
+    )
+
+
+@dataclass
+class Built:
+    engine: object
+    scheduler: TokenSchedule
+    n_params: int
+
+
+def build(cfg: TrainerCfg, stage: str, vocab_size: int, world: int) -> Built:
+    """Model, optimizer and schedule of the stage, wrapped by DeepSpeed (ZeRO stage, bf16, clipping)."""
+    import deepspeed
+
+    settings = stage_settings(cfg, stage)
+    model = build_model(cfg.model, vocab_size, settings.rope_theta)
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=settings.lr_peak,
+                                  betas=(0.9, 0.95), eps=1e-8)
+    scheduler = TokenSchedule(optimizer, settings.schedule_cfg, settings.lr_peak)
+    ds_config = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch,
+        "gradient_accumulation_steps": accumulation_steps(batch_at(0, cfg.batch_ramp), cfg.micro_batch, world),
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": cfg.bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    n_params = parameter_count(model)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=ds_config)
+    return Built(engine, scheduler, n_params)

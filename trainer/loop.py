@@ -1,0 +1,219 @@
+"""The training loop: set up, resume, then chunk after chunk: claim → step → … → consumed → checkpoint.
+
+``Trainer.run`` is the whole daemon. It builds the engine for the recipe's stage (``engine.py``),
+resumes from the run's latest checkpoint, then asks the chunk store for the next ready chunk
+(``data.py``: rank 0 claims and verifies, every rank learns which) and trains on this rank's rows
+from the cursor, one optimizer step (``step.py``) at a time. What watches the run is a callback
+(``callbacks.py``): batch ramp, spike guard, starvation, evaluation, metrics, checkpointing. The
+loop itself only carries out what a callback decides: a rollback when the spike guard says so
+(back to the last good checkpoint; the rows of the spiking steps are skipped from then on, and a
+chunk that keeps spiking is quarantined).
+
+A run's folder (``<lake>/runs/<run_name>`` by default) holds ``checkpoints/``, ``metrics.jsonl``
+and ``tensorboard/``. Restarted, a run resumes exactly: model, optimizer, scheduler, the data
+cursor (chunk, row), step, tokens, RNG and every callback's state.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lake import chunks as store
+from lake.artifacts import load_tokenizer
+from lake.recipe import Recipe
+from lake.tables import Lake
+from trainer.callbacks import Callback, Step, default_callbacks
+from trainer.checkpoint import Checkpoints, rng_state, set_rng
+from trainer.data import ChunkFeed, broadcast
+from trainer.engine import build, init_distributed, stage_settings
+from trainer.schedule import model_flops_per_token
+from trainer.step import StepResult, train_step
+
+
+@dataclass
+class State:
+    """The loop's part of a checkpoint (model, optimizer, scheduler and callbacks save their own)."""
+
+    step: int = 0
+    tokens: int = 0
+    chunk_id: str | None = None
+    row: int = 0  # next local row of the chunk
+    skip: dict[str, list[int]] = field(default_factory=dict)  # chunk → quarantined local rows
+    rollbacks: dict[str, int] = field(default_factory=dict)
+    stage: str | None = None  # the stage the run is in, and the tokens it had when it began
+    stage_start_tokens: int = 0
+    rng: dict = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, max_steps: int | None = None, exit_when_idle: float | None = None,
+                 log=print, callbacks: list[Callback] | None = None):
+        self.recipe, self.cfg = recipe, recipe.trainer
+        self.max_steps, self.exit_when_idle, self.log = max_steps, exit_when_idle, log
+        self.stage = self.cfg.stage or recipe.feed.stage
+        self.lake = Lake(recipe.lake)
+        self.run_dir = Path(self.cfg.runs_dir or f"{recipe.lake}/runs") / self.cfg.run_name
+        self.checkpoints = Checkpoints(self.run_dir / "checkpoints", self.cfg.keep_checkpoints)
+        self.callbacks = default_callbacks(self.cfg) if callbacks is None else callbacks
+        self.state = State()
+        self.categories: list[str] = list(recipe.feed.current.mix)
+        self.batch_rows = self.cfg.micro_batch  # rows of the next step (the batch ramp sets it)
+        self.losses: list[float] = []  # every step's loss, for callers (tests, the demo)
+        self.step_ends: list[float] = []  # perf_counter at the end of every step (bench/trainer)
+
+    def run(self) -> list[float]:
+        self.setup()
+        self._fire("on_run_start")
+        idle_since = None
+        while self.max_steps is None or self.state.step < self.max_steps:
+            chunk = self.feed.next_chunk(self.state.step)
+            if chunk is None:
+                idle_since = idle_since or time.perf_counter()
+                if self._idle_too_long(idle_since):
+                    break
+                self._fire("on_starved", self.cfg.poll_seconds)
+                time.sleep(self.cfg.poll_seconds)  # the daemon polls the chunk store
+                continue
+            idle_since = None
+            if chunk.get("retry"):
+                continue
+            outcome = self.train_chunk(chunk)
+            if outcome == "stop":
+                break
+            self.feed.finish(chunk, outcome, self.state.step, self.state.tokens)
+            self.state.chunk_id, self.state.row = None, 0
+            self._fire("on_chunk_end", chunk, outcome)
+        self._fire("on_run_end")
+        return self.losses
+
+    # -- set up and resume ---------------------------------------------------------------------------
+    def setup(self) -> None:
+        self.rank, self.world = init_distributed()
+        torch.manual_seed(self.cfg.seed)
+        random.seed(self.cfg.seed)
+        np.random.seed(self.cfg.seed)
+        self.tokenizer, self.meta = load_tokenizer(self.recipe)
+        built = build(self.cfg, self.stage, self.meta["model_vocab_size"], self.world)
+        self.engine, self.scheduler, self.n_params = built.engine, built.scheduler, built.n_params
+        self.events = store.Events(self.lake, self.cfg.run_name, enabled=self.rank == 0)
+        self.feed = ChunkFeed(self.lake, self.stage, self.cfg.run_name, self.rank, self.world, self.events)
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        restored = self._restore()
+        if restored:
+            self.log(f"[train] resumed {self.cfg.run_name} from checkpoint {restored} (step {self.state.step}, "
+                     f"{self.state.tokens:,} tokens, chunk {self.state.chunk_id} row {self.state.row})")
+        if self.state.stage != self.stage:  # a new stage starts here (or the run does)
+            self.state.stage, self.state.stage_start_tokens = self.stage, self.state.tokens
+        decay = stage_settings(self.cfg, self.stage).decay_tokens
+        if decay:
+            self.scheduler.anneal = (self.state.stage_start_tokens, decay)
+        self.log(f"[train] {self.cfg.run_name}: {self.n_params:,} parameters, stage {self.stage}, "
+                 f"{self.world} process(es), ZeRO-{self.cfg.zero_stage}, run folder {self.run_dir}")
+
+    def _restore(self) -> str | None:
+        """The latest checkpoint into engine, loop state and callbacks; its tag, or None without one."""
+        latest = self.checkpoints.load_latest(self.engine)
+        if latest is None:
+            return None
+        tag, client = latest
+        saved = dict(client["state"])
+        # checkpoints written before the callbacks kept the guard's state and starvation in the loop's
+        legacy = {"spike_guard": saved.pop("guard", {}), "starvation": {"seconds": saved.pop("starved_seconds", 0.0)}}
+        self.state = State(**saved)
+        states = client.get("callbacks", legacy)
+        for cb in self.callbacks:
+            cb.load_state_dict(states.get(cb.name, {}))
+        set_rng(self.state.rng)
+        self.scheduler.tokens = self.state.tokens
+        return tag
+
+    def checkpoint(self, why: str) -> None:
+        self.state.rng = rng_state()
+        client = {"state": asdict(self.state), "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks}}
+        tag = self.checkpoints.save(self.engine, self.state.step, client, prune=self.rank == 0)
+        self.events(self.state.step, "checkpoint", self.state.chunk_id, f"{tag} ({why})")
+
+    # -- one chunk ---------------------------------------------------------------------------------------
+    def train_chunk(self, chunk: dict) -> str:
+        """This rank's rows of the chunk from the cursor: 'done', 'quarantined' (kept spiking) or 'stop'."""
+        cid = chunk["chunk_id"]
+        if cid != self.state.chunk_id:
+            self.state.chunk_id, self.state.row = cid, 0  # a new chunk starts at its first row
+        # the chunk's categories (every rank has the same manifest row): the per-category sums line up
+        self.categories += [c for c, _ in chunk.get("mix") or [] if c not in self.categories]
+        ids, spans = self.feed.rows(chunk)
+        outcome = "retry"
+        while outcome == "retry":
+            outcome = self._train_rows(cid, ids, spans)
+        return outcome
+
+    def _train_rows(self, cid: str, ids: np.ndarray, spans: list) -> str:
+        skip = set(self.state.skip.get(cid, []))
+        recent: list[list[int]] = []  # the rows of the steps since the guard last passed one
+        while order := [r for r in range(self.state.row, len(ids)) if r not in skip]:
+            self._fire("on_step_start")
+            take = order[: self.batch_rows]
+            result = train_step(self.engine, ids, spans, take, self.cfg.micro_batch, self.categories,
+                                self.cfg.model.doc_mask)
+            step = self._advance(cid, take, result)
+            recent.append(take)
+            self._fire("on_step_end", step)
+            if step.verdict == "rollback":
+                return self.rollback(cid, recent)
+            if step.verdict == "ok":
+                recent = []
+            if self.max_steps is not None and self.state.step >= self.max_steps:
+                return "stop"
+        return "done"
+
+    def _advance(self, cid: str, take: list[int], r: StepResult) -> Step:
+        """The cursor, counters and schedule move past the step; the step's own metrics."""
+        self.state.step += 1
+        self.state.row = take[-1] + 1
+        self.state.tokens += r.tokens
+        self.scheduler.tokens = self.state.tokens
+        self.losses.append(r.loss)
+        self.step_ends.append(time.perf_counter())
+        tokens_per_s = r.tokens / max(r.seconds, 1e-9)
+        flops = model_flops_per_token(self.n_params, self.cfg.model.layers, self.cfg.model.hidden, r.seq_len)
+        metrics = {"step": self.state.step, "loss": r.loss, "lr": self.scheduler.get_last_lr()[0],
+                   "grad_norm": r.grad_norm, "tokens": self.state.tokens, "tokens_per_s": tokens_per_s,
+                   "mfu": tokens_per_s * flops / (self.cfg.peak_flops * self.world),
+                   "batch_sequences": len(take) * self.world, "loss_by_category": r.loss_by_category, "chunk": cid}
+        return Step(self.state.step, cid, take, r, metrics)
+
+    def rollback(self, cid: str, recent: list[list[int]]) -> str:
+        """Back to the last good checkpoint; the rows of the spiking steps are skipped from now on."""
+        bad = sorted({r for rows in recent for r in rows})
+        skip = {**self.state.skip, cid: sorted(set(self.state.skip.get(cid, [])) | set(bad))}
+        rollbacks = {**self.state.rollbacks, cid: self.state.rollbacks.get(cid, 0) + 1}
+        spiked_at = self.state.step
+        tag = self._restore()
+        self.state.skip, self.state.rollbacks = skip, rollbacks
+        self.events(spiked_at, "rollback", cid, f"to {tag or 'the start'} (step {self.state.step})")
+        self.events(spiked_at, "quarantine", cid, f"rows {bad[:20]}{'…' if len(bad) > 20 else ''} ({len(bad)} rows)")
+        self.log(f"[train] loss spike at step {spiked_at} in {cid}: rolled back to step {self.state.step}, "
+                 f"skipping {len(bad)} rows")
+        if self.state.chunk_id != cid:
+            self.state.chunk_id, self.state.row = cid, 0
+        return "quarantined" if rollbacks[cid] > self.cfg.spike.max_rollbacks_per_chunk else "retry"
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+    def _fire(self, hook: str, *args) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(self, *args)
+
+    def _idle_too_long(self, idle_since: float) -> bool:
+        """Rank 0 decides (the ranks' clocks differ) whether ``exit_when_idle`` has passed."""
+        stop = self.exit_when_idle is not None and time.perf_counter() - idle_since >= self.exit_when_idle
+        stop = broadcast(stop)
+        if stop:
+            self.log(f"[train] no ready chunk for {self.exit_when_idle:g} s: stopping")
+        return stop
