@@ -40,7 +40,7 @@ from pyspark.sql import Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import LongType, StructField, StructType
 
-from jobs.dedup_batches import SIGNATURE_DDL, line_keys, lsh_shape, remove_lines, sign_batch, similarity_batch
+from jobs.dedup_batches import SIGNATURE_DDL, line_keys, lsh_shape, sign_batch, similarity_batch, strip_batch
 from jobs.docstage import spread
 from jobs.stages import DedupOptions, stage_main
 from lake.recipe import Recipe
@@ -133,19 +133,12 @@ def remove_boilerplate_lines(spark, documents, recipe: Recipe):
         return documents.withColumn("_lines_removed", F.lit(0).cast("long")).localCheckpoint(eager=True)
     boilerplate = _frequent_lines(spark, documents, cfg)
     unit, min_chars = cfg.unit, cfg.min_chars
-    names = documents.columns
     # a new StructType: DataFrame.schema is cached, and StructType.add would change it in place
     schema = StructType([*documents.schema.fields, StructField("_lines_removed", LongType())])
 
     def strip(batches):
         for batch in batches:
-            out_text, removed = [], []
-            for text in batch.column("text").to_pylist():
-                t, n = remove_lines(text, boilerplate.value, unit, min_chars)
-                out_text.append(t)
-                removed.append(n)
-            cols = [pa.array(out_text, pa.string()) if n == "text" else batch.column(n) for n in names]
-            yield pa.RecordBatch.from_arrays(cols + [pa.array(removed, pa.int64())], names=names + ["_lines_removed"])
+            yield strip_batch(batch, boilerplate.value, unit, min_chars)
 
     return documents.mapInArrow(strip, schema).localCheckpoint(eager=True)
 

@@ -1,7 +1,7 @@
 """The Spark-free half of dedup: what ``jobs/dedup.py`` computes on each Arrow batch of documents.
 
 Signing (exact-text key, threshold, MinHash signature, LSH band keys), the similarity of candidate
-pairs, and the line keys of line dedup. Plain functions over Arrow and NumPy, so a test runs them
+pairs, and the line keys and line removal of line dedup. Plain functions over Arrow and NumPy, so a test runs them
 without Spark; the MinHash itself is ``jobs/minhash.py``.
 """
 
@@ -82,3 +82,15 @@ def remove_lines(text: str, boilerplate: set[int], unit: str, min_chars: int) ->
         else:
             kept.append(piece)
     return ("\n\n" if unit == "paragraph" else "\n").join(kept).strip(), removed
+
+
+def strip_batch(batch: pa.RecordBatch, boilerplate: set[int], unit: str, min_chars: int) -> pa.RecordBatch:
+    """The batch with the boilerplate lines removed from its texts, and ``_lines_removed`` appended."""
+    out_text, removed = [], []
+    for text in batch.column("text").to_pylist():
+        t, n = remove_lines(text, boilerplate, unit, min_chars)
+        out_text.append(t)
+        removed.append(n)
+    names = batch.schema.names
+    cols = [pa.array(out_text, pa.string()) if n == "text" else batch.column(n) for n in names]
+    return pa.RecordBatch.from_arrays(cols + [pa.array(removed, pa.int64())], names=names + ["_lines_removed"])

@@ -2,19 +2,26 @@
 
     tokenmill feed --recipe R [--until-ready N] [--follow]   |   spark-submit jobs/feed.py --recipe R
 
-One chunk:
-1. a ``writing`` row in ``chunks`` (invisible to the trainer);
-2. budgets per category from the stage's mix (``jobs/packing.plan_budgets``); documents of
-   ``documents_dedup`` (else ``documents_scored``) weighted by quality × ``decay ** times_used``
-   and drawn without replacement by Efraimidis-Spirakis keys, seeded per chunk;
-3. tokenised in the executors (the tokenizer shipped once per executor process), each document
-   followed by EOS; every category filled to its budget exactly (the crossing document is cut, its
-   full length kept in its span);
+One chunk, in the phases ``produce_chunk`` calls in order:
+1. ``open_chunk``: a ``writing`` row in ``chunks`` (invisible to the trainer) and the chunk's folder;
+2. ``eligible_documents`` of ``documents_dedup`` (else ``documents_scored``) and ``plan_chunk``:
+   budgets per category from the stage's mix (``jobs/packing.plan_budgets``); ``sampling_keys`` and
+   ``select_documents``: documents weighted by quality × ``decay ** times_used`` and drawn without
+   replacement by Efraimidis-Spirakis keys, seeded per chunk;
+3. ``tokenise`` in the executors (``jobs/feed_executors.py``; the tokenizer shipped once per executor
+   process), each document followed by EOS; ``place``: every category filled to its budget exactly
+   (the crossing document is cut, its full length kept in its span);
 4. ordered by the curriculum, packed into rows of ``seq_len + 1`` tokens with their spans, and
    written by the executors as ``<lake>/chunks/<chunk_id>/part-NNNNN.parquet`` (zstd), each file's
-   sha256 computed as it is written;
-5. ``usage`` incremented (one Delta merge tagged with the chunk id), then the manifest row set to
-   ``ready`` with files, checksums, tokens per category and the recipe and tokenizer hashes.
+   sha256 computed as it is written (``write_files``);
+5. ``tally`` and ``publish``: ``usage`` incremented (one Delta merge tagged with the chunk id), then
+   the manifest row set to ``ready`` with files, checksums, tokens per category and the recipe and
+   tokenizer hashes.
+
+Selecting, taking to the budget and packing run in Spark SQL (keys, window sums, ``_pieces``);
+``tests/test_feed_packing.py`` runs those phases on hand-made token ids and checks them against
+``jobs/packing.take_to_budget`` (over the documents in the order of the keys ``sampling_keys``
+computes) and ``jobs/packing.pack``.
 
 A run that dies leaves its chunk ``writing``. The next run cleans it up before anything else:
 removes its files, takes back its usage increments if they were committed, and deletes its row, so
@@ -29,143 +36,31 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script by spark-submit: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import hashlib
-import io
 import math
-import os
 import time
 from dataclasses import dataclass, field
 
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
+from pyspark.sql import Window
+from pyspark.sql import functions as F
 
-from jobs.packing import curriculum_rank, plan_budgets
+from jobs.feed_executors import id_dtype, tokenize_batches, write_files_batches
+from jobs.packing import Plan, curriculum_rank, plan_budgets
 from jobs.stages import FeedOptions, StageError, stage_main
 from lake import chunks
 from lake.artifacts import load_tokenizer
-from lake.fs import make_dirs, write_bytes, write_parquet
+from lake.fs import make_dirs, write_parquet
 from lake.holdout import without_holdout
 from lake.recipe import Recipe
 from lake.tables import Lake
-from schemas import chunk_row_schema
 
 STAGE = "feed"
-_TOKENIZERS: dict[str, object] = {}  # per Python worker process: tokenizer sha256 → Tokenizer
+# What ``tokenise`` gives ``place`` and ``write_files``: one row per chosen copy of a document, with
+# its token ids (EOS appended) as packed bytes of ``jobs.feed_executors.id_dtype``.
+TOKENIZED = "doc_id string, copy int, category string, key double, rank int, n_tokens long, ids binary"
 
 
 class FeedError(StageError):
     """A chunk that cannot be made (or verified); the message names the chunk and the fix."""
-
-
-# -- executor side ------------------------------------------------------------------------------------
-
-
-def _tokenizer(tokenizer_json: str, sha: str):
-    if sha not in _TOKENIZERS:
-        os.environ.setdefault("RAYON_NUM_THREADS", "1")  # one task per core: no thread pool per task
-        from tokenizers import Tokenizer
-
-        _TOKENIZERS[sha] = Tokenizer.from_str(tokenizer_json)
-    return _TOKENIZERS[sha]
-
-
-def id_dtype(vocab_size: int):
-    """The numpy type of a chunk's token ids: uint16 when the vocabulary fits, else uint32."""
-    import numpy as np
-
-    return np.uint16 if vocab_size <= 65536 else np.uint32
-
-
-def tokenize_batches(batches, tokenizer_json: str, sha: str, eos_id: int, vocab_size: int, batch_size: int = 256):
-    """mapInArrow body: each document's token ids (EOS appended) as packed little-endian bytes
-    (uint16 or uint32, see ``id_dtype``), and their count. Bytes cross to the JVM as one copy; an
-    array of ints would be converted element by element."""
-    import numpy as np
-
-    tok = _tokenizer(tokenizer_json, sha)
-    dtype = id_dtype(vocab_size)
-    for batch in batches:
-        texts = batch.column("text").to_pylist()
-        blobs, counts = [], []
-        for start in range(0, len(texts), batch_size):
-            for e in tok.encode_batch(texts[start : start + batch_size], add_special_tokens=False):
-                ids = e.ids
-                ids.append(eos_id)
-                blobs.append(np.asarray(ids, dtype).tobytes())
-                counts.append(len(ids))
-        names = [n for n in batch.schema.names if n != "text"]
-        yield pa.RecordBatch.from_arrays(
-            [batch.column(n) for n in names] + [pa.array(counts, pa.int64()), pa.array(blobs, pa.binary())],
-            names=names + ["n_tokens", "ids"])
-
-
-def _pieces(placed, row_len: int, rows_per_file: int, width: int):
-    """Each document's taken tokens cut at row boundaries, one row per piece, in Spark SQL (the same
-    arithmetic as ``jobs.packing.row_pieces``, without a trip through Python); ``width`` bytes per id."""
-    from pyspark.sql import functions as F
-
-    offset, take = F.col("offset"), F.col("take")
-    exploded = placed.select("doc_id", "category", "offset", "take", "n_tokens", "ids", F.explode(
-        F.sequence(F.floor(offset / row_len), F.floor((offset + take - 1) / row_len))).alias("row"))
-    row_start = F.col("row") * row_len
-    start = F.greatest(offset, row_start)
-    end = F.least(offset + take, row_start + row_len)
-    return exploded.select(
-        F.floor(F.col("row") / rows_per_file).alias("file"), "row", (start - row_start).alias("pos"), "doc_id",
-        (start - offset).alias("doc_start"), (end - start).alias("length"), F.col("n_tokens").alias("doc_tokens"),
-        "category", F.substring("ids", ((start - offset) * width + 1).cast("int"),
-                                ((end - start) * width).cast("int")).alias("ids"))
-
-
-def write_files_batches(batches, directory: str, row_len: int, pad_id: int, vocab_size: int):
-    """mapInArrow body: the pieces of whole files (sorted by file, row, pos) → one Parquet file each."""
-    import numpy as np
-
-    schema = chunk_row_schema(vocab_size)
-    id_type = schema.field("input_ids").type.value_type
-    dtype = id_dtype(vocab_size)
-    pending: list[pa.RecordBatch] = []
-
-    def flush(pieces: pa.Table):
-        out = []
-        for file_no in sorted(set(pieces.column("file").to_pylist())):
-            part = pieces.filter(pc.equal(pieces.column("file"), file_no)).sort_by([("row", "ascending"), ("pos", "ascending")])
-            d = {n: part.column(n).to_pylist() for n in ("row", "pos", "doc_id", "doc_start", "length", "doc_tokens", "category")}
-            rows: list[int] = []
-            spans: list[list[dict]] = []
-            for i in range(part.num_rows):
-                if not rows or rows[-1] != d["row"][i]:
-                    rows.append(d["row"][i])
-                    spans.append([])
-                spans[-1].append({"doc_id": d["doc_id"][i], "pos": d["pos"][i], "doc_start": d["doc_start"][i],
-                                  "length": d["length"][i], "doc_tokens": d["doc_tokens"][i], "category": d["category"][i]})
-            # the pieces' bytes in (row, pos) order are the rows' tokens back to back
-            flat = np.frombuffer(b"".join(part.column("ids").to_pylist()), dtype)
-            tokens = len(flat)
-            padded = np.full(len(rows) * row_len, pad_id, dtype)  # only the chunk's last row is short
-            padded[:tokens] = flat
-            offsets = pa.array(np.arange(0, len(rows) * row_len + 1, row_len, dtype=np.int32))
-            data = pa.table({"row": pa.array(rows, pa.int64()),
-                             "input_ids": pa.ListArray.from_arrays(offsets, pa.array(padded, id_type)),
-                             "spans": pa.array(spans, pa.list_(schema.field("spans").type.value_type))}, schema=schema)
-            name = f"part-{file_no:05d}.parquet"
-            buffer = io.BytesIO()
-            pq.write_table(data, buffer, compression="zstd")
-            payload = buffer.getvalue()
-            write_bytes(f"{directory}/{name}", payload)
-            out.append({"name": name, "sha256": hashlib.sha256(payload).hexdigest(), "rows": len(rows), "tokens": tokens})
-        return out
-
-    for batch in batches:
-        pending.append(batch)
-    if pending:
-        written = flush(pa.Table.from_batches(pending))
-        yield pa.RecordBatch.from_pylist(written, schema=pa.schema([("name", pa.string()), ("sha256", pa.string()),
-                                                                    ("rows", pa.int64()), ("tokens", pa.int64())]))
-
-
-# -- one chunk ------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -193,15 +88,54 @@ class ChunkReport:
         return "\n".join(lines)
 
 
-def produce_chunk(spark, recipe: Recipe, lake: Lake, tokenizer=None, meta: dict | None = None) -> ChunkReport:
-    """Make, write and publish the next chunk of the current stage."""
-    from pyspark.sql import Window
-    from pyspark.sql import functions as F
+@dataclass(frozen=True)
+class OpenChunk:
+    """A chunk being made, as ``open_chunk`` hands it to the later phases."""
 
+    chunk_id: str
+    base_row: dict  # its manifest row, status ``writing``
+    directory: str  # <lake>/chunks/<chunk_id>
+    mix: dict[str, float]  # the stage's categories with a positive share
+    row_len: int  # seq_len + 1
+
+
+def produce_chunk(spark, recipe: Recipe, lake: Lake, tokenizer=None, meta: dict | None = None) -> ChunkReport:
+    """Make, write and publish the next chunk of the current stage, phase by phase."""
     started = time.perf_counter()
-    feed, stage_cfg = recipe.feed, recipe.feed.current
+    feed = recipe.feed
     if tokenizer is None:
         tokenizer, meta = load_tokenizer(recipe)
+    chunk = open_chunk(recipe, lake, meta)
+    docs, source = eligible_documents(lake, recipe, meta, chunk.mix)
+    plan = plan_chunk(docs, recipe, chunk.mix)
+    planned = time.perf_counter()
+    chosen = select_documents(sampling_keys(docs, plan, recipe, chunk.chunk_id), plan.budgets)
+    tokenized, tok_json = tokenise(spark, chosen, tokenizer, meta)
+    offsets, total = place(tokenized, plan.budgets, feed.seed, chunk.chunk_id)
+    if total == 0:
+        _release(docs, tokenized, offsets)
+        chunks.delete(lake, chunk.chunk_id, job=f"feed-cleanup:{chunk.chunk_id}")
+        raise FeedError(f"no documents of the categories {', '.join(chunk.mix)} in {source} for stage {feed.stage!r}")
+    written = write_files(tokenized, offsets, chunk.directory, chunk.row_len, feed.rows_per_file, meta["pad_id"],
+                          meta["vocab_size"], total)
+    packed = time.perf_counter()
+    tok_json.unpersist()
+    per_category, increments = tally(tokenized, offsets, chunk.chunk_id)
+    _release(docs, tokenized, offsets)
+    n_rows = math.ceil(total / chunk.row_len)
+    publish(lake, chunk, plan, written, per_category, increments, total, n_rows)
+    done = time.perf_counter()
+    return ChunkReport(chunk.chunk_id, feed.stage, int(total), n_rows, len(written), per_category, plan.budgets,
+                       increments.num_rows, plan.warnings, done - started,
+                       {"plan": planned - started, "tokenise_pack": packed - planned, "publish": done - packed})
+
+
+# -- the phases, in order ------------------------------------------------------------------------------
+
+
+def open_chunk(recipe: Recipe, lake: Lake, meta: dict) -> OpenChunk:
+    """The next chunk id of the stage, its ``writing`` row in ``chunks`` and its (empty) folder."""
+    feed = recipe.feed
     chunk_id = chunks.next_chunk_id(lake, feed.stage)
     now = chunks.now()
     base_row = {"chunk_id": chunk_id, "stage": feed.stage, "status": "writing", "n_tokens": 0, "n_rows": 0, "files": [],
@@ -211,8 +145,18 @@ def produce_chunk(spark, recipe: Recipe, lake: Lake, tokenizer=None, meta: dict 
     chunks.put(lake, base_row, job=f"feed:{chunk_id}")
     directory = chunks.chunk_dir(lake.root, chunk_id)
     make_dirs(directory)
+    mix = {c: s for c, s in feed.current.mix.items() if s > 0}
+    return OpenChunk(chunk_id, base_row, directory, mix, feed.current.seq_len + 1)
 
-    mix = {c: s for c, s in stage_cfg.mix.items() if s > 0}
+
+def eligible_documents(lake: Lake, recipe: Recipe, meta: dict, mix: dict[str, float]):
+    """(the documents this stage may draw from, the table they come from); persisted.
+
+    The kept documents of the mix's categories (and of at least ``min_quality``), without the
+    trainer's held-out set, with their quality (0.5 when unscored), bytes, characters, ``times_used``
+    from ``usage`` and ``est``, their tokens estimated from the tokenizer's bytes per token.
+    """
+    stage_cfg = recipe.feed.current
     source = lake.kept_documents()
     docs = without_holdout(lake.read(source), recipe.trainer.eval_docs)  # the trainer's perplexity set
     docs = docs.where(F.col("category").isin(list(mix)))
@@ -226,103 +170,168 @@ def produce_chunk(spark, recipe: Recipe, lake: Lake, tokenizer=None, meta: dict 
         docs = docs.withColumn("times_used", F.lit(0).cast("long"))
     docs = docs.withColumn("times_used", F.coalesce("times_used", F.lit(0)))
     bpt = {c: (meta.get("compression", {}).get(c, {}).get("bytes_per_token") or 3.0) for c in mix}
-    est = F.ceil(F.col("bytes") / F.element_at(F.create_map(*[x for c, v in bpt.items() for x in (F.lit(c), F.lit(v))]),
-                                                 F.col("category"))) + 1
-    docs = docs.withColumn("est", est).persist()
-    available = {r["category"]: int(r["t"]) for r in docs.groupBy("category").agg(F.sum("est").alias("t")).collect()}
-    plan = plan_budgets(mix, feed.chunk_tokens, available, feed.when_dry, feed.repeat_cap)
-    planned = time.perf_counter()
+    est = F.ceil(F.col("bytes") / _per_category(bpt)) + 1
+    return docs.withColumn("est", est).persist(), source
 
-    # Copies (the repeat rule), sampling keys, and a generous selection by estimated tokens.
-    copies = F.element_at(F.create_map(*[x for c, n in plan.copies.items() for x in (F.lit(c), F.lit(n))]), F.col("category"))
-    docs = docs.withColumn("copy", F.explode(F.sequence(F.lit(0), copies - 1)))
+
+def plan_chunk(docs, recipe: Recipe, mix: dict[str, float]) -> Plan:
+    """Tokens per category and copies allowed (``jobs/packing.plan_budgets``), from the estimates."""
+    feed = recipe.feed
+    available = {r["category"]: int(r["t"]) for r in docs.groupBy("category").agg(F.sum("est").alias("t")).collect()}
+    return plan_budgets(mix, feed.chunk_tokens, available, feed.when_dry, feed.repeat_cap)
+
+
+def sampling_keys(docs, plan: Plan, recipe: Recipe, chunk_id: str):
+    """Each document once per allowed ``copy`` (the repeat rule), with its curriculum ``rank`` and its
+    Efraimidis-Spirakis ``key``: the smallest keys of a category sample it without replacement by weight.
+
+    weight = max(quality, 0.01) × decay ** times_used (× 4 in the favoured bucket of a curriculum
+    ``across_chunks``); u = (|xxhash64(seed, chunk_id, doc_id, copy)| + 0.5) / 2**63; key = -log(u) / weight.
+    """
+    feed = recipe.feed
+    docs = docs.withColumn("copy", F.explode(F.sequence(F.lit(0), _per_category(plan.copies) - 1)))
     weight = F.greatest(F.col("quality"), F.lit(0.01)) * F.pow(F.lit(feed.decay), F.col("times_used"))
-    curr = stage_cfg.curriculum
-    value = F.col("quality") if curr.key == "quality" else F.col("chars").cast("double")
-    edges: list[float] = []
-    if curr.key != "none" and curr.buckets > 1:
-        probs = [i / curr.buckets for i in range(1, curr.buckets)]
-        edges = [float(e) for e in docs.select(value.alias("v")).approxQuantile("v", probs, 0.001)]
-        rank_udf = F.udf(lambda v: curriculum_rank(v, edges, curr.key, curr.order), "int")
-        docs = docs.withColumn("rank", rank_udf(value))
-        if curr.across_chunks:
-            # chunk k of the stage favours bucket k (4x weight), walking easy to hard over the chunks
-            favoured = min(int(chunk_id.rsplit("-", 1)[1]), curr.buckets - 1)
-            weight = weight * F.when(F.col("rank") == favoured, F.lit(4.0)).otherwise(F.lit(1.0))
-    else:
-        docs = docs.withColumn("rank", F.lit(0))
+    docs, weight = _curriculum(docs, weight, recipe, chunk_id)
     u = (F.abs(F.xxhash64(F.lit(feed.seed), F.lit(chunk_id), "doc_id", "copy")).cast("double") + 0.5) / F.lit(2.0**63)
-    docs = docs.withColumn("key", -F.log(u) / weight)
-    budget = F.element_at(F.create_map(*[x for c, n in plan.budgets.items() for x in (F.lit(c), F.lit(n))]), F.col("category"))
-    by_key = Window.partitionBy("category").orderBy("key", "doc_id", "copy")
-    # the selection window sorts a light projection; only the chosen documents' texts are then joined
-    chosen_ids = docs.select("doc_id", "copy", "category", "key", "rank", "est") \
-        .withColumn("cum_est", F.sum("est").over(by_key)) \
-        .where(F.col("cum_est") - F.col("est") < budget * 1.1 + 64) \
+    return docs.withColumn("key", -F.log(u) / weight)
+
+
+def _curriculum(docs, weight, recipe: Recipe, chunk_id: str):
+    """(docs with ``rank``, the weight): the bucket order of ``jobs/packing.curriculum_rank`` between
+    approximate quantiles of the key's values; 0 for every document without a curriculum."""
+    curr = recipe.feed.current.curriculum
+    if curr.key == "none" or curr.buckets <= 1:
+        return docs.withColumn("rank", F.lit(0)), weight
+    value = F.col("quality") if curr.key == "quality" else F.col("chars").cast("double")
+    probs = [i / curr.buckets for i in range(1, curr.buckets)]
+    edges = [float(e) for e in docs.select(value.alias("v")).approxQuantile("v", probs, 0.001)]
+    rank_udf = F.udf(lambda v: curriculum_rank(v, edges, curr.key, curr.order), "int")
+    docs = docs.withColumn("rank", rank_udf(value))
+    if curr.across_chunks:
+        # chunk k of the stage favours bucket k (4x weight), walking easy to hard over the chunks
+        favoured = min(int(chunk_id.rsplit("-", 1)[1]), curr.buckets - 1)
+        weight = weight * F.when(F.col("rank") == favoured, F.lit(4.0)).otherwise(F.lit(1.0))
+    return docs, weight
+
+
+def select_documents(keyed, budgets: dict[str, int]):
+    """The documents (doc_id, copy, category, key, rank, text) worth tokenising: per category, in key
+    order, while the estimated tokens before them are under 110% of the budget + 64.
+
+    The selection window sorts a light projection; only the chosen documents' texts are then joined.
+    """
+    chosen_ids = keyed.select("doc_id", "copy", "category", "key", "rank", "est") \
+        .withColumn("cum_est", F.sum("est").over(_by_key())) \
+        .where(F.col("cum_est") - F.col("est") < _per_category(budgets) * 1.1 + 64) \
         .select("doc_id", "copy", "category", "key", "rank")
-    chosen = docs.select("doc_id", "copy", "text").join(chosen_ids, ["doc_id", "copy"]) \
+    return keyed.select("doc_id", "copy", "text").join(chosen_ids, ["doc_id", "copy"]) \
         .select("doc_id", "copy", "category", "key", "rank", "text")
 
-    # Tokenise, then fill each category's budget exactly.
-    # shipped once per executor (a broadcast), parsed once per Python worker (_TOKENIZERS)
+
+def tokenise(spark, chosen, tokenizer, meta: dict):
+    """(the chosen documents' token ids, ``TOKENIZED``, persisted: computed once; the broadcast tokenizer).
+
+    The tokenizer is shipped once per executor (a broadcast) and parsed once per Python worker."""
     tok_json = spark.sparkContext.broadcast(tokenizer.to_str())
     sha = meta["sha256"]
-    eos_id, pad_id, vocab = meta["eos_id"], meta["pad_id"], meta["vocab_size"]
-    tokenized = chosen.mapInArrow(
-        lambda bs: tokenize_batches(bs, tok_json.value, sha, eos_id, vocab),
-        "doc_id string, copy int, category string, key double, rank int, n_tokens long, ids binary")
-    tokenized = tokenized.persist()  # the token ids, computed once
-    # Budgets and offsets are decided on a light projection (no ids), then joined back by broadcast:
-    # the windows never move the token ids around.
+    eos_id, vocab = meta["eos_id"], meta["vocab_size"]
+    tokenized = chosen.mapInArrow(lambda bs: tokenize_batches(bs, tok_json.value, sha, eos_id, vocab), TOKENIZED)
+    return tokenized.persist(), tok_json
+
+
+def place(tokenized, budgets: dict[str, int], seed: int, chunk_id: str):
+    """(doc_id, copy, take, offset) of every document in the chunk, persisted; and the chunk's tokens.
+
+    Each category takes its documents in key order until its budget is filled exactly (the crossing
+    one cut to ``take``); then curriculum rank, then a seeded shuffle, give each its ``offset`` in
+    the chunk's token stream. Decided on a light projection (no ids): the windows never move the ids.
+    """
     light = tokenized.select("doc_id", "copy", "category", "key", "rank", "n_tokens")
-    taken = light.withColumn("cum", F.sum("n_tokens").over(by_key)) \
+    budget = _per_category(budgets)
+    taken = light.withColumn("cum", F.sum("n_tokens").over(_by_key())) \
         .withColumn("take", F.least(F.col("n_tokens"), F.greatest(F.lit(0), budget - (F.col("cum") - F.col("n_tokens"))))) \
         .where(F.col("take") > 0)
-    # Curriculum order, then a seeded shuffle: every document's offset in the chunk's token stream.
-    shuffle = F.xxhash64(F.lit(feed.seed), F.lit(chunk_id), F.lit("order"), "doc_id", "copy")
+    shuffle = F.xxhash64(F.lit(seed), F.lit(chunk_id), F.lit("order"), "doc_id", "copy")
     order = Window.orderBy("rank", "shuffle", "doc_id", "copy")
     offsets = taken.withColumn("shuffle", shuffle) \
         .withColumn("offset", F.sum("take").over(order.rowsBetween(Window.unboundedPreceding, Window.currentRow)) - F.col("take")) \
         .select("doc_id", "copy", "take", "offset").persist()
+    return offsets, offsets.agg(F.sum("take")).first()[0] or 0
+
+
+def write_files(tokenized, offsets, directory: str, row_len: int, rows_per_file: int, pad_id: int, vocab_size: int,
+                total: int) -> list:
+    """The chunk's files, written by the executors: one Row (name, sha256, rows, tokens) each, by name.
+
+    The placed documents are cut into pieces at row boundaries (``_pieces``), ``rows_per_file``
+    rows to a file, and each file's pieces go to one task (``write_files_batches``)."""
     placed = tokenized.join(F.broadcast(offsets), ["doc_id", "copy"])
-    row_len = stage_cfg.seq_len + 1
-    pieces = _pieces(placed, row_len, feed.rows_per_file, id_dtype(vocab)().itemsize)
-    total = offsets.agg(F.sum("take")).first()[0] or 0
-    if total == 0:
-        docs.unpersist()
-        tokenized.unpersist()
-        offsets.unpersist()
-        chunks.delete(lake, chunk_id, job=f"feed-cleanup:{chunk_id}")
-        raise FeedError(f"no documents of the categories {', '.join(mix)} in {source} for stage {feed.stage!r}")
-    n_rows = math.ceil(total / row_len)
-    n_files = math.ceil(n_rows / feed.rows_per_file)
+    pieces = _pieces(placed, row_len, rows_per_file, id_dtype(vocab_size)().itemsize)
+    n_files = math.ceil(math.ceil(total / row_len) / rows_per_file)
     written = pieces.repartition(n_files, "file").mapInArrow(
-        lambda bs: write_files_batches(bs, directory, row_len, pad_id, vocab),
+        lambda bs: write_files_batches(bs, directory, row_len, pad_id, vocab_size),
         "name string, sha256 string, rows long, tokens long").collect()
-    written = sorted(written, key=lambda r: r["name"])
-    packed = time.perf_counter()
-    tok_json.unpersist()
-    per_doc = offsets.join(light.select("doc_id", "copy", "category"), ["doc_id", "copy"])
+    return sorted(written, key=lambda r: r["name"])
+
+
+def _pieces(placed, row_len: int, rows_per_file: int, width: int):
+    """Each document's taken tokens cut at row boundaries, one row per piece, in Spark SQL (the same
+    arithmetic as ``jobs.packing.row_pieces``, without a trip through Python); ``width`` bytes per id."""
+    offset, take = F.col("offset"), F.col("take")
+    exploded = placed.select("doc_id", "category", "offset", "take", "n_tokens", "ids", F.explode(
+        F.sequence(F.floor(offset / row_len), F.floor((offset + take - 1) / row_len))).alias("row"))
+    row_start = F.col("row") * row_len
+    start = F.greatest(offset, row_start)
+    end = F.least(offset + take, row_start + row_len)
+    return exploded.select(
+        F.floor(F.col("row") / rows_per_file).alias("file"), "row", (start - row_start).alias("pos"), "doc_id",
+        (start - offset).alias("doc_start"), (end - start).alias("length"), F.col("n_tokens").alias("doc_tokens"),
+        "category", F.substring("ids", ((start - offset) * width + 1).cast("int"),
+                                ((end - start) * width).cast("int")).alias("ids"))
+
+
+def tally(tokenized, offsets, chunk_id: str):
+    """(tokens per category, the usage increments: one row (doc_id, times_used, last_chunk_id) per
+    document, counting its copies), as the manifest and ``usage`` record them."""
+    per_doc = offsets.join(tokenized.select("doc_id", "copy", "category"), ["doc_id", "copy"])
     per_category = {r["category"]: int(r["t"]) for r in per_doc.groupBy("category").agg(F.sum("take").alias("t")).collect()}
     increments = offsets.groupBy("doc_id").agg(F.count("*").alias("times_used")) \
         .withColumn("last_chunk_id", F.lit(chunk_id)).toArrow()
-    n_docs = increments.num_rows
-    docs.unpersist()
-    tokenized.unpersist()
-    offsets.unpersist()
+    return per_category, increments
 
-    # usage first (its increments saved beside the files, so a cleanup can take them back), then ready
-    write_parquet(chunks.usage_increments_path(lake.root, chunk_id), increments)
+
+def publish(lake: Lake, chunk: OpenChunk, plan: Plan, written: list, per_category: dict[str, int], increments,
+            total: int, n_rows: int) -> None:
+    """``usage`` first (its increments saved beside the files, so a cleanup can take them back), then
+    the manifest row ``ready`` with the files, their checksums, the mix and the plan's warnings."""
+    write_parquet(chunks.usage_increments_path(lake.root, chunk.chunk_id), increments)
     lake.merge_counters("usage", increments, key=["doc_id"], add=["times_used"], assign=["last_chunk_id"],
-                        job=f"feed:{chunk_id}")
-    chunks.put(lake, {**base_row, "status": chunks.READY, "n_tokens": int(total), "n_rows": n_rows,
-                            "files": [r["name"] for r in written], "sha256": [r["sha256"] for r in written],
-                            "mix": list(per_category.items()), "reason": "; ".join(plan.warnings) or None,
-                            "updated_at": chunks.now()}, job=f"feed:{chunk_id}")
-    done = time.perf_counter()
-    return ChunkReport(chunk_id, feed.stage, int(total), n_rows, len(written), per_category, plan.budgets, n_docs,
-                       plan.warnings, done - started,
-                       {"plan": planned - started, "tokenise_pack": packed - planned, "publish": done - packed})
+                        job=f"feed:{chunk.chunk_id}")
+    chunks.put(lake, {**chunk.base_row, "status": chunks.READY, "n_tokens": int(total), "n_rows": n_rows,
+                      "files": [r["name"] for r in written], "sha256": [r["sha256"] for r in written],
+                      "mix": list(per_category.items()), "reason": "; ".join(plan.warnings) or None,
+                      "updated_at": chunks.now()}, job=f"feed:{chunk.chunk_id}")
+
+
+# -- shared by the phases ------------------------------------------------------------------------------
+
+
+def _per_category(values: dict):
+    """A column: the value of the row's ``category`` in ``values``."""
+    return F.element_at(F.create_map(*[x for c, v in values.items() for x in (F.lit(c), F.lit(v))]), F.col("category"))
+
+
+def _by_key():
+    """A category's documents in sampling order (ties by doc_id, then copy: a total order)."""
+    return Window.partitionBy("category").orderBy("key", "doc_id", "copy")
+
+
+def _release(*frames) -> None:
+    for df in frames:
+        df.unpersist()
+
+
+# -- the job: chunks until the backlog is full ---------------------------------------------------------
 
 
 @dataclass

@@ -1,7 +1,12 @@
-"""Mixing and packing as plain functions: budgets per category, weighted sampling keys, taking
-documents up to a budget, curriculum order, and packing token streams into fixed-length rows.
+"""Mixing and packing as plain functions: budgets per category, taking documents up to a budget,
+curriculum order, and packing token streams into fixed-length rows.
 
-The feed job (``jobs/feed.py``) runs these inside Spark; the property tests run them directly.
+The feed job (``jobs/feed.py``) calls ``plan_budgets`` (on the driver) and ``curriculum_rank`` (in a
+UDF) as they are. Its sampling keys (``sampling_keys``), taking documents to the budget and packing
+them it computes in Spark SQL (xxhash64 keys, window sums, ``_pieces``): ``take_to_budget`` (over
+the documents in the order of those keys), ``row_pieces`` and ``pack`` say what the taking and the
+packing must give, and ``tests/test_feed_packing.py`` runs feed's phases on random documents and
+checks that they do. ``jobs/synthetic_lake.py`` packs its chunks with ``pack``.
 
 A chunk's token stream is the chosen documents in order, each followed by EOS. It is cut into rows
 of ``row_len`` tokens (``seq_len + 1``: the trainer shifts labels inside a row); the last row is
@@ -13,7 +18,6 @@ boundary still accounts for its remainder.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, field
 
@@ -78,17 +82,6 @@ def plan_budgets(mix: dict[str, float], chunk_tokens: int, available: dict[str, 
     return Plan(budgets, copies, warnings)
 
 
-def uniform(*parts) -> float:
-    """A deterministic uniform number in (0, 1) from its parts (seed, chunk, document, copy)."""
-    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
-    return (int.from_bytes(digest, "little") + 0.5) / 2.0**64
-
-
-def sampling_key(u: float, weight: float) -> float:
-    """Efraimidis-Spirakis: taking the smallest keys samples without replacement by weight."""
-    return -math.log(u) / max(weight, 1e-12)
-
-
 def take_to_budget(token_counts: list[int], budget: int) -> list[int]:
     """Tokens taken from each document, in order, to fill ``budget`` exactly where the data allows:
     whole documents, then the first tokens of the one that crosses the budget, then none."""
@@ -134,19 +127,22 @@ class Span:
     category: str
 
 
-def pack(documents: list[tuple[str, str, list[int]]], row_len: int, pad_id: int) -> tuple[list[list[int]], list[list[Span]]]:
-    """Pack ``(doc_id, category, tokens)`` (EOS already appended) into rows of ``row_len``; the last row
-    is padded with ``pad_id`` (pad positions belong to no span)."""
+def pack(documents: list[tuple], row_len: int, pad_id: int) -> tuple[list[list[int]], list[list[Span]]]:
+    """Pack ``(doc_id, category, tokens)`` into rows of ``row_len``; the last row is padded with
+    ``pad_id`` (pad positions belong to no span). ``tokens`` are what is taken of the document (EOS
+    already appended); a fourth item, ``doc_tokens``, is its full length when it was cut (default
+    ``len(tokens)``)."""
     rows: list[list[int]] = []
     spans: list[list[Span]] = []
     offset = 0
-    for doc_id, category, tokens in documents:
+    for doc_id, category, tokens, *cut in documents:
+        doc_tokens = cut[0] if cut else len(tokens)
         for row, pos, doc_start, length in row_pieces(offset, len(tokens), row_len):
             while len(rows) <= row:
                 rows.append([])
                 spans.append([])
             rows[row].extend(tokens[doc_start : doc_start + length])
-            spans[row].append(Span(doc_id, pos, doc_start, length, len(tokens), category))
+            spans[row].append(Span(doc_id, pos, doc_start, length, doc_tokens, category))
         offset += len(tokens)
     if rows and len(rows[-1]) < row_len:
         rows[-1].extend([pad_id] * (row_len - len(rows[-1])))

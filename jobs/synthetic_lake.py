@@ -1,6 +1,8 @@
 """Small synthetic lakes for the trainer, made without Spark: a tokenizer, documents, and ready
-chunks packed with the same functions and file layout feed uses. The trainer's tests and
-``bench/trainer`` use them; so can a smoke test of a GPU cluster before the refinery has run."""
+chunks packed by ``jobs.packing.pack`` into the file layout feed writes (``chunk_row_schema``, zstd
+Parquet; one file per chunk). Feed itself packs in Spark SQL; ``tests/test_feed_packing.py`` checks
+that its rows and spans are the ones ``pack`` makes. The trainer's tests and ``bench/trainer`` use
+these lakes; so can a smoke test of a GPU cluster before the refinery has run."""
 
 from __future__ import annotations
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jobs.packing import (curriculum_rank, pack, plan_budgets, row_pieces, sampling_key, split_tokens,
-                          take_to_budget, uniform)
+from jobs.packing import Span, curriculum_rank, pack, plan_budgets, row_pieces, split_tokens, take_to_budget
 
 docs_strategy = st.lists(
     st.tuples(st.sampled_from(["zh", "en", "code"]), st.integers(min_value=1, max_value=300)), min_size=1, max_size=40)
@@ -79,13 +78,10 @@ def test_a_dry_category_repeats_up_to_the_cap_or_gives_its_share_away():
     assert plan.budgets == {"zh": 475, "en": 475, "code": 50}
 
 
-def test_sampling_keys_prefer_heavier_documents():
-    taken = {"heavy": 0, "light": 0}
-    for trial in range(2000):
-        keys = {name: sampling_key(uniform(7, trial, name), w) for name, w in (("heavy", 4.0), ("light", 1.0))}
-        taken[min(keys, key=keys.get)] += 1
-    assert 0.75 < taken["heavy"] / 2000 < 0.85  # P = 4 / (4 + 1)
-    assert uniform(1, "a") == uniform(1, "a") != uniform(2, "a")
+def test_a_cut_document_keeps_its_full_length_in_its_spans():
+    rows, spans = pack([("a", "en", [1, 2, 3]), ("b", "zh", [4, 5, 6], 9)], 4, pad_id=0)
+    assert rows == [[1, 2, 3, 4], [5, 6, 0, 0]]
+    assert spans == [[Span("a", 0, 0, 3, 3, "en"), Span("b", 3, 0, 1, 9, "zh")], [Span("b", 0, 1, 2, 9, "zh")]]
 
 
 def test_row_pieces_and_curriculum_rank():

@@ -1,0 +1,107 @@
+"""The executor side of feed: the ``mapInArrow`` bodies ``jobs/feed.py`` runs on Arrow batches.
+
+``tokenize_batches`` turns documents into token ids (the tokenizer parsed once per Python worker);
+``write_files_batches`` turns the pieces of whole files into the chunk's Parquet files, each one's
+sha256 computed as it is written. Plain functions over Arrow and NumPy: no Spark here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from lake.fs import write_bytes
+from schemas import chunk_row_schema
+
+_TOKENIZERS: dict[str, object] = {}  # per Python worker process: tokenizer sha256 → Tokenizer
+
+
+def _tokenizer(tokenizer_json: str, sha: str):
+    if sha not in _TOKENIZERS:
+        os.environ.setdefault("RAYON_NUM_THREADS", "1")  # one task per core: no thread pool per task
+        from tokenizers import Tokenizer
+
+        _TOKENIZERS[sha] = Tokenizer.from_str(tokenizer_json)
+    return _TOKENIZERS[sha]
+
+
+def id_dtype(vocab_size: int):
+    """The numpy type of a chunk's token ids: uint16 when the vocabulary fits, else uint32."""
+    import numpy as np
+
+    return np.uint16 if vocab_size <= 65536 else np.uint32
+
+
+def tokenize_batches(batches, tokenizer_json: str, sha: str, eos_id: int, vocab_size: int, batch_size: int = 256):
+    """mapInArrow body: each document's token ids (EOS appended) as packed little-endian bytes
+    (uint16 or uint32, see ``id_dtype``), and their count. Bytes cross to the JVM as one copy; an
+    array of ints would be converted element by element."""
+    import numpy as np
+
+    tok = _tokenizer(tokenizer_json, sha)
+    dtype = id_dtype(vocab_size)
+    for batch in batches:
+        texts = batch.column("text").to_pylist()
+        blobs, counts = [], []
+        for start in range(0, len(texts), batch_size):
+            for e in tok.encode_batch(texts[start : start + batch_size], add_special_tokens=False):
+                ids = e.ids
+                ids.append(eos_id)
+                blobs.append(np.asarray(ids, dtype).tobytes())
+                counts.append(len(ids))
+        names = [n for n in batch.schema.names if n != "text"]
+        yield pa.RecordBatch.from_arrays(
+            [batch.column(n) for n in names] + [pa.array(counts, pa.int64()), pa.array(blobs, pa.binary())],
+            names=names + ["n_tokens", "ids"])
+
+
+def write_files_batches(batches, directory: str, row_len: int, pad_id: int, vocab_size: int):
+    """mapInArrow body: the pieces of whole files (sorted by file, row, pos) → one Parquet file each."""
+    import numpy as np
+
+    schema = chunk_row_schema(vocab_size)
+    id_type = schema.field("input_ids").type.value_type
+    dtype = id_dtype(vocab_size)
+    pending: list[pa.RecordBatch] = []
+
+    def flush(pieces: pa.Table):
+        out = []
+        for file_no in sorted(set(pieces.column("file").to_pylist())):
+            part = pieces.filter(pc.equal(pieces.column("file"), file_no)).sort_by([("row", "ascending"), ("pos", "ascending")])
+            d = {n: part.column(n).to_pylist() for n in ("row", "pos", "doc_id", "doc_start", "length", "doc_tokens", "category")}
+            rows: list[int] = []
+            spans: list[list[dict]] = []
+            for i in range(part.num_rows):
+                if not rows or rows[-1] != d["row"][i]:
+                    rows.append(d["row"][i])
+                    spans.append([])
+                spans[-1].append({"doc_id": d["doc_id"][i], "pos": d["pos"][i], "doc_start": d["doc_start"][i],
+                                  "length": d["length"][i], "doc_tokens": d["doc_tokens"][i], "category": d["category"][i]})
+            # the pieces' bytes in (row, pos) order are the rows' tokens back to back
+            flat = np.frombuffer(b"".join(part.column("ids").to_pylist()), dtype)
+            tokens = len(flat)
+            padded = np.full(len(rows) * row_len, pad_id, dtype)  # only the chunk's last row is short
+            padded[:tokens] = flat
+            offsets = pa.array(np.arange(0, len(rows) * row_len + 1, row_len, dtype=np.int32))
+            data = pa.table({"row": pa.array(rows, pa.int64()),
+                             "input_ids": pa.ListArray.from_arrays(offsets, pa.array(padded, id_type)),
+                             "spans": pa.array(spans, pa.list_(schema.field("spans").type.value_type))}, schema=schema)
+            name = f"part-{file_no:05d}.parquet"
+            buffer = io.BytesIO()
+            pq.write_table(data, buffer, compression="zstd")
+            payload = buffer.getvalue()
+            write_bytes(f"{directory}/{name}", payload)
+            out.append({"name": name, "sha256": hashlib.sha256(payload).hexdigest(), "rows": len(rows), "tokens": tokens})
+        return out
+
+    for batch in batches:
+        pending.append(batch)
+    if pending:
+        written = flush(pa.Table.from_batches(pending))
+        yield pa.RecordBatch.from_pylist(written, schema=pa.schema([("name", pa.string()), ("sha256", pa.string()),
+                                                                    ("rows", pa.int64()), ("tokens", pa.int64())]))
