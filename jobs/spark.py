@@ -10,6 +10,7 @@ from pathlib import Path
 from pyspark import SparkConf
 from pyspark.sql import SparkSession
 
+from lake.jars import delta_jars
 from lake.recipe import Recipe
 
 
@@ -31,6 +32,7 @@ def get_spark(app_name: str, recipe: Recipe | None = None) -> SparkSession:
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")  # local mode needs no network interface
         builder = builder.master(master)
         builder = builder.config("spark.driver.memory", settings.driver_memory if settings else "4g")
+        builder = with_delta_jars(builder)
     builder = (
         builder.config("spark.sql.shuffle.partitions", str(settings.shuffle_partitions if settings else 8))
         .config("spark.sql.session.timeZone", "UTC")
@@ -52,6 +54,22 @@ def get_spark(app_name: str, recipe: Recipe | None = None) -> SparkSession:
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(os.environ.get("TOKENMILL_SPARK_LOG_LEVEL", "WARN"))
     return spark
+
+
+DELTA_SQL_CONF = {"spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+                  "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog"}
+
+
+def with_delta_jars(builder):
+    """Native Delta as Delta's docs set it up (``spark.jars`` + the SQL extension and catalog) when the
+    jars have been fetched (``tokenmill jars``) and ``TOKENMILL_DELTA_MODE`` is not ``bridge``."""
+    jars = delta_jars() if os.environ.get("TOKENMILL_DELTA_MODE") != "bridge" else None
+    if not jars:
+        return builder
+    builder = builder.config("spark.jars", ",".join(str(j) for j in jars))
+    for key, value in DELTA_SQL_CONF.items():
+        builder = builder.config(key, value)
+    return builder
 
 
 def submitted_master() -> str | None:

@@ -7,6 +7,7 @@ import os
 from typing import TYPE_CHECKING, Callable
 
 from lake.commits import spark_uri, sql_predicate
+from lake.errors import ConflictError
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -18,6 +19,11 @@ def delta_jar_available(spark: SparkSession) -> bool:
     forced = os.environ.get("TOKENMILL_DELTA_MODE")
     if forced in ("native", "bridge"):
         return forced == "native"
+    return delta_classes_loaded(spark)
+
+
+def delta_classes_loaded(spark: SparkSession) -> bool:
+    """True when delta-spark's classes are on the session's JVM classpath, whatever the mode says."""
     try:
         jvm = spark.sparkContext._jvm  # noqa: SLF001 - py4j is the only way to ask the classpath
         jvm.java.lang.Class.forName("io.delta.tables.DeltaTable", False, jvm.Thread.currentThread().getContextClassLoader())
@@ -30,11 +36,25 @@ def read(spark: SparkSession, uri: str) -> DataFrame:
     return spark.read.format("delta").load(spark_uri(uri))
 
 
-def write(uri: str, df: DataFrame, mode: str, replace_where: dict[str, str] | None,
+def write(uri: str, df: DataFrame, mode: str, replace_where: dict[str, str] | None, job: str | None,
           version: Callable[[], int]) -> int:
-    """One Delta commit by delta-spark; returns the table's new version."""
-    writer = df.write.format("delta").mode(mode)
+    """One Delta commit by delta-spark, tagged with the job (``userMetadata``); returns the table's new
+    version. A commit that lost to a concurrent one raises ConflictError, as on the bridge."""
+    writer = df.write.format("delta").mode(mode).option("userMetadata", job or "")
     if replace_where:
         writer = writer.option("replaceWhere", sql_predicate(replace_where))
-    writer.save(spark_uri(uri))
+    try:
+        writer.save(spark_uri(uri))
+    except Exception as err:
+        if not any(word in str(err) for word in CONFLICTS):
+            raise
+        raise ConflictError(f"table at {uri}: another writer committed while this {mode} was prepared; nothing "
+                            f"of this write was committed. Rerun the job once the other writer has finished. "
+                            f"({str(err).splitlines()[0]})") from None
     return version()
+
+
+# delta-spark's optimistic-concurrency failures (io.delta.exceptions.*), as py4j shows them
+CONFLICTS = ("ConcurrentAppendException", "ConcurrentDeleteReadException", "ConcurrentDeleteDeleteException",
+             "ConcurrentTransactionException", "MetadataChangedException", "ProtocolChangedException",
+             "DELTA_CONCURRENT")

@@ -112,11 +112,11 @@ class Lake:
         spec = table(name)
         self._check_spark_schema(spec, df)
         df = df.select(*spec.columns)
-        if self.native:
-            return native.write(self.uri(name), df, mode, replace_where, lambda: self.delta(name).version())
         snapshot = DeltaTable(self.uri(name)) if self.exists(name) else None
         if snapshot is not None:
             self._check_table_schema(spec, snapshot)
+        if self.native:
+            return native.write(self.uri(name), df, mode, replace_where, job, lambda: self.delta(name).version())
         return bridge.write(self.uri(name), snapshot, spec, df, mode, replace_where, job)
 
     # -- Arrow side (no JVM) ----------------------------------------------------------------
@@ -282,11 +282,13 @@ def _conformed(spec: Table, data: pa.Table) -> pa.Table:
 
 
 def _table_version(entry: dict[str, Any]) -> TableVersion:
-    rows = entry.get("tokenmill.rows")
+    # the bridge tags its commits with tokenmill.* keys; delta-spark keeps the job in userMetadata and
+    # the rows in its operation metrics
+    rows = entry.get("tokenmill.rows") or (entry.get("operationMetrics") or {}).get("numOutputRows")
     return TableVersion(
         version=int(entry.get("version", -1)),
         timestamp=datetime.fromtimestamp(int(entry.get("timestamp", 0)) / 1000, tz=timezone.utc),
         operation=str(entry.get("operation", "")),
-        job=entry.get("tokenmill.job") or None,
+        job=entry.get("tokenmill.job") or entry.get("userMetadata") or None,
         rows_written=int(rows) if rows not in (None, "") else None,
     )

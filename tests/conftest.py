@@ -18,11 +18,20 @@ os.environ.setdefault("TOKENMILL_SPARK_LOG_LEVEL", "ERROR")
 def spark():
     from lake.recipe import Spark
     from jobs.spark import get_spark
+    from lake.jars import delta_coordinates, fetch
+
+    if os.environ.get("TOKENMILL_DELTA_MODE") != "bridge":
+        # the Delta jars (once, into .tokenmill/jars) for the native path's tests.
+        # Offline: TOKENMILL_DELTA_MODE=bridge before pytest skips them and runs the bridge alone.
+        fetch(delta_coordinates())
 
     class _Settings:  # a recipe stand-in carrying only Spark settings sized for CI's 2 cores
         spark = Spark(master="local[2]", shuffle_partitions=2, driver_memory="2g", conf={"spark.ui.enabled": "false"})
 
     session = get_spark("tokenmill-tests", _Settings())
+    # The session carries the jars; the rest of the suite (and the jobs it starts as subprocesses)
+    # stays on the bridge, while tests/test_lake.py runs its table tests on both paths (native=True).
+    os.environ.setdefault("TOKENMILL_DELTA_MODE", "bridge")
     yield session
     session.stop()
 

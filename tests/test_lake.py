@@ -19,7 +19,7 @@ from deltalake import DeltaTable
 
 import lake.bridge as bridge_module
 from lake import ConflictError, Lake, SchemaMismatchError, TableMissingError
-from lake.native import delta_jar_available
+from lake.native import delta_classes_loaded
 from schemas import table
 from schemas.spark import spark_schema
 
@@ -49,9 +49,22 @@ def replay_log(table_dir: str) -> list[str]:
     return [f"{table_dir}/{p}" for p in sorted(active)]
 
 
-def test_round_trip_overwrite_and_independent_readers(spark, lake_root):
-    lake = Lake(lake_root, spark)
-    assert not lake.native  # no Delta jar here: the bridge is under test
+@pytest.fixture(params=["bridge", "native"])
+def mode(request, spark) -> str:
+    """Each table test on both paths: delta-rs commits (bridge) and delta-spark (the jar, native)."""
+    if request.param == "native":
+        require_native(spark)
+    return request.param
+
+
+def require_native(spark) -> None:
+    if not delta_classes_loaded(spark) and os.environ.get("TOKENMILL_DELTA_MODE") == "bridge":
+        pytest.skip("TOKENMILL_DELTA_MODE=bridge before the run: the native path is not under test")
+    assert delta_classes_loaded(spark), "the Delta jars are not on the test session's classpath (tokenmill jars)"
+
+
+def test_round_trip_overwrite_and_independent_readers(spark, lake_root, mode):
+    lake = Lake(lake_root, spark, native=mode == "native")
     v0 = lake.write("usage", usage_df(spark, [("a", 1, "c1"), ("b", 2, "c1")]), mode="overwrite", job="t")
     v1 = lake.write("usage", usage_df(spark, [("c", 5, "c2")]), mode="append")
     assert (v0, v1) == (0, 1)
@@ -70,8 +83,8 @@ def test_round_trip_overwrite_and_independent_readers(spark, lake_root):
     assert history[-1].job == "t" and history[-1].rows_written == 2
 
 
-def test_write_with_wrong_columns_fails_naming_table_and_column(spark, lake_root):
-    lake = Lake(lake_root, spark)
+def test_write_with_wrong_columns_fails_naming_table_and_column(spark, lake_root, mode):
+    lake = Lake(lake_root, spark, native=mode == "native")
     df = spark.createDataFrame([("a", "1")], "doc_id string, times_used string")
     with pytest.raises(SchemaMismatchError) as err:
         lake.write("usage", df)
@@ -81,13 +94,13 @@ def test_write_with_wrong_columns_fails_naming_table_and_column(spark, lake_root
     assert not lake.exists("usage")
 
 
-def test_reading_a_missing_table_says_which_stage_to_run(spark, lake_root):
+def test_reading_a_missing_table_says_which_stage_to_run(spark, lake_root, mode):
     with pytest.raises(TableMissingError, match="documents_raw.*run the stage that writes it"):
-        Lake(lake_root, spark).read("documents_raw")
+        Lake(lake_root, spark, native=mode == "native").read("documents_raw")
 
 
-def test_replace_where_replaces_only_matching_rows_even_inside_mixed_files(spark, lake_root):
-    lake = Lake(lake_root, spark)
+def test_replace_where_replaces_only_matching_rows_even_inside_mixed_files(spark, lake_root, mode):
+    lake = Lake(lake_root, spark, native=mode == "native")
     mixed = pa.table(
         {"doc_id": ["i1", "f1"], "source": ["s", "s"], "stage": ["ingest", "filter"], "reason": ["r", "r"],
          "detail": [None, None], "text": ["t", "t"], "rejected_at": pa.array([NOW, NOW], pa.timestamp("us", "UTC"))}
@@ -142,7 +155,7 @@ def _race(monkeypatch, target, attr, writes):
 
 
 def test_two_overwrites_racing_one_wins_the_other_gets_a_conflict(spark, lake_root, monkeypatch):
-    lake = Lake(lake_root, spark)
+    lake = Lake(lake_root, spark, native=False)  # the race is staged at delta-rs's commit
     lake.write("usage", usage_df(spark, [("old", 1, None)]))
     a, b = usage_df(spark, [("a1", 1, None), ("a2", 1, None)]), usage_df(spark, [("b1", 1, None)])
     outcomes = _race(monkeypatch, DeltaTable, "create_write_transaction",
@@ -158,7 +171,7 @@ def test_two_overwrites_racing_one_wins_the_other_gets_a_conflict(spark, lake_ro
 
 
 def test_two_writers_creating_the_same_table_one_wins(spark, lake_root, monkeypatch):
-    lake = Lake(lake_root, spark)
+    lake = Lake(lake_root, spark, native=False)  # the race is staged at delta-rs's commit
     a, b = usage_df(spark, [("a", 1, None)]), usage_df(spark, [("b", 1, None)])
     outcomes = _race(monkeypatch, bridge_module, "create_table_with_add_actions",
                      [lambda: lake.write("usage", a), lambda: lake.write("usage", b)])
@@ -184,8 +197,10 @@ sys.exit(ingest.main(sys.argv[1:]))
 
 
 @pytest.mark.slow
-def test_a_job_killed_before_its_commit_leaves_the_table_as_it_was(spark, tmp_path):
+def test_a_job_killed_before_its_commit_leaves_the_table_as_it_was(spark, tmp_path, monkeypatch):
     from jobs import ingest
+
+    monkeypatch.setenv("TOKENMILL_DELTA_MODE", "bridge")  # the crash is staged at delta-rs's commit
 
     data = tmp_path / "data" / "part-0.jsonl"
     write_jsonl(data, [{"id": i, "text": f"document number {i}"} for i in range(50)])
@@ -212,13 +227,62 @@ def test_a_job_killed_before_its_commit_leaves_the_table_as_it_was(spark, tmp_pa
     assert sorted(pl.read_delta(lake.uri("documents_raw"))["text"].to_list()) == texts
 
 
-@pytest.mark.delta_jar
-def test_native_delta_spark_path_reads_and_writes_the_same_tables(spark, lake_root):
-    if not delta_jar_available(spark):
-        pytest.skip("the Delta jar is not on Spark's classpath here (no Maven repository is reachable); "
-                    "run with --packages io.delta:delta-spark_2.13:4.0.0 or on a cluster to exercise the native path")
-    bridge, native = Lake(lake_root, spark, native=False), Lake(lake_root, spark, native=True)
-    bridge.write("usage", usage_df(spark, [("a", 1, None)]))
-    assert [r.doc_id for r in native.read("usage").collect()] == ["a"]
-    native.write("usage", usage_df(spark, [("b", 2, None)]), mode="overwrite")
-    assert DeltaTable(native.uri("usage")).to_pyarrow_table().column("doc_id").to_pylist() == ["b"]
+def test_a_table_written_by_one_path_is_read_and_appended_by_the_other(spark, tmp_path):
+    require_native(spark)
+    for first, second in [("bridge", "native"), ("native", "bridge")]:
+        root = str(tmp_path / f"{first}-then-{second}")
+        a, b = Lake(root, spark, native=first == "native"), Lake(root, spark, native=second == "native")
+        a.write("usage", usage_df(spark, [("a", 1, "c1")]), job=f"{first}-write")
+        assert [r.doc_id for r in b.read("usage").collect()] == ["a"]
+        b.write("usage", usage_df(spark, [("b", 2, "c2")]), mode="append", job=f"{second}-append")
+        a.write_arrow("usage", pa.table({"doc_id": ["c"], "times_used": [3], "last_chunk_id": ["c3"]}), mode="append")
+        a.merge_counters("usage", pa.table({"doc_id": ["a"], "times_used": [10], "last_chunk_id": ["c4"]}),
+                         key=["doc_id"], add=["times_used"], assign=["last_chunk_id"])
+        for reader in (a, b):
+            assert sorted((r.doc_id, r.times_used) for r in reader.read("usage").collect()) == [("a", 11), ("b", 2), ("c", 3)]
+        assert sorted(DeltaTable(a.uri("usage")).to_pyarrow_table().column("doc_id").to_pylist()) == ["a", "b", "c"]
+        history = {h.version: h for h in a.versions("usage")}
+        assert (history[0].job, history[0].rows_written) == (f"{first}-write", 1)
+        assert (history[1].job, history[1].rows_written) == (f"{second}-append", 1)
+        protocol = DeltaTable(a.uri("usage")).protocol()
+        assert (protocol.min_reader_version, protocol.min_writer_version) == (1, 2)  # both read and write it
+
+
+def test_the_native_path_names_a_concurrent_overwrite_a_conflict(spark, lake_root, tmp_path):
+    """Writer A prepares an overwrite from version 0; B overwrites first; A's commit must fail, not land."""
+    from pyspark.sql import functions as F
+
+    require_native(spark)
+    lake = Lake(lake_root, spark, native=True)
+    lake.write("usage", usage_df(spark, [("old", 1, None)]))
+    gate = tmp_path / "b-committed"
+
+    @F.udf("string")
+    def after_b(doc_id):  # A's data is computed only once B has committed
+        import os
+        import time
+
+        while not os.path.exists(str(gate)):
+            time.sleep(0.05)
+        return doc_id
+
+    slow = usage_df(spark, [("a", 1, None)]).withColumn("doc_id", after_b("doc_id"))
+    outcome: list = []
+    writer_a = threading.Thread(target=lambda: outcome.append(_attempt(lambda: lake.write("usage", slow, job="a"))))
+    writer_a.start()
+    try:
+        lake.write("usage", usage_df(spark, [("b", 1, None)]), job="b")
+    finally:
+        gate.write_text("done")
+    writer_a.join(timeout=300)
+    assert len(outcome) == 1 and isinstance(outcome[0], ConflictError), outcome
+    assert "another writer committed" in str(outcome[0]) and "Rerun the job" in str(outcome[0])
+    assert [r.doc_id for r in lake.read("usage").collect()] == ["b"]
+    assert [h.job for h in lake.versions("usage")][:1] == ["b"]
+
+
+def _attempt(action):
+    try:
+        return action()
+    except Exception as err:  # the test inspects what the writer raised
+        return err
