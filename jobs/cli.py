@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("plan", help="parameters, FLOPs, days, memory per GPU, batch size of a Llama run", add_help=False)
     sub.add_parser("train", help="the streaming trainer: tails the chunk store and trains (or --export)", add_help=False)
     sub.add_parser("package", help="tokenmill.zip and entry scripts for spark-submit --py-files", add_help=False)
-    sub.add_parser("jars", help="fetch the Delta jars (and with --s3 hadoop-aws) from Maven Central", add_help=False)
+    sub.add_parser("jars", help="fetch the Delta jars from Maven Central", add_help=False)
 
     refine = sub.add_parser("refine", help="run refinery stages in order on one Spark session")
     recipe_arguments(refine)

@@ -1,8 +1,7 @@
 """The jars Spark needs beside pip's pyspark: Delta Lake (``delta-spark``, ``delta-storage``) at the
-version of the installed ``delta-spark`` package, built for the installed pyspark; and for an
-``s3a://`` lake, ``hadoop-aws`` at pyspark's Hadoop version with the AWS SDK it was built with.
+version of the installed ``delta-spark`` package, built for the installed pyspark.
 
-    tokenmill jars [--s3]          fetch them from Maven Central into the jar folder (once)
+    tokenmill jars                 fetch them from Maven Central into the jar folder (once)
 
 The jar folder is ``$TOKENMILL_JARS`` or ``<project>/.tokenmill/jars``. With the Delta jars there,
 a Spark session the jobs start themselves runs native Delta (``jobs/spark.py``); without them it
@@ -33,44 +32,9 @@ def delta_coordinates() -> list[str]:
     return [f"io.delta:delta-spark_{spark_minor}_2.13:{delta}", f"io.delta:delta-storage:{delta}"]
 
 
-def s3_coordinates() -> list[str]:
-    """hadoop-aws at the Hadoop version inside pyspark, and the AWS SDK bundle it declares."""
-    hadoop = _hadoop_version()
-    sdk = _pom_dependency("org.apache.hadoop", "hadoop-aws", hadoop, "software.amazon.awssdk", "bundle")
-    return [f"org.apache.hadoop:hadoop-aws:{hadoop}", f"software.amazon.awssdk:bundle:{sdk}"]
-
-
-def _hadoop_version() -> str:
-    import pyspark
-
-    jars = Path(pyspark.__file__).parent / "jars"
-    found = sorted(jars.glob("hadoop-client-api-*.jar"))
-    if not found:
-        raise FileNotFoundError(f"no hadoop-client-api jar in {jars}: is pyspark installed completely?")
-    return found[0].name.removeprefix("hadoop-client-api-").removesuffix(".jar")
-
-
 def _path(coordinate: str, ext: str = "jar") -> str:
     group, artifact, ver = coordinate.split(":")
     return f"{group.replace('.', '/')}/{artifact}/{ver}/{artifact}-{ver}.{ext}"
-
-
-def _pom_dependency(group: str, artifact: str, ver: str, dep_group: str, dep_artifact: str) -> str:
-    import re
-
-    pom = _get(f"{MAVEN}/{_path(f'{group}:{artifact}:{ver}', 'pom')}").decode()
-    for block in re.findall(r"<dependency>(.*?)</dependency>", pom, re.S):
-        if f"<groupId>{dep_group}</groupId>" in block and f"<artifactId>{dep_artifact}</artifactId>" in block:
-            found = re.search(r"<version>([^<$]+)</version>", block)
-            if found:
-                return found.group(1)
-    parent = re.search(r"<parent>.*?<artifactId>([^<]+)</artifactId>.*?<version>([^<]+)</version>", pom, re.S)
-    if parent:  # the version is managed by the parent pom (hadoop-project)
-        props = _get(f"{MAVEN}/{_path(f'{group}:{parent.group(1)}:{parent.group(2)}', 'pom')}").decode()
-        found = re.search(r"<aws-java-sdk-v2.version>([^<]+)</aws-java-sdk-v2.version>", props)
-        if found:
-            return found.group(1)
-    raise LookupError(f"{group}:{artifact}:{ver}'s pom names no version of {dep_group}:{dep_artifact}")
 
 
 def _get(url: str) -> bytes:
@@ -118,9 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser("tokenmill jars", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--s3", action="store_true", help="also hadoop-aws and the AWS SDK (an s3a:// lake)")
-    args = parser.parse_args(argv)
-    coordinates = delta_coordinates() + (s3_coordinates() if args.s3 else [])
+    parser.parse_args(argv)
+    coordinates = delta_coordinates()
     try:
         paths = fetch(coordinates)
     except OSError as e:
