@@ -20,6 +20,26 @@ def variable(name: str, default: str) -> str:
         return os.environ.get(f"AIRFLOW_VAR_{name.upper()}", default)
 
 
+def submit_settings() -> dict:
+    """The SparkSubmitOperator arguments every tokenmill task shares, from the Variables:
+    ``tokenmill_spark_conn`` (default ``spark_default``), ``tokenmill_py_files`` (the ``--py-files``
+    archive, through the DAG's ``py_files`` param) and ``tokenmill_jars`` (the Delta jars for
+    ``--jars``, comma-separated; default: the ones ``tokenmill jars`` fetched on this machine, empty
+    for none). With jars the stages run native Delta, the SQL extension and catalog set with them;
+    without, the delta-rs bridge."""
+    from jobs.spark import DELTA_SQL_CONF
+    from lake.jars import delta_jars
+
+    jars = variable("tokenmill_jars", ",".join(str(j) for j in delta_jars() or []))
+    return {
+        "conn_id": variable("tokenmill_spark_conn", "spark_default"),
+        "py_files": "{{ params.py_files }}",  # rendered empty: no --py-files
+        "jars": jars or None,
+        "conf": dict(DELTA_SQL_CONF) if jars else None,
+        "env_vars": {"PYSPARK_PYTHON": os.environ.get("PYSPARK_PYTHON", "python3")},
+    }
+
+
 def report_failure(context) -> None:
     ti = context["task_instance"]
     log.error("tokenmill task %s failed in run %s of %s; its log says why, and a rerun repairs its output",

@@ -7,19 +7,19 @@ Each step runs the same entry point a user runs by hand: ``jobs/feed.py --until-
 ``lake.chunks.backlog_below``.
 Params (defaults from Airflow Variables): ``recipe`` (``tokenmill_recipe``), ``backlog``
 (``tokenmill_backlog``, default 4), ``retrain_tokenizer`` (false), ``py_files``
-(``tokenmill_py_files``). Scheduled every 10 minutes; one run at a time, since one feed per lake.
+(``tokenmill_py_files``); the Spark connection and jars as ``airflow_dags.common.submit_settings``
+says. Scheduled every 10 minutes; one run at a time, since one feed per lake.
 """
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 from airflow.providers.standard.operators.python import ShortCircuitOperator
 from airflow.sdk import DAG, Param
 
-from airflow_dags.common import PROJECT, report_failure, variable
+from airflow_dags.common import PROJECT, report_failure, submit_settings, variable
 from jobs.stages import stage
 
 
@@ -48,11 +48,7 @@ with DAG(
     default_args={"retries": 2, "retry_delay": timedelta(minutes=2), "on_failure_callback": report_failure},
     tags=["tokenmill"],
 ) as dag:
-    submit = {
-        "conn_id": variable("tokenmill_spark_conn", "spark_default"),
-        "py_files": "{{ params.py_files }}",
-        "env_vars": {"PYSPARK_PYTHON": os.environ.get("PYSPARK_PYTHON", "python3")},
-    }
+    submit = submit_settings()
     backlog_low = ShortCircuitOperator(
         task_id="backlog_low", python_callable=_backlog_low,
         op_kwargs={"recipe": "{{ params.recipe }}", "backlog": "{{ params.backlog }}"},

@@ -6,20 +6,21 @@ from the DAG's params (set per run in the UI or with ``airflow dags trigger --co
 come from Airflow Variables:
 - ``tokenmill_recipe``: the recipe path every stage gets (default: the embedded demo recipe);
 - ``tokenmill_spark_conn``: the Spark connection (default ``spark_default``; Airflow 3 creates none:
-  define it, e.g. ``AIRFLOW_CONN_SPARK_DEFAULT='spark://local?deploy-mode=client'`` for local mode);
+  define it, e.g. ``AIRFLOW_CONN_SPARK_DEFAULT='{"conn_type": "spark", "host": "spark://head", "port": 7077}'``
+  for a standalone master, ``'{"conn_type": "spark", "host": "local[2]"}'`` for local mode);
 - ``tokenmill_py_files``: the archive shipped with ``--py-files`` on a cluster (empty when tokenmill
-  is installed in the Spark Python).
+  is installed in the Spark Python);
+- ``tokenmill_jars``: the Delta jars for ``--jars`` (see ``airflow_dags.common.submit_settings``).
 """
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 from airflow.sdk import DAG, Param
 
-from airflow_dags.common import PROJECT, report_failure, variable
+from airflow_dags.common import PROJECT, report_failure, submit_settings, variable
 from jobs.stages import REFINE
 
 
@@ -39,16 +40,15 @@ with DAG(
     },
     tags=["tokenmill"],
 ) as dag:
+    submit = submit_settings()
     previous = None
     for stage in REFINE:  # the declared refinery stages, in pipeline order
         task = SparkSubmitOperator(
             task_id=stage.name,
             application=str(PROJECT / "jobs" / f"{stage.module}.py"),
             application_args=["--recipe", "{{ params.recipe }}"],
-            conn_id=variable("tokenmill_spark_conn", "spark_default"),
-            py_files="{{ params.py_files }}",  # rendered empty: no --py-files
             name=f"tokenmill-{stage.name}",
-            env_vars={"PYSPARK_PYTHON": os.environ.get("PYSPARK_PYTHON", "python3")},
+            **submit,
         )
         if previous is not None:
             previous >> task

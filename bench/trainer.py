@@ -104,9 +104,11 @@ def main() -> None:
         print(f"model: {params:,} parameters (hidden {args.hidden}, {args.layers} layers), batch {args.micro} x "
               f"{args.seq_len + 1} tokens; {args.rounds} interleaved rounds of {steps} steps; "
               f"{torch.get_num_threads()} CPU threads")
-        print(f"{'':40} {'s/step (median)':>16} {'tokens/s':>10}")
-        print(f"{'bare torch loop':40} {bare:16.4f} {tokens / bare:10,.0f}")
-        print(f"{'tokenmill daemon (DeepSpeed, metrics)':40} {daemon:16.4f} {tokens / daemon:10,.0f}")
+        print(f"{'':40} {'s/step (median)':>16} {'p25-p75 spread':>16} {'tokens/s':>10}")
+        for name, value, times in (("bare torch loop", bare, bare_times),
+                                   ("tokenmill daemon (DeepSpeed, metrics)", daemon, daemon_times)):
+            q = statistics.quantiles(times, n=4)
+            print(f"{name:40} {value:16.4f} {f'{q[0]:.4f}-{q[2]:.4f}':>16} {tokens / value:10,.0f}")
         print(f"overhead: {100 * (daemon / bare - 1):+.1f}% (target at most +5%)")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,42 @@ def spark():
     os.environ.setdefault("TOKENMILL_DELTA_MODE", "bridge")
     yield session
     session.stop()
+
+
+def require_native(spark) -> None:
+    """Skip a native-path test only when the run was started offline on the bridge; else the jars must be there."""
+    from lake.native import delta_classes_loaded
+
+    if not delta_classes_loaded(spark) and os.environ.get("TOKENMILL_DELTA_MODE") == "bridge":
+        pytest.skip("TOKENMILL_DELTA_MODE=bridge before the run: the native path is not under test")
+    assert delta_classes_loaded(spark), "the Delta jars are not on the test session's classpath (tokenmill jars)"
+
+
+@contextmanager
+def delta_mode(mode: str):
+    """``TOKENMILL_DELTA_MODE`` set to ``bridge`` or ``native`` inside the block, restored after."""
+    before = os.environ.get("TOKENMILL_DELTA_MODE")
+    os.environ["TOKENMILL_DELTA_MODE"] = mode
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TOKENMILL_DELTA_MODE")
+        else:
+            os.environ["TOKENMILL_DELTA_MODE"] = before
+
+
+@pytest.fixture(scope="session")
+def standalone_cluster(tmp_path_factory):
+    """A real Spark standalone cluster on loopback (a master and two one-core workers, tests/standalone.py),
+    started once for the tests that submit to it, with the Delta jars fetched for their spark-submits."""
+    import standalone
+    from lake.jars import delta_coordinates, fetch
+
+    fetch(delta_coordinates())
+    cluster = standalone.start(tmp_path_factory.mktemp("standalone"), workers=2)
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture

@@ -73,7 +73,8 @@ class Cluster:
         if py_files:
             command += ["--py-files", py_files]
         env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
-        env.pop("TOKENMILL_SPARK_MASTER", None)
+        for key in ("TOKENMILL_SPARK_MASTER", "TOKENMILL_DELTA_MODE"):  # the suite's own settings, not a user's
+            env.pop(key, None)
         return subprocess.run(command + [script, *args], cwd=cwd, env=env, capture_output=True, text=True,
                               timeout=timeout)
 

@@ -34,6 +34,20 @@ def test_refine_dag_submits_each_stage_in_order(dagbag):
     assert dag.params["recipe"].endswith("configs/demo.yaml")
 
 
+def test_tasks_pass_the_delta_jars_with_their_sql_settings(monkeypatch):
+    from airflow_dags.common import submit_settings
+    from jobs.spark import DELTA_SQL_CONF
+
+    monkeypatch.setenv("AIRFLOW_VAR_TOKENMILL_JARS", "/jars/delta-spark.jar,/jars/delta-storage.jar")
+    monkeypatch.setenv("AIRFLOW_VAR_TOKENMILL_SPARK_CONN", "spark_cluster")
+    settings = submit_settings()
+    assert settings["jars"] == "/jars/delta-spark.jar,/jars/delta-storage.jar" and settings["conf"] == DELTA_SQL_CONF
+    assert settings["conn_id"] == "spark_cluster"
+    monkeypatch.setenv("AIRFLOW_VAR_TOKENMILL_JARS", "")  # no jars: the bridge, and no Delta SQL settings
+    settings = submit_settings()
+    assert settings["jars"] is None and settings["conf"] is None
+
+
 def test_feed_dag_checks_the_backlog_then_feeds(dagbag, tmp_path):
     from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 
@@ -56,14 +70,16 @@ def test_feed_dag_checks_the_backlog_then_feeds(dagbag, tmp_path):
 
 
 @pytest.mark.slow
-def test_airflow_dags_test_runs_the_refinery_end_to_end(spark, tmp_path):
-    """`airflow dags test tokenmill_refine` on the demo recipe, local Spark connection, SQLite."""
+def test_airflow_dags_test_runs_the_refinery_on_the_standalone_cluster(spark, standalone_cluster, tmp_path):
+    """`airflow dags test tokenmill_refine` on the demo recipe, its Spark connection the standalone
+    master, the Delta jars from the ``tokenmill_jars`` Variable, SQLite as Airflow's database."""
     import json
     import subprocess
     import sys
 
     from jobs import filter_rules, ingest, scrub_pii
     from jobs.demo_corpus import demo_recipe_in
+    from lake.jars import delta_jars
     from lake.tables import Lake
     from lake.recipe import load_recipe
 
@@ -75,19 +91,27 @@ def test_airflow_dags_test_runs_the_refinery_end_to_end(spark, tmp_path):
     for args in (["label"], ["train", "--task", "domain"], ["train", "--task", "quality"]):
         subprocess.run([os.path.join(bindir, "tokenmill"), "models", *args, "--recipe", str(recipe_file)], check=True,
                        capture_output=True)
+    host, port = standalone_cluster.url.rsplit(":", 1)
     env = {**os.environ, "AIRFLOW_HOME": str(tmp_path / "airflow"), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "airflow_dags"),
            "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
-           "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps({"conn_type": "spark", "host": "local[2]"}),
-           "PYSPARK_PYTHON": sys.executable}
+           "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps({"conn_type": "spark", "host": host, "port": int(port)}),
+           "AIRFLOW_VAR_TOKENMILL_JARS": ",".join(str(j) for j in delta_jars()),
+           "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
+    env.pop("TOKENMILL_DELTA_MODE")  # the suite's bridge setting: the jobs choose native from the jars
+    before = {a["id"] for a in standalone_cluster.applications()}
     airflow = os.path.join(bindir, "airflow")
     subprocess.run([airflow, "db", "migrate"], check=True, capture_output=True, env=env, timeout=600)
     proc = subprocess.run([airflow, "dags", "test", "tokenmill_refine", "-c", json.dumps({"recipe": str(recipe_file)})],
                           capture_output=True, text=True, env=env, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "state=success" in proc.stdout + proc.stderr
+    apps = [a for a in standalone_cluster.applications() if a["id"] not in before]
+    assert sorted(a["name"] for a in apps) == sorted(f"tokenmill-{s}" for s in ("ingest", "filter", "pii", "score", "dedup"))
+    assert all(a["state"] == "FINISHED" and standalone_cluster.executor_logs(a["id"]) for a in apps), apps
     lake = Lake(recipe.lake)
     for name in ("documents_scored", "documents_dedup", "dedup_clusters"):
         assert lake.exists(name) and [v.job for v in lake.versions(name)][0] in ("score", "dedup")
+    assert lake.delta("documents_dedup").history()[0].get("userMetadata") == "dedup"  # written by the Delta jar
     kept = lake.summary("documents_dedup").rows
     dedup_rejected = sum(1 for r in lake.read_arrow("documents_rejected").to_pylist() if r["stage"] == "dedup")
     assert kept + dedup_rejected == lake.summary("documents_scored").rows

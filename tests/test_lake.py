@@ -19,11 +19,10 @@ from deltalake import DeltaTable
 
 import lake.bridge as bridge_module
 from lake import ConflictError, Lake, SchemaMismatchError, TableMissingError
-from lake.native import delta_classes_loaded
 from schemas import table
 from schemas.spark import spark_schema
 
-from conftest import ROOT, make_recipe, write_jsonl
+from conftest import ROOT, make_recipe, require_native, write_jsonl
 
 NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
@@ -55,12 +54,6 @@ def mode(request, spark) -> str:
     if request.param == "native":
         require_native(spark)
     return request.param
-
-
-def require_native(spark) -> None:
-    if not delta_classes_loaded(spark) and os.environ.get("TOKENMILL_DELTA_MODE") == "bridge":
-        pytest.skip("TOKENMILL_DELTA_MODE=bridge before the run: the native path is not under test")
-    assert delta_classes_loaded(spark), "the Delta jars are not on the test session's classpath (tokenmill jars)"
 
 
 def test_round_trip_overwrite_and_independent_readers(spark, lake_root, mode):

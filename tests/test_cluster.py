@@ -1,0 +1,130 @@
+"""The refinery on a real Spark standalone cluster (a master and two workers on loopback), submitted
+the way a cluster user submits it: spark-submit in client mode from the ``tokenmill package``
+archive, in a folder outside the checkout, native Delta from the jars.
+
+The same corpus is also refined in this process in local mode on both Delta paths (the bridge and
+the jar), so every stage runs in both modes, and all three lakes must hold the same result."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs.demo_corpus import build_demo_corpus
+from jobs.stages import STAGES
+from lake import chunks
+from lake.artifacts import load_tokenizer
+from lake.recipe import load_recipe
+from lake.tables import Lake
+
+from conftest import ROOT, delta_mode, require_native
+
+pytestmark = pytest.mark.slow
+
+SIZES = {"zh_news": 60, "zh_reviews": 30, "en_docs": 60, "code": 30}
+BEFORE_MODELS = ("ingest", "filter", "pii")  # the classifiers learn from what these keep and reject
+
+
+def write_recipe(work: Path, corpus: Path, name: str) -> Path:
+    demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    demo["lake"] = str(work / name / "lake")
+    for src in demo["sources"]:
+        src["path"] = str(corpus / src["name"] / Path(src["path"]).name)
+    demo["tokenizer"]["vocab_size"] = 2048
+    demo["feed"]["chunk_tokens"] = 20000
+    demo["feed"]["stages"]["pretrain"]["seq_len"] = 128
+    path = work / name / "recipe.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(demo))
+    return path
+
+
+def refine_here(spark, recipe) -> None:
+    """Every stage in this process's local-mode session; the classifiers trained after pii."""
+    from quality_models import train as qm
+
+    for s in STAGES:
+        if s.name == "score":
+            qm.derive_weak_labels(recipe)
+            for task in ("domain", "quality"):
+                qm.train_model(recipe, task, "fasttext")
+        s.run(spark, recipe)
+
+
+@pytest.fixture(scope="module")
+def runs(spark, standalone_cluster, tmp_path_factory):
+    """The same corpus refined in local mode on each Delta path, and on the cluster."""
+    from jobs.package import build
+
+    require_native(spark)
+    work = tmp_path_factory.mktemp("cluster-e2e")
+    corpus = work / "corpus"
+    build_demo_corpus(corpus, SIZES)
+    local = {}
+    for mode in ("bridge", "native"):
+        local[mode] = load_recipe(write_recipe(work, corpus, mode))
+        with delta_mode(mode):
+            refine_here(spark, local[mode])
+
+    outside = work / "elsewhere"  # the user's folder: the archive, the entry scripts, a recipe
+    build(outside)
+    cluster_recipe = write_recipe(work, corpus, "cluster")
+    shutil.copy(cluster_recipe, outside / "recipe.yaml")
+    cluster = load_recipe(cluster_recipe)
+    before = {a["id"] for a in standalone_cluster.applications()}
+    outputs = {}
+    for s in STAGES:
+        if s.name == "score":  # the same classifiers, published into the cluster's lake, read by lake URI
+            shutil.copytree(Path(local["bridge"].lake) / "models", Path(cluster.lake) / "models", dirs_exist_ok=True)
+            shutil.rmtree(Path(cluster.lake) / "models" / "tokenizer", ignore_errors=True)
+        proc = standalone_cluster.submit(f"jobs/{s.module}.py", ["--recipe", "recipe.yaml"], cwd=outside,
+                                         py_files="tokenmill.zip")
+        assert proc.returncode == 0, f"{s.name}: {proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        outputs[s.name] = proc.stdout
+    apps = [a for a in standalone_cluster.applications() if a["id"] not in before]
+    return local, cluster, outputs, apps
+
+
+def test_every_stage_ran_on_the_clusters_executors(runs, standalone_cluster):
+    _, _, outputs, apps = runs
+    assert sorted(a["name"] for a in apps) == sorted(f"tokenmill-{s.name}" for s in STAGES), apps
+    assert all(a["state"] == "FINISHED" for a in apps), apps
+    for app in apps:
+        logs = standalone_cluster.executor_logs(app["id"])
+        assert logs, f"{app['name']}: no executor ran on a worker"
+        assert any("Running task" in p.read_text(errors="replace") for p in logs), app["name"]
+    for name, out in outputs.items():
+        assert f"[{name}] Spark master {standalone_cluster.url}" in out, (name, out[-1000:])  # never a silent local mode
+
+
+def lake_result(recipe) -> dict:
+    """What a refinery run decides, read back from its lake."""
+    lake = Lake(recipe.lake)
+    out = {name: sorted(lake.read_arrow(name, columns=["doc_id"]).column("doc_id").to_pylist())
+           for name in ("documents_raw", "documents_clean", "documents_scored", "documents_dedup")}
+    out["scores"] = {r["doc_id"]: (r["category"], round(r["quality"], 5)) for r in
+                     lake.read_arrow("documents_scored", columns=["doc_id", "category", "quality"]).to_pylist()}
+    out["tokenizer"] = load_tokenizer(recipe)[1]["sha256"]
+    out["chunks"] = [(r["chunk_id"], r["n_tokens"], r["sha256"]) for r in chunks.manifest(lake)]
+    return out
+
+
+def test_the_cluster_and_both_local_paths_give_the_same_lake(runs):
+    local, cluster, _, _ = runs
+    expected = lake_result(local["bridge"])
+    assert expected["documents_dedup"] and expected["chunks"] and expected["chunks"][0][1] > 0
+    assert lake_result(local["native"]) == expected
+    assert lake_result(cluster) == expected
+
+
+def test_the_native_runs_wrote_through_delta_spark(runs):
+    """The jar's commits carry the job in userMetadata; the bridge's carry tokenmill.* keys."""
+    local, cluster, _, _ = runs
+    for recipe in (local["native"], cluster):
+        history = Lake(recipe.lake).delta("documents_dedup").history()
+        assert history[0]["operation"] == "WRITE" and history[0].get("userMetadata") == "dedup", history[0]
+    history = Lake(local["bridge"].lake).delta("documents_dedup").history()
+    assert "userMetadata" not in history[0] and history[0]["tokenmill.job"] == "dedup", history[0]
