@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from jobs.stages import REFINE, STAGES, add_option_flags, options_from, run_stages, user_errors
+from lake.fs import end_process
 from lake.recipe import Recipe, RecipeError, recipe_arguments, recipe_from_args
 
 DEMO_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -63,8 +64,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``tokenmill …``; called with ``argv`` (in-process, as tests do) it only returns the exit code."""
+    code = _command(sys.argv[1:] if argv is None else argv)
+    return code if argv is not None else end_process(code)
+
+
+def _command(argv: list[str]) -> int:
     parser = _parser()
-    argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in OWN_PARSERS:
         module = importlib.import_module(OWN_PARSERS[argv[0]])
         return _guarded(lambda: module.main(argv[1:]))

@@ -10,7 +10,9 @@ from pathlib import Path
 from pyspark import SparkConf
 from pyspark.sql import SparkSession
 
-from lake.jars import delta_jars
+from lake.errors import LakeError
+from lake.fs import is_s3, require_safe_commits, s3_endpoint, s3_region
+from lake.jars import delta_jars, s3_jars
 from lake.recipe import Recipe
 
 
@@ -25,6 +27,8 @@ def get_spark(app_name: str, recipe: Recipe | None = None) -> SparkSession:
     if active is not None:
         return active
     settings = recipe.spark if recipe is not None else None
+    lake = recipe.lake if recipe is not None else ""
+    require_safe_commits(lake)
     builder = SparkSession.builder.appName(app_name)
     master = choose_master(submitted_master(), os.environ.get("TOKENMILL_SPARK_MASTER"),
                            settings.master if settings else "local[*]")
@@ -32,7 +36,9 @@ def get_spark(app_name: str, recipe: Recipe | None = None) -> SparkSession:
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")  # local mode needs no network interface
         builder = builder.master(master)
         builder = builder.config("spark.driver.memory", settings.driver_memory if settings else "4g")
-        builder = with_delta_jars(builder)
+        builder = with_jars(builder, lake)
+    for key, value in s3a_conf(lake).items():
+        builder = builder.config(key, value)
     builder = (
         builder.config("spark.sql.shuffle.partitions", str(settings.shuffle_partitions if settings else 8))
         .config("spark.sql.session.timeZone", "UTC")
@@ -60,16 +66,39 @@ DELTA_SQL_CONF = {"spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtensi
                   "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog"}
 
 
-def with_delta_jars(builder):
-    """Native Delta as Delta's docs set it up (``spark.jars`` + the SQL extension and catalog) when the
-    jars have been fetched (``tokenmill jars``) and ``TOKENMILL_DELTA_MODE`` is not ``bridge``."""
-    jars = delta_jars() if os.environ.get("TOKENMILL_DELTA_MODE") != "bridge" else None
-    if not jars:
-        return builder
-    builder = builder.config("spark.jars", ",".join(str(j) for j in jars))
-    for key, value in DELTA_SQL_CONF.items():
-        builder = builder.config(key, value)
-    return builder
+def with_jars(builder, lake: str = ""):
+    """``spark.jars`` for a session this process starts: the Delta jars (native Delta as Delta's docs
+    set it up, ``spark.jars`` + the SQL extension and catalog) when they have been fetched (``tokenmill
+    jars``) and ``TOKENMILL_DELTA_MODE`` is not ``bridge``; and hadoop-aws with the AWS SDK for an
+    ``s3://`` lake, whose Delta commits are delta-rs's alone (the bridge; ``lake/native.py`` says why)."""
+    mode = os.environ.get("TOKENMILL_DELTA_MODE")
+    native = mode == "native" or (mode != "bridge" and not is_s3(lake))
+    jars = (delta_jars() or []) if native else []
+    if jars:
+        for key, value in DELTA_SQL_CONF.items():
+            builder = builder.config(key, value)
+    if is_s3(lake):
+        s3 = s3_jars()
+        if not s3:
+            raise LakeError(f"the lake {lake} is on S3 and Spark needs hadoop-aws and the AWS SDK for it: run "
+                            f"`tokenmill jars --s3` (once), or pass them with spark-submit --jars")
+        jars = [*jars, *s3]
+    return builder.config("spark.jars", ",".join(str(j) for j in jars)) if jars else builder
+
+
+def s3a_conf(lake: str) -> dict[str, str]:
+    """Hadoop s3a settings for an ``s3://`` lake, from the environment every AWS client reads
+    (``lake/fs.py``): the endpoint and path-style requests for an S3-compatible server, the region.
+    Credentials stay in the environment (s3a's default chain reads ``AWS_ACCESS_KEY_ID``), never in
+    Spark's conf; a recipe's ``spark.conf`` overrides any of these."""
+    if not is_s3(lake):
+        return {}
+    conf = {"spark.hadoop.fs.s3a.endpoint.region": s3_region() or "us-east-1"}
+    endpoint = s3_endpoint()
+    if endpoint:
+        conf |= {"spark.hadoop.fs.s3a.endpoint": endpoint, "spark.hadoop.fs.s3a.path.style.access": "true",
+                 "spark.hadoop.fs.s3a.connection.ssl.enabled": str(endpoint.startswith("https://")).lower()}
+    return conf
 
 
 def submitted_master() -> str | None:

@@ -162,6 +162,13 @@ def run_stages(recipe: Recipe, names: list[str], options: dict[str, Any] | None 
 
 def stage_main(name: str, argv: list[str] | None = None) -> int:
     """The entry point of one stage: ``--recipe``/``--lake`` and its options, then run and report."""
+    from lake.fs import end_process
+
+    code = _stage_main(name, argv)
+    return code if argv is not None else end_process(code)
+
+
+def _stage_main(name: str, argv: list[str] | None) -> int:
     s = stage(name)
     args, recipe = parse_with_recipe(f"tokenmill {s.name}", s.summary, argv,
                                      lambda parser: add_option_flags(parser, s.options))

@@ -157,8 +157,9 @@ def sample_by_mix(spark, recipe: Recipe, lake: Lake) -> tuple[dict[str, list[str
     sizes = {r["category"]: r["b"] for r in docs.groupBy("category").agg(F.sum("bytes").alias("b")).collect()}
     # a stable pseudo-random order per document: the same sample on every run with the same seed
     ranked = docs.withColumn("r", F.xxhash64(F.lit(cfg.seed), "doc_id"))
-    holdout = ranked.orderBy("r").groupBy("category").agg(
-        F.slice(F.collect_list("doc_id"), 1, cfg.holdout_docs).alias("ids"))
+    # at most half of a category is held out, so a small corpus still trains on every category
+    holdout = ranked.orderBy("r").groupBy("category").agg(F.collect_list("doc_id").alias("all")).select(
+        F.slice("all", F.lit(1), F.least(F.lit(cfg.holdout_docs), F.floor(F.size("all") / 2).cast("int"))).alias("ids"))
     held_ids = {i for r in holdout.collect() for i in r["ids"]}
     train, held = {c: [] for c in mix}, {c: [] for c in mix}
     for r in ranked.where(F.col("doc_id").isin(list(held_ids))).select("text", "category").collect():

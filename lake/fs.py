@@ -1,19 +1,103 @@
 """Filesystems for any lake URI: a local folder, ``file://``, or whatever pyarrow reaches (s3://,
-gs://, abfss://, hdfs://). Every byte the lake reads or writes outside a Delta table goes through here."""
+gs://, abfss://, hdfs://). Every byte the lake reads or writes outside a Delta table goes through here.
+
+An ``s3://`` (or ``s3a://``) lake is reached with the settings every AWS client reads from the
+environment: ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (or the usual credential chain),
+``AWS_REGION``, and for an S3-compatible server ``AWS_ENDPOINT_URL`` (``http://host:port``; plain
+http also needs ``AWS_ALLOW_HTTP=true`` for delta-rs). pyarrow, delta-rs and Spark's s3a connector
+(``jobs/spark.py``) all take them from there, so the refinery and the trainer see the same lake.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import os
+import sys
+from functools import lru_cache
+from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from lake.errors import LakeError
+
+S3_SCHEMES = ("s3://", "s3a://")
+
+
+_object_store_used = False  # this process reached a lake on an object store (see end_process)
+
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem of ``uri`` and the path inside it."""
+    global _object_store_used
     if "://" not in uri or uri.startswith("file://"):
         return pafs.LocalFileSystem(), uri.removeprefix("file://")
-    return pafs.FileSystem.from_uri(uri)
+    _object_store_used = True
+    if is_s3(uri) and s3_endpoint() is not None:
+        return s3_filesystem(s3_endpoint(), s3_region()), uri.split("://", 1)[1]
+    return pafs.FileSystem.from_uri("s3://" + uri[len("s3a://"):] if uri.startswith("s3a://") else uri)
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith(S3_SCHEMES)
+
+
+def s3_endpoint() -> str | None:
+    """The S3 endpoint from the environment (``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL``); None: AWS itself."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def s3_region() -> str | None:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
+
+
+@lru_cache(maxsize=8)
+def s3_filesystem(endpoint: str, region: str | None) -> pafs.S3FileSystem:
+    """pyarrow's S3 filesystem for an S3-compatible endpoint (path-style requests, as such servers expect);
+    without an endpoint, ``FileSystem.from_uri`` finds the bucket's AWS region itself."""
+    parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+    if not parts.hostname:
+        raise LakeError(f"AWS_ENDPOINT_URL={endpoint!r} is not an endpoint; set it to http(s)://host:port")
+    return pafs.S3FileSystem(endpoint_override=parts.netloc, scheme=parts.scheme, region=region or "us-east-1")
+
+
+def require_safe_commits(lake_root: str) -> None:
+    """Refuse to write an ``s3://`` lake unless delta-rs commits there with a conditional put.
+
+    A Delta commit is "create ``_delta_log/<version>.json`` unless it exists". On an object store
+    that is only atomic as a conditional PUT (``If-None-Match: *``): delta-rs does it with
+    ``AWS_CONDITIONAL_PUT=etag``. Without it delta-rs either refuses to write or (with
+    ``AWS_S3_ALLOW_UNSAFE_RENAME=true``) lets two writers (feed and the trainer share ``chunks``)
+    overwrite each other's commit silently. Every process that writes the lake needs the setting."""
+    global _object_store_used
+    if not is_s3(lake_root):
+        return
+    _object_store_used = True
+    setting = os.environ.get("AWS_CONDITIONAL_PUT") or os.environ.get("aws_conditional_put") or ""
+    if setting.lower() == "etag":
+        return
+    raise LakeError(
+        f"the lake {lake_root} is on S3, where a Delta commit is only safe as a conditional put: set "
+        f"AWS_CONDITIONAL_PUT=etag (AWS S3, and S3-compatible servers that honour If-None-Match) in the "
+        f"environment of every process that writes the lake (refinery jobs, feed, trainer)"
+        + (f"; AWS_CONDITIONAL_PUT={setting!r} is not a conditional put" if setting else "")
+        + ("; AWS_S3_ALLOW_UNSAFE_RENAME lets concurrent commits overwrite each other and is not enough"
+           if os.environ.get("AWS_S3_ALLOW_UNSAFE_RENAME") else "")
+    )
+
+
+def end_process(code: int) -> int:
+    """The exit code for a finished command; after it reached an object store, end the process here.
+
+    Once a command is done and committed, the AWS SDK inside pyarrow and delta-rs's runtime threads
+    can abort the interpreter's own shutdown ("terminate called without an active exception", exit
+    code -6 instead of the command's). A command run as a program (never one called in-process)
+    flushes its output and ends with ``os._exit`` when it touched an object store."""
+    if not _object_store_used:
+        return code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def is_local(uri: str) -> bool:

@@ -1,5 +1,11 @@
 """The native path: the Delta jar is on Spark's classpath (a cluster), and Spark reads and writes
-``format("delta")`` itself."""
+``format("delta")`` itself.
+
+Not on S3: delta-spark's only S3 log store in ``delta-storage`` is ``S3SingleDriverLogStore``,
+whose mutual exclusion ends at its own JVM, so a second driver (another run of the job) or a delta-rs
+writer (the bridge, feed, the trainer) could overwrite its commit silently. On an ``s3://`` lake
+every commit is delta-rs's conditional put (``lake/fs.require_safe_commits``); native writes there
+are refused, native reads are fine."""
 
 from __future__ import annotations
 
@@ -7,7 +13,8 @@ import os
 from typing import TYPE_CHECKING, Callable
 
 from lake.commits import spark_uri, sql_predicate
-from lake.errors import ConflictError
+from lake.errors import ConflictError, LakeError
+from lake.fs import is_s3
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -40,6 +47,11 @@ def write(uri: str, df: DataFrame, mode: str, replace_where: dict[str, str] | No
           version: Callable[[], int]) -> int:
     """One Delta commit by delta-spark, tagged with the job (``userMetadata``); returns the table's new
     version. A commit that lost to a concurrent one raises ConflictError, as on the bridge."""
+    if is_s3(uri):
+        raise LakeError(f"table at {uri}: delta-spark cannot commit safely to S3 beside other writers (its "
+                        f"S3SingleDriverLogStore excludes only its own JVM); on an s3:// lake the bridge commits "
+                        f"with delta-rs: set TOKENMILL_DELTA_MODE=bridge (or unset it) and leave the Delta jars "
+                        f"out of spark-submit --jars")
     writer = df.write.format("delta").mode(mode).option("userMetadata", job or "")
     if replace_where:
         writer = writer.option("replaceWhere", sql_predicate(replace_where))

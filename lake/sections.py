@@ -194,7 +194,7 @@ class TokenizerCfg(_Section):
     domain_tokens_file: str | None = Field(default=None, description="file with one domain token per line")
     remove_tokens: list[str] = Field(default_factory=list, description="learned tokens to drop from the vocabulary")
     embedding_buffer: int = Field(default=1000, ge=0, description="ids reserved between vocabulary and embedding")
-    holdout_docs: int = Field(default=200, gt=0, description="held-out documents per category for compression")
+    holdout_docs: int = Field(default=200, gt=0, description="held-out documents per category for compression (at most half of a category)")
     seed: int = 0
 
 

@@ -21,6 +21,7 @@ from quality_models.bert_backend import BertClassifier, Encoder, LinearHead, def
 from quality_models.fasttext_backend import FastTextClassifier, tokenize
 from quality_models.labels import weak_domain, weak_quality
 from quality_models.metrics import ClassificationReport, classification_report, split_holdout
+from lake import fs
 from lake.artifacts import ModelError, ModelRef, describe, model_root, new_version, resolve, write_metadata
 
 
@@ -32,11 +33,13 @@ class TrainResult:
     n_holdout: int
 
 
-def labels_dir(lake: str) -> Path:
-    return Path(lake) / "labels"
+def labels_uri(lake: str, task: str) -> str:
+    """Where ``tokenmill models label`` keeps a task's weak labels: ``<lake>/labels/<task>.jsonl``, in the
+    lake itself (a folder or an object store)."""
+    return f"{lake.rstrip('/')}/labels/{task}.jsonl"
 
 
-def derive_weak_labels(recipe) -> dict[str, tuple[Path, dict[str, int]]]:
+def derive_weak_labels(recipe) -> dict[str, tuple[str, dict[str, int]]]:
     """Write ``<lake>/labels/domain.jsonl`` and ``quality.jsonl`` from the lake; returns counts per label."""
     import pyarrow.compute as pc
 
@@ -58,11 +61,10 @@ def derive_weak_labels(recipe) -> dict[str, tuple[Path, dict[str, int]]]:
         if (lab := weak_quality(d["source"], False, set(cfg.curated_sources), set(cfg.low_quality_sources))) is not None
     ]
     out = {}
-    folder = labels_dir(recipe.lake)
-    folder.mkdir(parents=True, exist_ok=True)
     for task, rows in (("domain", domain_rows), ("quality", quality_rows)):
-        path = folder / f"{task}.jsonl"
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        path = labels_uri(recipe.lake, task)
+        fs.make_dirs(path.rsplit("/", 1)[0])
+        fs.write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
         counts: dict[str, int] = {}
         for r in rows:
             counts[r["label"]] = counts.get(r["label"], 0) + 1
@@ -70,11 +72,13 @@ def derive_weak_labels(recipe) -> dict[str, tuple[Path, dict[str, int]]]:
     return out
 
 
-def load_labelled(path: Path) -> tuple[list[str], list[str]]:
-    if not path.is_file():
+def load_labelled(path: str | Path) -> tuple[list[str], list[str], bytes]:
+    """(texts, labels, the file's bytes) of a labelled JSONL file, a local path or a lake URI."""
+    if not fs.exists(str(path)):
         raise ModelError(f"labelled data {path} does not exist: run `tokenmill models label` or pass --data")
+    payload = fs.read_bytes(str(path))
     texts, labels = [], []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(payload.decode("utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         row = json.loads(line)
@@ -84,7 +88,7 @@ def load_labelled(path: Path) -> tuple[list[str], list[str]]:
         labels.append(str(row["label"]))
     if len(set(labels)) < 2:
         raise ModelError(f"{path}: needs at least two labels to train a classifier, found {sorted(set(labels))}")
-    return texts, labels
+    return texts, labels, payload
 
 
 def balance_classes(texts: list[str], labels: list[str], seed: int) -> tuple[list[str], list[str]]:
@@ -106,8 +110,8 @@ def balance_classes(texts: list[str], labels: list[str], seed: int) -> tuple[lis
 
 def train_model(recipe, task: str, backend: str, data: Path | None = None, seed: int = 0) -> TrainResult:
     cfg = recipe.score
-    path = data or labels_dir(recipe.lake) / f"{task}.jsonl"
-    texts, labels = load_labelled(path)
+    path = str(data or labels_uri(recipe.lake, task))
+    texts, labels, payload = load_labelled(path)
     train_idx, hold_idx = split_holdout(len(texts), cfg.holdout, seed)
     train_t, train_y = [texts[i] for i in train_idx], [labels[i] for i in train_idx]
     hold_t, hold_y = [texts[i] for i in hold_idx], [labels[i] for i in hold_idx]
@@ -131,7 +135,7 @@ def train_model(recipe, task: str, backend: str, data: Path | None = None, seed:
         write_metadata(
             folder, task=task, backend=backend, backbone=backbone, labels=model.labels,
             max_tokens=cfg.max_tokens if backend == "bert" else None,
-            training_data=str(path), training_data_sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+            training_data=path, training_data_sha256=hashlib.sha256(payload).hexdigest(),
             n_train=len(train_idx), n_holdout=len(hold_t), metrics=report.as_dict(),
         )
     return TrainResult(f"{model_root(recipe.lake)}/{name}/{folder.name}", report, len(train_idx), len(hold_t))

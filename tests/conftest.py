@@ -15,6 +15,20 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("TOKENMILL_SPARK_LOG_LEVEL", "ERROR")
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """The S3 tests need SeaweedFS built from source (minutes on a fresh machine): when they are among
+    the tests to run, the build starts now, at low priority, while the tests before them run."""
+    if any(item.path.name == "test_s3_lake.py" for item in items):
+        import s3server
+
+        s3server.build_in_background()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if "s3server" in sys.modules:
+        sys.modules["s3server"].stop_background_build()
+
+
 @pytest.fixture(scope="session")
 def spark():
     from lake.recipe import Spark
@@ -26,7 +40,8 @@ def spark():
         # Offline: TOKENMILL_DELTA_MODE=bridge before pytest skips them and runs the bridge alone.
         fetch(delta_coordinates())
 
-    class _Settings:  # a recipe stand-in carrying only Spark settings sized for CI's 2 cores
+    class _Settings:  # a recipe stand-in carrying only Spark settings sized for CI's 2 cores (no S3 lake)
+        lake = ""
         spark = Spark(master="local[2]", shuffle_partitions=2, driver_memory="2g", conf={"spark.ui.enabled": "false"})
 
     session = get_spark("tokenmill-tests", _Settings())

@@ -42,12 +42,22 @@ def write_recipe(work: Path, corpus: Path, name: str) -> Path:
     return path
 
 
-def refine_here(spark, recipe) -> None:
-    """Every stage in this process's local-mode session; the classifiers trained after pii."""
+def copy_models(source, recipe) -> None:
+    """The classifiers ``source``'s lake published, into ``recipe``'s lake (fastText's multithreaded
+    training is not reproducible, so every run scores with the same models)."""
+    shutil.copytree(Path(source.lake) / "models", Path(recipe.lake) / "models", dirs_exist_ok=True)
+    shutil.rmtree(Path(recipe.lake) / "models" / "tokenizer", ignore_errors=True)
+
+
+def refine_here(spark, recipe, models_from=None) -> None:
+    """Every stage in this process's local-mode session; the classifiers trained after pii (or copied
+    from ``models_from``'s lake)."""
     from quality_models import train as qm
 
     for s in STAGES:
-        if s.name == "score":
+        if s.name == "score" and models_from is not None:
+            copy_models(models_from, recipe)
+        elif s.name == "score":
             qm.derive_weak_labels(recipe)
             for task in ("domain", "quality"):
                 qm.train_model(recipe, task, "fasttext")
@@ -67,7 +77,7 @@ def runs(spark, standalone_cluster, tmp_path_factory):
     for mode in ("bridge", "native"):
         local[mode] = load_recipe(write_recipe(work, corpus, mode))
         with delta_mode(mode):
-            refine_here(spark, local[mode])
+            refine_here(spark, local[mode], models_from=local["bridge"] if mode == "native" else None)
 
     outside = work / "elsewhere"  # the user's folder: the archive, the entry scripts, a recipe
     build(outside)
@@ -78,8 +88,7 @@ def runs(spark, standalone_cluster, tmp_path_factory):
     outputs = {}
     for s in STAGES:
         if s.name == "score":  # the same classifiers, published into the cluster's lake, read by lake URI
-            shutil.copytree(Path(local["bridge"].lake) / "models", Path(cluster.lake) / "models", dirs_exist_ok=True)
-            shutil.rmtree(Path(cluster.lake) / "models" / "tokenizer", ignore_errors=True)
+            copy_models(local["bridge"], cluster)
         proc = standalone_cluster.submit(f"jobs/{s.module}.py", ["--recipe", "recipe.yaml"], cwd=outside,
                                          py_files="tokenmill.zip")
         assert proc.returncode == 0, f"{s.name}: {proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"

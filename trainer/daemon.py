@@ -13,12 +13,18 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lake.fs import end_process
 from lake.recipe import parse_with_recipe
 from trainer.checkpoint import export
 from trainer.loop import Trainer
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _train(argv)
+    return code if argv is not None else end_process(code)  # run as a program: see lake/fs.end_process
+
+
+def _train(argv: list[str] | None) -> int:
     def arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (in all)")
         parser.add_argument("--exit-when-idle", type=float, help="stop after this many seconds with no ready chunk")

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from lake import chunks as store
+from lake.fs import require_safe_commits
 from lake.tables import Lake
 
 RETRY = {"retry": True}  # a chunk was quarantined on the way: ask again at once
@@ -21,6 +22,7 @@ def broadcast(value):
 
 class ChunkFeed:
     def __init__(self, lake: Lake, stage: str, run_name: str, rank: int, world: int, events: store.Events):
+        require_safe_commits(lake.root)  # claims race feed's commits on `chunks`: S3 needs conditional puts
         self.lake, self.stage, self.run_name = lake, stage, run_name
         self.rank, self.world, self.events = rank, world, events
 

@@ -1,0 +1,246 @@
+"""The lake on a real S3-compatible object store: SeaweedFS on loopback (tests/s3server.py), the
+refinery's Spark on ``s3a://`` (hadoop-aws and its SDK from Maven Central), delta-rs and pyarrow for
+everything else. The whole loop runs with ``lake: s3://…`` the way a user runs it, each process
+configured by the environment alone: refinery stages as ``tokenmill`` commands (each starts its own
+Spark with the s3a jars), classifiers trained and published into the lake, tokenizer and feed, then
+the trainer daemon claims the chunk, trains on it and marks it consumed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+SIZES = {"zh_news": 60, "zh_reviews": 30, "en_docs": 60, "code": 30}
+
+
+@contextmanager
+def environment(values: dict[str, str]):
+    """``os.environ`` with ``values`` inside the block (this process's delta-rs and pyarrow), restored after."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    import s3server
+    from lake.jars import fetch, s3_coordinates
+
+    fetch(s3_coordinates())  # hadoop-aws + the AWS SDK bundle, once into .tokenmill/jars
+    server = s3server.start(tmp_path_factory.mktemp("seaweedfs"))
+    with environment(server.env()):
+        yield server
+    server.stop()
+
+
+# -- the commit protocol on this server ---------------------------------------------------------------
+
+
+def test_concurrent_delta_rs_commits_on_the_server_exclude_each_other(s3):
+    """Eight writers commit on top of the same version at once: the server's conditional put lets one
+    in and refuses the rest, so no commit is lost (a server ignoring If-None-Match fails this)."""
+    import pyarrow as pa
+    from deltalake import DeltaTable
+
+    from lake.chunks import now
+    from lake.errors import ConflictError
+    from lake.tables import Lake
+
+    lake = Lake(s3.uri("race"))
+    row = {"run_id": "r", "step": 0, "chunk_id": "c", "event": "claimed", "detail": "", "at": now()}
+    lake.put_rows("trainer_events", [row])
+    for round_ in range(3):
+        snapshot = DeltaTable(lake.uri("trainer_events"))
+        base = snapshot.version()  # (the winner's write moves the shared snapshot object forward)
+        outcomes: list[str] = []
+
+        def writer(n: int) -> None:
+            data = pa.Table.from_pylist([{**row, "detail": f"writer {n}"}])
+            try:
+                lake.replace_if_unchanged("trainer_events", snapshot, data, {"run_id": "r"}, job=f"w{n}")
+                outcomes.append("won")
+            except ConflictError:
+                outcomes.append("lost")
+
+        threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(outcomes) == ["lost"] * 7 + ["won"], (round_, outcomes)
+        assert lake.delta("trainer_events").version() == base + 1
+        winners = lake.read_arrow("trainer_events").column("detail").to_pylist()
+        assert len(winners) == 1 and winners[0].startswith("writer "), winners
+
+
+def test_writing_an_s3_lake_without_conditional_puts_is_refused(s3, monkeypatch):
+    from lake.errors import LakeError
+    from lake.fs import require_safe_commits
+    from lake.tables import Lake
+    from trainer.data import ChunkFeed
+
+    monkeypatch.delenv("AWS_CONDITIONAL_PUT")
+    monkeypatch.setenv("AWS_S3_ALLOW_UNSAFE_RENAME", "true")
+    with pytest.raises(LakeError, match="AWS_CONDITIONAL_PUT=etag.*ALLOW_UNSAFE_RENAME"):
+        require_safe_commits(s3.uri("x"))
+    with pytest.raises(LakeError, match="AWS_CONDITIONAL_PUT=etag"):
+        ChunkFeed(Lake(s3.uri("x")), "pretrain", "run", 0, 1, events=None)
+    require_safe_commits("/a/local/lake")  # a local lake needs nothing
+
+
+def test_delta_spark_never_commits_to_s3(s3):
+    from lake import native
+    from lake.errors import LakeError
+
+    with pytest.raises(LakeError, match="S3SingleDriverLogStore.*TOKENMILL_DELTA_MODE=bridge"):
+        native.write(s3.uri("t/tables/documents_raw"), None, "append", None, "ingest", lambda: 0)
+
+
+def test_a_session_for_an_s3_lake_needs_the_s3_jars(tmp_path, monkeypatch):
+    from jobs.spark import s3a_conf, with_jars
+    from lake.errors import LakeError
+
+    class Builder:  # records what get_spark would set, starts nothing
+        def __init__(self):
+            self.conf = {}
+
+        def config(self, key, value):
+            self.conf[key] = value
+            return self
+
+    monkeypatch.setenv("TOKENMILL_JARS", str(tmp_path))  # an empty jar folder
+    with pytest.raises(LakeError, match=r"tokenmill jars --s3"):
+        with_jars(Builder(), "s3://bucket/lake")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    assert s3a_conf("s3://bucket/lake") == {
+        "spark.hadoop.fs.s3a.endpoint.region": "eu-west-1", "spark.hadoop.fs.s3a.endpoint": "http://127.0.0.1:9",
+        "spark.hadoop.fs.s3a.path.style.access": "true", "spark.hadoop.fs.s3a.connection.ssl.enabled": "false"}
+    assert s3a_conf("/local/lake") == {}
+
+
+# -- the whole loop ------------------------------------------------------------------------------------
+
+
+def write_recipe(work: Path, corpus: Path, lake: str) -> Path:
+    demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    demo["lake"] = lake
+    for src in demo["sources"]:
+        src["path"] = str(corpus / src["name"] / Path(src["path"]).name)
+    demo["spark"] = {"master": "local[2]", "shuffle_partitions": 2, "driver_memory": "2g",
+                     "conf": {"spark.ui.enabled": "false"}}
+    demo["tokenizer"]["vocab_size"] = 2048
+    demo["feed"]["chunk_tokens"] = 20000
+    demo["feed"]["stages"]["pretrain"]["seq_len"] = 128
+    demo["trainer"] |= {"runs_dir": str(work / "runs"), "eval_every": 10, "eval_docs": 5, "poll_seconds": 0.2}
+    path = work / "recipe.yaml"
+    path.write_text(yaml.safe_dump(demo))
+    return path
+
+
+def tokenmill(args: list[str], env: dict[str, str], cwd: Path) -> str:
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, f"tokenmill {' '.join(args)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def loop(s3, tmp_path_factory):
+    """Refine → models → score → dedup → tokenizer → feed → trainer, all on ``s3://lake/e2e``."""
+    from jobs.demo_corpus import build_demo_corpus
+    from lake.recipe import load_recipe
+    from quality_models import train as qm
+
+    work = tmp_path_factory.mktemp("s3-loop")
+    build_demo_corpus(work / "corpus", SIZES)
+    recipe_file = write_recipe(work, work / "corpus", s3.uri("e2e"))
+    env = {**os.environ, **s3.env(), "PYTHONPATH": str(ROOT), "TOKENMILL_ARTIFACT_CACHE": str(work / "cache"),
+           "TORCH_EXTENSIONS_DIR": str(ROOT / ".tokenmill" / "torch_extensions")}
+    env.pop("TOKENMILL_DELTA_MODE", None)  # an s3:// lake chooses the bridge by itself
+    outputs = {"refine1": tokenmill(["refine", "--recipe", str(recipe_file), "--stages", "ingest,filter,pii"], env, work)}
+    recipe = load_recipe(recipe_file)
+    qm.derive_weak_labels(recipe)  # into s3://…/labels/
+    for task in ("domain", "quality"):
+        qm.train_model(recipe, task, "fasttext")  # published into s3://…/models/<task>-fasttext/v1
+    outputs["refine2"] = tokenmill(["refine", "--recipe", str(recipe_file), "--stages", "score,dedup"], env, work)
+    outputs["tokenizer"] = tokenmill(["tokenizer", "--recipe", str(recipe_file)], env, work)
+    outputs["feed"] = tokenmill(["feed", "--recipe", str(recipe_file)], env, work)
+    outputs["train"] = tokenmill(["train", "--recipe", str(recipe_file), "--exit-when-idle", "1"], env, work)
+    return recipe, work, outputs
+
+
+def test_the_refinery_wrote_every_table_into_the_bucket_through_s3a(loop, s3):
+    from lake.fs import exists, list_dir
+    from lake.tables import Lake
+
+    recipe, work, outputs = loop
+    lake = Lake(recipe.lake)
+    assert "[refine] Spark master local[2]" in outputs["refine1"]
+    raw = lake.summary("documents_raw").rows
+    kept = lake.summary("documents_dedup").rows
+    rejected = lake.read_arrow("documents_rejected", columns=["stage"]).column("stage").to_pylist()
+    assert raw > 100 and 0 < kept < raw and {"ingest", "filter"} <= set(rejected)
+    for name in ("documents_raw", "documents_filtered", "documents_clean", "documents_scored", "documents_dedup"):
+        history = lake.versions(name)
+        assert history and all(v.job for v in history), name  # bridge commits, tagged with their job
+        data_files = [f for f in lake.delta(name).file_uris() if f.startswith(s3.uri("e2e/tables/"))]
+        assert data_files and all(exists(f) for f in data_files), name  # Spark's s3a Parquet, in the bucket
+    assert exists(f"{recipe.lake}/reports") and list_dir(f"{recipe.lake}/reports")
+    assert not list(work.glob("s3*")) and not (ROOT / "s3:").exists()  # nothing landed in a local "s3:" folder
+
+
+def test_models_and_tokenizer_live_in_the_lake(loop):
+    from lake.artifacts import TOKENIZER, versions
+    from lake.fs import exists
+    from lake.tables import Lake
+
+    recipe, work, _ = loop
+    assert versions(recipe.lake, "quality-fasttext") == ["v1"] and versions(recipe.lake, "domain-fasttext") == ["v1"]
+    assert versions(recipe.lake, TOKENIZER) == ["v1"]
+    assert exists(f"{recipe.lake}/labels/domain.jsonl") and exists(f"{recipe.lake}/labels/quality.jsonl")
+    scored = Lake(recipe.lake).read_arrow("documents_scored", columns=["quality", "category"])
+    assert set(scored.column("category").to_pylist()) >= {"zh", "en", "code"}
+    assert 0 < min(scored.column("quality").to_pylist()) < max(scored.column("quality").to_pylist()) <= 1
+    assert list((work / "cache").iterdir())  # the scoring and training processes read their copies by URI
+
+
+def test_the_trainer_consumed_the_chunk_feed_wrote_to_s3(loop, s3):
+    import json
+
+    from lake import chunks
+    from lake.fs import exists, file_sha256
+    from lake.tables import Lake
+
+    recipe, work, outputs = loop
+    lake = Lake(recipe.lake)
+    rows = chunks.manifest(lake)
+    assert len(rows) == 1 and rows[0]["status"] == "consumed" and rows[0]["times_consumed"] == 1, rows
+    assert 15000 <= rows[0]["n_tokens"] <= 20000
+    for name, digest in zip(rows[0]["files"], rows[0]["sha256"], strict=True):
+        uri = f"{chunks.chunk_dir(lake.root, rows[0]['chunk_id'])}/{name}"
+        assert uri.startswith(s3.uri("e2e/chunks/")) and exists(uri) and file_sha256(uri) == digest
+    events = lake.read_arrow("trainer_events").to_pylist()
+    kinds = [e["event"] for e in events]
+    assert kinds.count("claimed") == 1 and kinds.count("consumed") == 1, kinds
+    metrics = [json.loads(x) for x in (work / "runs" / recipe.trainer.run_name / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) >= 5 and metrics[-1]["loss"] < metrics[0]["loss"]
+    assert lake.summary("usage").rows > 0
