@@ -26,7 +26,7 @@ from lake import bridge, native
 from lake.native import delta_jar_available as native_available
 from lake.commits import commit_properties, sql_predicate
 from lake.errors import ConflictError, LakeError, SchemaMismatchError, TableMissingError
-from lake.fs import make_dirs, write_bytes
+from lake.fs import make_dirs, require_safe_commits, write_bytes
 from schemas import Table, arrow_differences, conform, table
 
 if TYPE_CHECKING:
@@ -109,6 +109,7 @@ class Lake:
         given values, e.g. ``{"stage": "ingest"}`` in ``documents_rejected``; the new rows must all
         match it.
         """
+        require_safe_commits(self.root)
         spec = table(name)
         self._check_spark_schema(spec, df)
         df = df.select(*spec.columns)
@@ -133,6 +134,7 @@ class Lake:
         replace_where: dict[str, str] | None = None,
         job: str | None = None,
     ) -> int:
+        require_safe_commits(self.root)
         spec = table(name)
         data = _conformed(spec, data)
         if self.exists(name):
@@ -173,6 +175,7 @@ class Lake:
         """Replace the rows matching ``replace_where`` with ``data``, only if the table is still at the
         version ``snapshot`` was read at: a conditional commit (e.g. two trainers claiming one chunk).
         Raises ConflictError when another commit landed in between; re-read and decide again."""
+        require_safe_commits(self.root)
         spec = table(name)
         data = _conformed(spec, data)
         try:
@@ -192,6 +195,7 @@ class Lake:
         job: str | None = None,
     ) -> int:
         """Upsert ``updates``: matched rows get ``add`` columns incremented and ``assign`` columns set."""
+        require_safe_commits(self.root)
         spec = table(name)
         updates = _conformed(spec, updates)
         self.ensure(name)
@@ -216,6 +220,7 @@ class Lake:
 
     def ensure(self, name: str) -> None:
         """Create the table, empty, if it does not exist yet."""
+        require_safe_commits(self.root)
         if not self.exists(name):
             try:
                 DeltaTable.create(self.uri(name), schema=table(name).schema, mode="ignore")

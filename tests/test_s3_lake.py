@@ -103,6 +103,13 @@ def test_writing_an_s3_lake_without_conditional_puts_is_refused(s3, monkeypatch)
         require_safe_commits(s3.uri("x"))
     with pytest.raises(LakeError, match="AWS_CONDITIONAL_PUT=etag"):
         ChunkFeed(Lake(s3.uri("x")), "pretrain", "run", 0, 1, events=None)
+    lake = Lake(s3.uri("x"))  # every delta-rs commit of the lake asks first, nothing reaches the bucket
+    row = {"run_id": "r", "step": 0, "chunk_id": "c", "event": "claimed", "detail": "", "at": None}
+    with pytest.raises(LakeError, match="AWS_CONDITIONAL_PUT=etag"):
+        lake.put_rows("trainer_events", [row])
+    with pytest.raises(LakeError, match="AWS_CONDITIONAL_PUT=etag"):
+        lake.ensure("usage")
+    assert not lake.exists("trainer_events") and not lake.exists("usage")
     require_safe_commits("/a/local/lake")  # a local lake needs nothing
 
 
