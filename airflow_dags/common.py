@@ -11,13 +11,12 @@ log = logging.getLogger("tokenmill.airflow")
 
 
 def variable(name: str, default: str) -> str:
-    """An Airflow Variable, else ``AIRFLOW_VAR_<NAME>``, else the default."""
+    """An Airflow Variable (``AIRFLOW_VAR_<NAME>`` in the environment, then the metadata database), else
+    the default when it is not set. A failure to read it (an unreachable database or secrets backend)
+    is raised, never mistaken for "not set": a DAG must not quietly run the demo recipe."""
     from airflow.sdk import Variable
 
-    try:
-        return Variable.get(name, default=default)
-    except Exception:  # no metadata database while parsing (tests, first start): use the default
-        return os.environ.get(f"AIRFLOW_VAR_{name.upper()}", default)
+    return Variable.get(name, default=default)
 
 
 def submit_settings() -> dict:

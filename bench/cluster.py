@@ -36,6 +36,7 @@ from ingest import make_input  # noqa: E402  (bench/ingest.py: real demo text un
 from jobs.package import build  # noqa: E402
 from jobs.stages import stage  # noqa: E402
 from lake.jars import delta_coordinates, fetch  # noqa: E402
+from lake.fs import end_process  # noqa: E402
 
 WAYS = ("local, bridge", "local, native", "cluster, native")
 
@@ -118,3 +119,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_process(0)  # delta-rs can abort a plain interpreter exit: see lake/fs.end_process

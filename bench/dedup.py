@@ -42,6 +42,7 @@ from lake.recipe import load_recipe  # noqa: E402
 from quality_models.language import script_langs  # noqa: E402
 from jobs.spark import get_spark  # noqa: E402
 from schemas import table  # noqa: E402
+from lake.fs import end_process  # noqa: E402
 
 
 def variant(text: str, share: float, rng: random.Random) -> str:
@@ -159,3 +160,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_process(0)  # delta-rs can abort a plain interpreter exit: see lake/fs.end_process

@@ -34,6 +34,7 @@ from jobs.minhash import ShingleSpec, exact_jaccard, near_copy, normalize_for_de
 from lake.recipe import load_recipe  # noqa: E402
 from jobs.spark import get_spark  # noqa: E402
 from schemas import table  # noqa: E402
+from lake.fs import end_process  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -110,3 +111,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_process(0)  # delta-rs can abort a plain interpreter exit: see lake/fs.end_process

@@ -30,6 +30,7 @@ from jobs import filter_rules, ingest, scrub_pii  # noqa: E402
 from jobs.demo_corpus import build_demo_corpus  # noqa: E402
 from lake.recipe import parse_recipe  # noqa: E402
 from jobs.spark import get_spark  # noqa: E402
+from lake.fs import end_process  # noqa: E402
 
 
 def corpus(work: Path, copies: int) -> tuple[Path, list[str]]:
@@ -108,3 +109,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_process(0)  # delta-rs can abort a plain interpreter exit: see lake/fs.end_process

@@ -23,6 +23,7 @@ from jobs import ingest  # noqa: E402
 from jobs.demo_corpus import build_demo_corpus  # noqa: E402
 from lake.recipe import parse_recipe  # noqa: E402
 from jobs.spark import get_spark  # noqa: E402
+from lake.fs import end_process  # noqa: E402
 
 
 def make_input(work: Path, docs: int) -> tuple[Path, int]:
@@ -90,3 +91,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_process(0)  # delta-rs can abort a plain interpreter exit: see lake/fs.end_process

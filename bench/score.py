@@ -31,6 +31,7 @@ from jobs import filter_rules, ingest, score, scrub_pii  # noqa: E402
 from lake.tables import Lake  # noqa: E402
 from lake.recipe import load_recipe  # noqa: E402
 from jobs.spark import get_spark  # noqa: E402
+from lake.fs import end_process  # noqa: E402
 
 
 
@@ -183,3 +184,4 @@ def naive_rate(models, texts: list[str]) -> float:
 
 if __name__ == "__main__":
     main()
+    end_process(0)  # delta-rs can abort a plain interpreter exit: see lake/fs.end_process

@@ -36,6 +36,7 @@ from lake import chunks as store  # noqa: E402
 from trainer.loop import Trainer  # noqa: E402
 from trainer.model import build_model, parameter_groups, row_layout, token_losses  # noqa: E402
 from jobs.synthetic_lake import add_chunk, make_lake  # noqa: E402
+from lake.fs import end_process  # noqa: E402
 
 
 def reset_chunks(lake) -> None:
@@ -116,3 +117,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_process(0)  # delta-rs can abort a plain interpreter exit: see lake/fs.end_process

@@ -1,5 +1,5 @@
 """The ``tokenmill`` command: one subcommand per declared stage (``jobs/stages.py``), plus ``refine``,
-``status``, ``models``, ``demo``, ``jars``, and the trainer's ``train`` and ``plan``. Nothing imports this module:
+``status``, ``vacuum``, ``models``, ``demo``, ``jars``, and the trainer's ``train`` and ``plan``. Nothing imports this module:
 it is the edge where the refinery and the trainer meet."""
 
 from __future__ import annotations
@@ -41,6 +41,12 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="every table with its version, rows and last commit; chunk backlog")
     recipe_arguments(status)
 
+    vacuum = sub.add_parser("vacuum", help="remove what killed writes left inside tables (never a committed file)")
+    recipe_arguments(vacuum)
+    vacuum.add_argument("--older-than-hours", type=float, default=24.0,
+                        help="only folders started longer ago than this (default 24: no write still running)")
+    vacuum.add_argument("--dry-run", action="store_true", help="list them, remove nothing")
+
     demo = sub.add_parser("demo", help="build the demo corpus and run the pipeline on it (the embedded default)")
     demo.add_argument("--recipe", default=str(DEMO_RECIPE), help=f"default: {DEMO_RECIPE}")
     demo.add_argument("--lake", help="override the recipe's lake (the demo starts it afresh)")
@@ -58,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--task", choices=["quality", "domain"], required=True)
     train.add_argument("--backend", choices=["fasttext", "bert"], default="fasttext")
     train.add_argument("--data", help="labelled JSONL (text, label); default: <lake>/labels/<task>.jsonl")
+    train.add_argument("--positive", metavar="LABEL",
+                       help="quality: the label that is good text (default: 'high'; numeric labels need none)")
     listing = models_sub.add_parser("list", help="every saved model with its version and held-out macro-F1")
     recipe_arguments(listing)
     return parser
@@ -83,6 +91,13 @@ def _command(argv: list[str]) -> int:
         from lake.status import print_status
 
         return _guarded(lambda: print_status(recipe_from_args(args).lake))
+    if args.command == "vacuum":
+        from datetime import timedelta
+
+        from lake.sweep import vacuum
+
+        return _guarded(lambda: vacuum(recipe_from_args(args).lake, timedelta(hours=args.older_than_hours),
+                                       args.dry_run))
     if args.command == "demo":
         from jobs.demo import run_demo
 
@@ -124,7 +139,8 @@ def run_models(recipe: Recipe, args) -> None:
             print(f"{task:<8} {sum(counts.values()):>6} labelled documents ({shown}) → {path}")
     elif args.models_command == "train":
         started = time.perf_counter()
-        result = qm.train_model(recipe, args.task, args.backend, Path(args.data) if args.data else None)
+        result = qm.train_model(recipe, args.task, args.backend, Path(args.data) if args.data else None,
+                                positive=args.positive)
         print(f"trained {args.task} ({args.backend}) on {result.n_train} documents in {time.perf_counter() - started:.1f} s; "
               f"held-out evaluation on {result.n_holdout}:")
         print(result.report)

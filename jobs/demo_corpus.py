@@ -188,9 +188,10 @@ def _stdlib_code(limit: int, max_lines: int = 120):
             start = end
 
 
-def demo_recipe_in(work: str | Path) -> Path:
+def demo_recipe_in(work: str | Path, docs: dict[str, int] | None = None) -> Path:
     """A copy of ``configs/demo.yaml`` whose lake and corpus live under ``work``, with the corpus built
-    there: a throwaway embedded default for benchmarks and end-to-end tests. Returns the recipe file."""
+    there (``docs``: documents per source, as ``build_demo_corpus`` takes them): a throwaway embedded
+    default for benchmarks and end-to-end tests. Returns the recipe file."""
     import yaml
 
     work = Path(work)
@@ -200,5 +201,5 @@ def demo_recipe_in(work: str | Path) -> Path:
         src["path"] = str(work / "demo_corpus" / src["name"] / Path(src["path"]).name)
     path = work / "recipe.yaml"
     path.write_text(yaml.safe_dump(demo))
-    build_demo_corpus(work / "demo_corpus")
+    build_demo_corpus(work / "demo_corpus", docs)
     return path

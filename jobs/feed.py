@@ -140,7 +140,7 @@ def open_chunk(recipe: Recipe, lake: Lake, meta: dict) -> OpenChunk:
     now = chunks.now()
     base_row = {"chunk_id": chunk_id, "stage": feed.stage, "status": "writing", "n_tokens": 0, "n_rows": 0, "files": [],
                 "sha256": [], "mix": None, "times_consumed": 0, "recipe_hash": recipe.fingerprint(),
-                "tokenizer_version": f"{meta['version']}:{meta['sha256']}", "run_id": None, "reason": None,
+                "tokenizer_version": chunks.tokenizer_id(meta), "run_id": None, "reason": None,
                 "created_at": now, "updated_at": now}
     chunks.put(lake, base_row, job=f"feed:{chunk_id}")
     directory = chunks.chunk_dir(lake.root, chunk_id)
@@ -306,7 +306,7 @@ def publish(lake: Lake, chunk: OpenChunk, plan: Plan, written: list, per_categor
     the manifest row ``ready`` with the files, their checksums, the mix and the plan's warnings."""
     write_parquet(chunks.usage_increments_path(lake.root, chunk.chunk_id), increments)
     lake.merge_counters("usage", increments, key=["doc_id"], add=["times_used"], assign=["last_chunk_id"],
-                        job=f"feed:{chunk.chunk_id}")
+                        job=chunks.usage_job(chunk.base_row))
     chunks.put(lake, {**chunk.base_row, "status": chunks.READY, "n_tokens": int(total), "n_rows": n_rows,
                       "files": [r["name"] for r in written], "sha256": [r["sha256"] for r in written],
                       "mix": list(per_category.items()), "reason": "; ".join(plan.warnings) or None,

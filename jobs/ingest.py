@@ -25,8 +25,8 @@ import pyarrow as pa
 from jobs.docstage import commit_stage, kept_and_rejected
 from lake.tables import Lake
 from lake.recipe import Recipe
-from jobs.records import Document, SourceSpec, parse_json_line, parse_record
-from jobs.sources import (Split, SourceError, count_newlines, file_size, list_files, plan_splits, read_lines,
+from jobs.records import Document, Rejection, SourceSpec, parse_json_line, parse_record
+from jobs.sources import (UNREADABLE, Split, SourceError, count_newlines, file_size, list_files, plan_splits, read_lines,
                           read_parquet_rows)
 from jobs.stages import NoOptions, stage_main
 
@@ -194,18 +194,40 @@ def _parse_splits(batches, specs: dict[str, SourceSpec]):
         for split_row in batch.to_pylist():
             split = Split(**split_row)
             spec = specs[split.source]
-            records = (
-                ((n, parse_json_line(raw, spec, f"{split.file}:{n}")) for n, raw in read_lines(split) if raw.strip())
-                if split.format == "jsonl"
-                else ((n, parse_record(rec, spec, f"{split.file}:row {n}")) for n, rec in read_parquet_rows(split))
-            )
-            for line_no, outcome in records:
+            for line_no, outcome in _split_records(split, spec):
                 rows.append(_row(split, line_no, outcome))
                 if len(rows) >= _BATCH:
                     yield pa.RecordBatch.from_pylist(rows, _PARSED_ARROW)
                     rows = []
     if rows:
         yield pa.RecordBatch.from_pylist(rows, _PARSED_ARROW)
+
+
+def _split_records(split: Split, spec: SourceSpec):
+    """(line or row number, Document or Rejection) of one split. A file that cannot be read to its end
+    (a truncated .gz, a Parquet file cut short) gives every record before the damage, then one
+    rejection naming the file and the last intact line."""
+    jsonl = split.format == "jsonl"
+    damage: list[Exception] = []
+    reader = _until_damaged(read_lines(split) if jsonl else read_parquet_rows(split), damage)
+    last = split.lines_before if jsonl else 0
+    for last, item in reader:
+        if not jsonl:
+            yield last, parse_record(item, spec, f"{split.file}:row {last}")
+        elif item.strip():
+            yield last, parse_json_line(item, spec, f"{split.file}:{last}")
+    if damage:
+        unit = "line" if jsonl else "row"
+        yield last + 1, Rejection("unreadable_file", f"{split.file}: unreadable after {unit} {last} ({type(damage[0]).__name__}: "
+                                  f"{damage[0]}); the records before it were ingested", None, None)
+
+
+def _until_damaged(reader, damage: list[Exception]):
+    """The reader's items until reading the file fails; the failure goes into ``damage``."""
+    try:
+        yield from reader
+    except UNREADABLE as err:
+        damage.append(err)
 
 
 def _row(split: Split, line_no: int, outcome) -> dict:

@@ -15,6 +15,8 @@ from typing import Any
 # C0 and C1 control characters except tab and newline.
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _LINE_BREAKS = re.compile("\r\n|\r|\u2028|\u2029")
+# Half of a UTF-16 pair: valid in JSON as a \\u escape, but no Unicode character, so not UTF-8 text.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 REJECT_TEXT_CHARS = 2_000  # how much of a rejected record is kept for audit
 
 
@@ -83,6 +85,16 @@ def parse_json_line(raw: bytes, spec: SourceSpec, where: str) -> Document | Reje
 
 def parse_record(record: dict[str, Any], spec: SourceSpec, where: str) -> Document | Rejection:
     """A decoded record (a JSON object or a Parquet row) → a Document or a Rejection."""
+    lone = _lone_surrogate(record)
+    if lone is not None:
+        field, at, char = lone
+        return Rejection(
+            "lone_surrogate",
+            f"{where}: field {field!r} holds a lone UTF-16 surrogate \\u{ord(char):04x} at character {at} "
+            f"(half of a \\u escaped pair), which is not text; repair the record at the source",
+            None,
+            _SURROGATE.sub("\ufffd", _preview(record)),
+        )
     record_id = _record_id(record, spec)
     if spec.id_field is not None and record_id is None:
         return Rejection(
@@ -101,7 +113,7 @@ def parse_record(record: dict[str, Any], spec: SourceSpec, where: str) -> Docume
             doc_id_hint,
             _preview(record),
         )
-    size = len(raw_text.encode("utf-8", "surrogatepass"))
+    size = len(raw_text.encode("utf-8"))
     if size > spec.max_doc_bytes:
         return Rejection(
             "too_large",
@@ -129,6 +141,20 @@ def _record_id(record: dict[str, Any], spec: SourceSpec) -> str | None:
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     return str(value)
+
+
+def _lone_surrogate(value: Any, field: str = "") -> tuple[str, int, str] | None:
+    """(field, character index, the surrogate) of the first lone surrogate in any string of the record."""
+    if isinstance(value, str):
+        found = _SURROGATE.search(value)
+        return (field, found.start(), found.group()) if found else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        key_found = _lone_surrogate(key, field) if isinstance(key, str) else None
+        found = key_found or _lone_surrogate(item, f"{field}.{key}" if field else str(key))
+        if found:
+            return found
+    return None
 
 
 def _preview(record: dict[str, Any]) -> str:

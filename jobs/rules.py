@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import re
 import unicodedata
-
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
@@ -286,10 +286,15 @@ def build_rules(overrides: dict[str, float | None | dict[str, float | None]], ke
     for rule in DEFAULT_RULES:
         if rule.name in overrides:
             value = overrides[rule.name]
-            if isinstance(value, dict):
-                rule = Rule(rule.name, rule.signal, rule.bound, value.get("default", rule.default), {**rule.per_lang, **value})
-            else:
-                rule = Rule(rule.name, rule.signal, rule.bound, value, {})
+            if isinstance(value, dict):  # per-language values: the languages it names change, the rest stay
+                per_lang = {**rule.per_lang, **{k: v for k, v in value.items() if k != "default"}}
+                rule = Rule(rule.name, rule.signal, rule.bound, value.get("default", rule.default), per_lang)
+            elif value is None:  # null: off for every language
+                rule = Rule(rule.name, rule.signal, rule.bound, None, {})
+            else:  # a number for every language, except those the rule never judges (``too_few_words: 30``
+                # must not start counting words in Chinese or code)
+                exempt = {lang: None for lang, limit in rule.per_lang.items() if limit is None}
+                rule = Rule(rule.name, rule.signal, rule.bound, value, exempt)
         rules.append(rule)
     for name, limit in keyword_limits.items():
         rules.append(Rule(f"keywords_{name}", f"keywords_{name}", "max", limit))

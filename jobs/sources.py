@@ -7,8 +7,10 @@ each (Parquet row groups are read batch by batch).
 
 from __future__ import annotations
 
+import bz2
 import fnmatch
 import re
+import zlib
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -24,6 +26,11 @@ _READ_BLOCK = 8 * 1024 * 1024
 
 class SourceError(ValueError):
     pass
+
+
+# What reading a damaged file raises: a truncated or corrupt compressed stream (gzip, bz2, zstd), a Parquet
+# file cut short. Ingest keeps the records read before it and rejects the rest of that file, with where.
+UNREADABLE = (EOFError, OSError, zlib.error, ValueError)
 
 
 @dataclass(frozen=True)
@@ -110,8 +117,7 @@ def read_lines(split: Split) -> Iterator[tuple[int, bytes]]:
     codec = compression_of(split.file)
     line_no = split.lines_before
     if codec or split.end < 0:
-        stream = fs.open_input_stream(path, compression=codec) if codec else fs.open_input_stream(path)
-        with stream:
+        with _decompressed(fs, path, codec) as stream:
             for _, line in _lines_with_offsets(stream, 0):
                 line_no += 1
                 yield line_no, line.rstrip(b"\r")
@@ -130,6 +136,53 @@ def read_lines(split: Split) -> Iterator[tuple[int, bytes]]:
                 skip_first = False
                 continue
             yield line_no, line.rstrip(b"\r")
+
+
+def _decompressed(fs, path: str, codec: str | None):
+    """The file's bytes as a stream with ``read(n)``. gzip and bz2 are decoded here as the compressed bytes
+    arrive, so a truncated file hands over everything before the cut and only then raises EOFError
+    (pyarrow's readers, and Python's ``GzipFile.read``, fail on the read that reaches the cut)."""
+    raw = fs.open_input_stream(path, compression=None)
+    if codec == "gzip":
+        return _Decoding(raw, lambda: zlib.decompressobj(wbits=31), path)
+    if codec == "bz2":
+        return _Decoding(raw, bz2.BZ2Decompressor, path)
+    if codec:
+        raw.close()
+        return fs.open_input_stream(path, compression=codec)
+    return raw
+
+
+class _Decoding:
+    """A compressed stream decoded block by block; concatenated members (``cat a.gz b.gz``) follow on."""
+
+    def __init__(self, raw, new_decoder, path: str):
+        self.raw, self.new_decoder, self.path = raw, new_decoder, path
+        self.decoder, self.in_member = new_decoder(), False  # in_member: a member begun and not yet ended
+
+    def read(self, n: int) -> bytes:
+        while block := self.raw.read(1 << 20):
+            if out := self._decode(block):
+                return out
+        if self.in_member:
+            raise EOFError(f"{self.path} ends inside its compressed data (truncated)")
+        return b""
+
+    def _decode(self, block: bytes) -> bytes:
+        out = []
+        while block:
+            self.in_member = True
+            out.append(self.decoder.decompress(block))
+            if not self.decoder.eof:
+                break
+            block, self.decoder, self.in_member = self.decoder.unused_data, self.new_decoder(), False
+        return b"".join(out)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.raw.close()
 
 
 def _lines_with_offsets(stream, offset: int) -> Iterator[tuple[int, bytes]]:

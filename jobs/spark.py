@@ -39,8 +39,13 @@ def get_spark(app_name: str, recipe: Recipe | None = None) -> SparkSession:
         builder = with_jars(builder, lake)
     for key, value in s3a_conf(lake).items():
         builder = builder.config(key, value)
+    partitions = str(settings.shuffle_partitions if settings else 8)
     builder = (
-        builder.config("spark.sql.shuffle.partitions", str(settings.shuffle_partitions if settings else 8))
+        builder.config("spark.sql.shuffle.partitions", partitions)
+        # delta-spark rebuilds a table's state from its log with 50 tasks per snapshot (its default), many
+        # times per job: on a cluster each task is a round trip to an executor, a second or so on small
+        # tables. The recipe's partition count is what the lake's tables are sized for.
+        .config("spark.databricks.delta.snapshotPartitions", partitions)
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.sql.parquet.compression.codec", "zstd")

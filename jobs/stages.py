@@ -77,6 +77,10 @@ class Stage:
         return self._module().run(spark, recipe, options if options is not None else self.options())
 
     def check_recipe(self, recipe: Recipe) -> None:
+        """What can be checked before any Spark work: the lake can be written, and the stage's own check."""
+        from lake.fs import check_lake_writable
+
+        check_lake_writable(recipe.lake)
         if self.check:
             getattr(self._module(), self.check)(recipe)
 

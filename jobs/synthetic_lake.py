@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from jobs.packing import pack
 from jobs.train_tokenizer import EOS, PAD, build_tokenizer, pad_to_multiple, round_up
 from lake.artifacts import TOKENIZER, new_version, tokenizer_hash, write_metadata
-from lake.chunks import chunk_dir
+from lake.chunks import chunk_dir, tokenizer_id
 from lake.tables import Lake
 from schemas import chunk_row_schema, table
 
@@ -87,7 +87,7 @@ def add_chunk(lake: Lake, chunk_id: str, docs: list[dict], tok, meta: dict, seq_
             mix[s.category] = mix.get(s.category, 0) + s.length
     row = {"chunk_id": chunk_id, "stage": stage, "status": "ready", "n_tokens": sum(mix.values()), "n_rows": len(rows),
            "files": ["part-00000.parquet"], "sha256": [hashlib.sha256(buffer.getvalue()).hexdigest()],
-           "mix": list(mix.items()), "times_consumed": 0, "recipe_hash": None, "tokenizer_version": meta["version"],
+           "mix": list(mix.items()), "times_consumed": 0, "recipe_hash": None, "tokenizer_version": tokenizer_id(meta),
            "run_id": None, "reason": None, "created_at": now, "updated_at": now}
     lake.write_arrow("chunks", pa.Table.from_pylist([row], schema=table("chunks").schema), mode="append", job="test")
     return row

@@ -17,7 +17,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script by spark-submit: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass

@@ -26,6 +26,7 @@ from deltalake.transaction import AddAction, RemoveAction, create_table_with_add
 from lake.commits import commit_properties, spark_uri
 from lake.errors import ConflictError
 from lake.fs import filesystem, remove_dir
+from lake.sweep import sweep, uncommitted
 from schemas import Table
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ def read(spark: SparkSession, files: list[str], spec: Table) -> DataFrame:
 def write(uri: str, snapshot: DeltaTable | None, spec: Table, df: DataFrame, mode: str,
           replace_where: dict[str, str] | None, job: str | None) -> int:
     """Write ``df`` into a fresh folder of the table and commit all its files at once; returns the version."""
+    sweep(uncommitted(spec.name, uri))  # what killed writes left here, long ago (lake/sweep.py)
     write_dir = f"{uri}/w-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     df.write.mode("errorifexists").parquet(spark_uri(write_dir))
     try:

@@ -65,7 +65,9 @@ def set_status(lake: Lake, row: dict, status: str, job: str, reason: str | None 
 
 
 def quarantine(lake: Lake, row: dict, reason: str, job: str) -> dict:
-    """Take a chunk out of training for good, saying why (bad files, a loss that kept spiking)."""
+    """Take a chunk out of training for good, saying why (bad files, a loss that kept spiking, another
+    tokenizer); its documents' usage is taken back, as they were not trained on."""
+    take_back_usage(lake, row)
     return set_status(lake, row, QUARANTINED, job, reason=reason)
 
 
@@ -79,6 +81,20 @@ def backlog(lake: Lake, stage: str) -> int:
 
 
 # -- verification ---------------------------------------------------------------------------------------
+
+
+def tokenizer_id(meta: dict) -> str:
+    """What a chunk records of the tokenizer its ids come from (``tokenizer_version``): version and hash."""
+    return f"{meta['version']}:{meta['sha256']}"
+
+
+def tokenizer_mismatch(row: dict, run_tokenizer: str) -> str | None:
+    """Why a chunk cannot be trained by a run on ``run_tokenizer`` (its ids mean other tokens), or None."""
+    theirs = row.get("tokenizer_version")
+    if theirs is None or theirs == run_tokenizer or (":" not in theirs and theirs == run_tokenizer.split(":")[0]):
+        return None  # a chunk that names only the version (an older lake) is judged by the version
+    return (f"tokenized with tokenizer {theirs}, but the run trains with {run_tokenizer}: its ids are another "
+            f"vocabulary's; rerun feed with the run's tokenizer, or train these chunks in a run on that one")
 
 
 def verify(lake_root: str, row: dict) -> str | None:
@@ -116,18 +132,42 @@ def cleanup_interrupted(lake: Lake) -> list[str]:
     cleaned = []
     for row in manifest(lake, status=WRITING):
         chunk_id = row["chunk_id"]
-        if lake.exists("usage"):
-            jobs = [v.job for v in lake.versions("usage")]
-            if f"feed:{chunk_id}" in jobs and f"feed-undo:{chunk_id}" not in jobs:
-                increments = read_parquet(usage_increments_path(lake.root, chunk_id))
-                undo = pa.table({"doc_id": increments.column("doc_id"),
-                                 "times_used": pc.negate(increments.column("times_used")),
-                                 "last_chunk_id": pa.nulls(increments.num_rows, pa.string())})
-                lake.merge_counters("usage", undo, key=["doc_id"], add=["times_used"], job=f"feed-undo:{chunk_id}")
+        take_back_usage(lake, row)
         remove_dir(chunk_dir(lake.root, chunk_id))
         delete(lake, chunk_id, job=f"feed-cleanup:{chunk_id}")
         cleaned.append(chunk_id)
     return cleaned
+
+
+def usage_job(row: dict) -> str:
+    """The tag of the ``usage`` commit that counted a chunk's documents: the chunk and its attempt (the
+    time its ``writing`` row was made). A chunk id is used again after a clean-up; the attempt is not."""
+    return f"feed:{row['chunk_id']}@{row['created_at']:%Y%m%dT%H%M%S%f}"
+
+
+def take_back_usage(lake: Lake, row: dict) -> bool:
+    """Subtract the chunk's usage increments, once per attempt, if that attempt's were committed (a chunk
+    cleaned up, or quarantined: its documents were not trained on). True when it took them back."""
+    if not lake.exists("usage"):
+        return False
+    jobs = [v.job for v in lake.versions("usage")]
+    counted, undo = usage_job(row), "usage-undo:" + usage_job(row).removeprefix("feed:")
+    legacy = f"feed:{row['chunk_id']}"  # lakes written before the attempt was in the tag
+    if counted in jobs:
+        if undo in jobs:
+            return False
+    elif not (legacy in jobs and f"feed-undo:{row['chunk_id']}" not in jobs):
+        return False
+    else:
+        undo = f"feed-undo:{row['chunk_id']}"
+    saved = usage_increments_path(lake.root, row["chunk_id"])
+    if not exists(saved):  # the chunk's folder is gone with them: what it counted cannot be known any more
+        return False
+    increments = read_parquet(saved)
+    negated = pa.table({"doc_id": increments.column("doc_id"), "times_used": pc.negate(increments.column("times_used")),
+                        "last_chunk_id": pa.nulls(increments.num_rows, pa.string())})
+    lake.merge_counters("usage", negated, key=["doc_id"], add=["times_used"], job=undo)
+    return True
 
 
 # -- the reader's side (trainer) ---------------------------------------------------------------------------

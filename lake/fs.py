@@ -11,6 +11,7 @@ http also needs ``AWS_ALLOW_HTTP=true`` for delta-rs). pyarrow, delta-rs and Spa
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sys
 from functools import lru_cache
@@ -24,15 +25,10 @@ from lake.errors import LakeError
 S3_SCHEMES = ("s3://", "s3a://")
 
 
-_object_store_used = False  # this process reached a lake on an object store (see end_process)
-
-
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem of ``uri`` and the path inside it."""
-    global _object_store_used
     if "://" not in uri or uri.startswith("file://"):
         return pafs.LocalFileSystem(), uri.removeprefix("file://")
-    _object_store_used = True
     if is_s3(uri) and s3_endpoint() is not None:
         return s3_filesystem(s3_endpoint(), s3_region()), uri.split("://", 1)[1]
     return pafs.FileSystem.from_uri("s3://" + uri[len("s3a://"):] if uri.startswith("s3a://") else uri)
@@ -69,10 +65,8 @@ def require_safe_commits(lake_root: str) -> None:
     ``AWS_CONDITIONAL_PUT=etag``. Without it delta-rs either refuses to write or (with
     ``AWS_S3_ALLOW_UNSAFE_RENAME=true``) lets two writers (feed and the trainer share ``chunks``)
     overwrite each other's commit silently. Every process that writes the lake needs the setting."""
-    global _object_store_used
     if not is_s3(lake_root):
         return
-    _object_store_used = True
     setting = os.environ.get("AWS_CONDITIONAL_PUT") or os.environ.get("aws_conditional_put") or ""
     if setting.lower() == "etag":
         return
@@ -86,17 +80,36 @@ def require_safe_commits(lake_root: str) -> None:
     )
 
 
-def end_process(code: int) -> int:
-    """The exit code for a finished command; after it reached an object store, end the process here.
+def check_lake_writable(lake_root: str) -> None:
+    """Refuse a local lake that cannot be written (a file, or a folder without write permission) before
+    any work starts, in one line; an object-store lake is checked by its first commit."""
+    if "://" in lake_root and not lake_root.startswith("file://"):
+        return
+    path = os.path.abspath(lake_root.removeprefix("file://"))
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        what = "the lake" if existing == path else f"{existing}, on the lake's path,"
+        raise LakeError(f"lake: {lake_root}: {what} is a file, not a folder; point the recipe's lake: at a folder "
+                        f"(it is created when missing)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise LakeError(f"lake: {lake_root}: {existing} is not writable by this user; give it write permission or "
+                        f"point the recipe's lake: elsewhere")
 
-    Once a command is done and committed, the AWS SDK inside pyarrow and delta-rs's runtime threads
-    can abort the interpreter's own shutdown ("terminate called without an active exception", exit
-    code -6 instead of the command's). A command run as a program (never one called in-process)
-    flushes its output and ends with ``os._exit`` when it touched an object store."""
-    if not _object_store_used:
-        return code
+
+def end_process(code: int) -> int:
+    """End a finished command run as a program: flush its output and leave with ``code`` at once.
+
+    Once a command is done and committed, delta-rs's runtime threads (and, on an object store, the
+    AWS SDK inside pyarrow) can abort the interpreter's own shutdown ("terminate called without an
+    active exception", exit code -6/134 instead of the command's), on a local lake as well. Everything
+    the command wrote is committed before it returns, so nothing is lost by skipping that shutdown.
+    Only for a command run as a program (``python -m jobs.cli``, a stage, the daemon), never for one
+    called in-process."""
     sys.stdout.flush()
     sys.stderr.flush()
+    logging.shutdown()
     os._exit(code)
 
 

@@ -31,12 +31,20 @@ def delta_jar_available(spark: SparkSession) -> bool:
 
 def delta_classes_loaded(spark: SparkSession) -> bool:
     """True when delta-spark's classes are on the session's JVM classpath, whatever the mode says."""
+    return on_classpath(spark, "io.delta.tables.DeltaTable")
+
+
+def on_classpath(spark: SparkSession, class_name: str) -> bool:
+    from py4j.protocol import Py4JJavaError
+
+    jvm = spark.sparkContext._jvm  # noqa: SLF001 - py4j is the only way to ask the classpath
     try:
-        jvm = spark.sparkContext._jvm  # noqa: SLF001 - py4j is the only way to ask the classpath
-        jvm.java.lang.Class.forName("io.delta.tables.DeltaTable", False, jvm.Thread.currentThread().getContextClassLoader())
+        jvm.java.lang.Class.forName(class_name, False, jvm.Thread.currentThread().getContextClassLoader())
         return True
-    except Exception:  # py4j raises its own error type for ClassNotFoundException
-        return False
+    except Py4JJavaError as err:  # only "not on the classpath" means no jar; any other failure is raised
+        if err.java_exception.getClass().getName() == "java.lang.ClassNotFoundException":
+            return False
+        raise
 
 
 def read(spark: SparkSession, uri: str) -> DataFrame:

@@ -108,10 +108,14 @@ def balance_classes(texts: list[str], labels: list[str], seed: int) -> tuple[lis
     return [texts[i] for i in picked], [labels[i] for i in picked]
 
 
-def train_model(recipe, task: str, backend: str, data: Path | None = None, seed: int = 0) -> TrainResult:
+def train_model(recipe, task: str, backend: str, data: Path | None = None, seed: int = 0,
+                positive: str | None = None) -> TrainResult:
+    """Train, evaluate on a held-out split and publish a new version. A quality model needs to know which
+    label is good text (``positive``; "high", or numeric labels, need no telling)."""
     cfg = recipe.score
     path = str(data or labels_uri(recipe.lake, task))
     texts, labels, payload = load_labelled(path)
+    good = positive_label(sorted(set(labels)), positive, path) if task == "quality" else None
     train_idx, hold_idx = split_holdout(len(texts), cfg.holdout, seed)
     train_t, train_y = [texts[i] for i in train_idx], [labels[i] for i in train_idx]
     hold_t, hold_y = [texts[i] for i in hold_idx], [labels[i] for i in hold_idx]
@@ -133,7 +137,7 @@ def train_model(recipe, task: str, backend: str, data: Path | None = None, seed:
     with new_version(recipe.lake, name) as folder:
         model.save(folder)
         write_metadata(
-            folder, task=task, backend=backend, backbone=backbone, labels=model.labels,
+            folder, task=task, backend=backend, backbone=backbone, labels=model.labels, positive=good,
             max_tokens=cfg.max_tokens if backend == "bert" else None,
             training_data=path, training_data_sha256=hashlib.sha256(payload).hexdigest(),
             n_train=len(train_idx), n_holdout=len(hold_t), metrics=report.as_dict(),
@@ -183,6 +187,8 @@ class LoadedModels:
                 raise ModelError(f"{folder}: BERT models must share one backbone ({self._encoder.backbone} vs {backbone})")
             model = BertClassifier(self._encoder, LinearHead.load(folder, meta["labels"]), cfg.batch_size)
         model.version = f"{ref.name}/{meta['version']}"
+        if ref.task == "quality":
+            model.positive = positive_label(meta["labels"], meta.get("positive"), str(folder))
         return model
 
     @property
@@ -219,26 +225,41 @@ def score_batch(models: LoadedModels, texts, low: float = 0.3, high: float = 0.7
         chosen = text_list() if idx is None else [text_list()[i] for i in idx]
         return model.head.predict_proba(models.encoder.embed(chosen, models.batch_size))
 
-    quality = quality_value(models.quality.labels, proba(models.quality)).astype(np.float64)
+    quality = quality_value(models.quality, proba(models.quality)).astype(np.float64)
     sent = 0
     if models.cascade is not None:
         band = np.nonzero((quality >= low) & (quality <= high))[0]
         sent = len(band)
         if sent:
-            quality[band] = quality_value(models.cascade.labels, proba(models.cascade, band))
+            quality[band] = quality_value(models.cascade, proba(models.cascade, band))
     domain_probs = proba(models.domain)
     domains = [models.domain.labels[i] for i in domain_probs.argmax(axis=1)] if n else []
     return quality, domains, sent
 
 
-def quality_value(labels: list[str], probs: np.ndarray) -> np.ndarray:
-    """One number per document: P(high) for high/low labels, the expected score for numeric labels."""
+def positive_label(labels: list[str], given: str | None, where: str) -> str | None:
+    """The label that stands for good text in a quality model; None when the labels are numbers
+    (the score is then their expected value). Never guessed from the alphabet: ``clean``/``spam``
+    would come out inverted."""
+    if given is not None:
+        if given not in labels:
+            raise ModelError(f"{where}: the positive label {given!r} is not one of the labels {labels}")
+        return given
     try:
-        values = np.array([float(lab) for lab in labels])
-        return probs @ values
+        [float(lab) for lab in labels]
+        return None
     except ValueError:
         pass
-    # fastText's probabilities can exceed 1 by a rounding error.
     if "high" in labels:
-        return np.clip(probs[:, labels.index("high")], 0.0, 1.0)
-    return np.clip(probs[:, len(labels) - 1], 0.0, 1.0)  # labels are sorted: the last one stands for "best"
+        return "high"
+    raise ModelError(f"{where}: quality labels {labels}: which one is good text? Pass --positive LABEL to "
+                     f"`tokenmill models train --task quality`, or name the good label 'high'")
+
+
+def quality_value(model, probs: np.ndarray) -> np.ndarray:
+    """One number per document: P(the positive label), or the expected score for numeric labels."""
+    positive = getattr(model, "positive", None)
+    if positive is None:
+        return probs @ np.array([float(lab) for lab in model.labels])
+    # fastText's probabilities can exceed 1 by a rounding error.
+    return np.clip(probs[:, model.labels.index(positive)], 0.0, 1.0)

@@ -132,7 +132,7 @@ TABLES: dict[str, Table] = {
                 ("at", _TS, False),
             ),
             ("run_id", "step", "event"),
-            "consumed / spike / rollback / quarantine",
+            "claimed / consumed / checkpoint / resumed / spike / rollback / quarantine",
         ),
     ]
 }

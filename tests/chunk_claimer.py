@@ -19,6 +19,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lake.chunks import Events  # noqa: E402
+from lake.fs import end_process  # noqa: E402
 from lake.tables import Lake  # noqa: E402
 from trainer.data import RETRY, ChunkFeed  # noqa: E402
 
@@ -52,4 +53,4 @@ def main(lake_root: str, run_id: str, stop_file: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:4]))
+    end_process(main(*sys.argv[1:4]))  # delta-rs can abort a plain interpreter exit: see lake/fs.end_process

@@ -48,6 +48,24 @@ def test_tasks_pass_the_delta_jars_with_their_sql_settings(monkeypatch):
     assert settings["jars"] is None and settings["conf"] is None
 
 
+def test_a_variable_that_cannot_be_read_is_an_error_not_the_demo_recipe(monkeypatch):
+    from airflow.sdk import Variable
+
+    from airflow_dags.common import variable
+
+    monkeypatch.setenv("AIRFLOW_VAR_TOKENMILL_RECIPE", "/srv/recipes/web.yaml")
+    assert variable("tokenmill_recipe", "configs/demo.yaml") == "/srv/recipes/web.yaml"
+    monkeypatch.delenv("AIRFLOW_VAR_TOKENMILL_RECIPE")
+    assert variable("tokenmill_recipe", "configs/demo.yaml") == "configs/demo.yaml"  # not set: the default
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("metadata database at db:5432 refused the connection")
+
+    monkeypatch.setattr(Variable, "get", unreachable)
+    with pytest.raises(ConnectionError, match="refused"):
+        variable("tokenmill_recipe", "configs/demo.yaml")
+
+
 def test_feed_dag_checks_the_backlog_then_feeds(dagbag, tmp_path):
     from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 
@@ -70,6 +88,7 @@ def test_feed_dag_checks_the_backlog_then_feeds(dagbag, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_airflow_dags_test_runs_the_refinery_on_the_standalone_cluster(spark, standalone_cluster, tmp_path):
     """`airflow dags test tokenmill_refine` on the demo recipe, its Spark connection the standalone
     master, the Delta jars from the ``tokenmill_jars`` Variable, SQLite as Airflow's database."""
@@ -83,7 +102,7 @@ def test_airflow_dags_test_runs_the_refinery_on_the_standalone_cluster(spark, st
     from lake.tables import Lake
     from lake.recipe import load_recipe
 
-    recipe_file = demo_recipe_in(tmp_path)
+    recipe_file = demo_recipe_in(tmp_path, {"zh_news": 60, "zh_reviews": 30, "en_docs": 60, "code": 30})  # small: CI time
     recipe = load_recipe(recipe_file)
     for stage in (ingest, filter_rules, scrub_pii):  # the classifiers learn from what these keep and reject
         stage.run(spark, recipe)

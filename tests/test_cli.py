@@ -79,3 +79,70 @@ def test_status_shows_the_chunk_backlog_once_chunks_exist(tmp_path, capsys):
     assert re.search(r"ready\s+2 chunks\s+3,000 tokens", out)
     assert re.search(r"consumed\s+1 chunks\s+4,000 tokens", out)
     assert "ready for the trainer: 2" in out
+
+
+@pytest.mark.slow
+def test_a_command_that_succeeded_exits_0_every_time(tmp_path):
+    """delta-rs's runtime threads can abort a plain interpreter exit ("terminate called without an
+    active exception", exit code 134) after a command finished; Airflow would mark the run failed.
+    A hundred runs of a short command that reads every table of a lake with delta-rs must all exit 0."""
+    import os
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    from jobs.synthetic_lake import make_lake
+
+    make_lake(str(tmp_path / "lake"))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"lake: {tmp_path / 'lake'}\nsources: [{{name: s, path: x.jsonl}}]\n")
+    command = [os.path.join(os.path.dirname(sys.executable), "tokenmill"), "status", "--recipe", str(recipe)]
+
+    def once(_):
+        return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+    # What aborts is the interpreter's own shutdown, after the command's work: simulated here by an exit
+    # handler that aborts the way delta-rs's runtime does. A command run as a program never gets there.
+    aborting = ("import atexit, os, sys; atexit.register(os.abort); from jobs.cli import main; "
+                f"sys.argv = ['tokenmill', 'status', '--recipe', {str(recipe)!r}]; sys.exit(main())")
+    simulated = subprocess.run([sys.executable, "-c", aborting], capture_output=True, text=True, timeout=120,
+                               cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert simulated.returncode == 0 and "documents_dedup" in simulated.stdout, (simulated.returncode, simulated.stderr[-500:])
+    with ThreadPoolExecutor(4) as pool:
+        runs = list(pool.map(once, range(100)))
+    failed = [(r.returncode, r.stderr[-300:]) for r in runs if r.returncode != 0]
+    assert not failed, f"{len(failed)} of 100 runs failed: {failed[:3]}"
+    assert all(re.search(r"^\s+documents_dedup\s+0\s+120\b", r.stdout, re.M) for r in runs), runs[0].stdout
+
+
+@pytest.mark.parametrize("where", ["lake", "lake/inside"])
+def test_a_lake_that_is_a_file_fails_before_any_work_in_one_line(tmp_path, capsys, where):
+    (tmp_path / "lake").write_text("not a folder")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "doc"}])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"lake: {tmp_path / where}\nsources: [{{name: s, path: '{data}'}}]\n")
+    for command in (["ingest", "--recipe", str(recipe)], ["refine", "--recipe", str(recipe)]):
+        assert cli.main(command) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "is a file, not a folder" in err and str(tmp_path / "lake") in err, err
+    assert (tmp_path / "lake").read_text() == "not a folder"
+
+
+def test_vacuum_lists_then_removes_only_a_write_folder_no_commit_names(tmp_path, capsys):
+    from jobs.synthetic_lake import make_lake
+
+    lake, *_ = make_lake(str(tmp_path / "lake"))
+    table = tmp_path / "lake" / "tables" / "documents_dedup"
+    dead = table / "w-20200101T000000-0123abcd"  # what a job killed in 2020 left
+    dead.mkdir()
+    (dead / "part-00000.parquet").write_bytes(b"PAR1 half-written")
+    committed = sorted(p.name for p in table.iterdir() if p.name != "_delta_log")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"lake: {tmp_path / 'lake'}\nsources: [{{name: s, path: x.jsonl}}]\n")
+    assert cli.main(["vacuum", "--recipe", str(recipe), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"would remove {dead}: 1 file(s)" in out and "1 uncommitted write folder(s)" in out and dead.exists()
+    assert cli.main(["vacuum", "--recipe", str(recipe)]) == 0
+    assert not dead.exists() and sorted(p.name for p in table.iterdir() if p.name != "_delta_log") == [
+        n for n in committed if n != dead.name]
+    assert lake.read_arrow("documents_dedup").num_rows == 120

@@ -152,14 +152,8 @@ def test_same_seed_same_chunks_and_backpressure(spark, tmp_path, fed):
         assert (a["chunk_id"], a["sha256"], a["n_tokens"]) == (b["chunk_id"], b["sha256"], b["n_tokens"])
 
 
-def test_a_crash_before_ready_is_cleaned_up_and_usage_stays_true(spark, tmp_path, monkeypatch):
-    recipe = _recipe(tmp_path, "crash")
-    lake = Lake(recipe.lake)
-    lake.write_arrow("documents_dedup", _docs(1), mode="overwrite", job="test")
-    train_tokenizer.run(spark, recipe)
-    feed.run(spark, recipe, FeedOptions(until_ready=1))
-    usage_before = {r["doc_id"]: r["times_used"] for r in lake.read_arrow("usage").to_pylist()}
-
+def _dying_before_ready(monkeypatch):
+    """Feed "killed" between its usage commit and the manifest's ``ready``; returns the real ``chunks.put``."""
     real = chunks.put
 
     def dies_before_ready(lake_, row, job):
@@ -168,6 +162,18 @@ def test_a_crash_before_ready_is_cleaned_up_and_usage_stays_true(spark, tmp_path
         return real(lake_, row, job)
 
     monkeypatch.setattr(chunks, "put", dies_before_ready)
+    return real
+
+
+def test_a_crash_before_ready_is_cleaned_up_and_usage_stays_true(spark, tmp_path, monkeypatch):
+    recipe = _recipe(tmp_path, "crash")
+    lake = Lake(recipe.lake)
+    lake.write_arrow("documents_dedup", _docs(1), mode="overwrite", job="test")
+    train_tokenizer.run(spark, recipe)
+    feed.run(spark, recipe, FeedOptions(until_ready=1))
+    usage_before = {r["doc_id"]: r["times_used"] for r in lake.read_arrow("usage").to_pylist()}
+
+    real = _dying_before_ready(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         feed.run(spark, recipe, FeedOptions(until_ready=2))
     monkeypatch.setattr(chunks, "put", real)
@@ -182,6 +188,41 @@ def test_a_crash_before_ready_is_cleaned_up_and_usage_stays_true(spark, tmp_path
     usage = {r["doc_id"]: r["times_used"] for r in lake.read_arrow("usage").to_pylist() if r["times_used"]}
     assert usage == dict(appearances)
     assert sum(usage.values()) > sum(usage_before.values())
+
+
+def test_one_chunk_id_dying_twice_has_its_usage_taken_back_both_times(spark, tmp_path, monkeypatch):
+    """Clean-up frees the id, the next attempt takes it again: each attempt's usage is undone once."""
+    recipe = _recipe(tmp_path, "twice")
+    lake = Lake(recipe.lake)
+    lake.write_arrow("documents_dedup", _docs(1), mode="overwrite", job="test")
+    train_tokenizer.run(spark, recipe)
+    real = _dying_before_ready(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        feed.run(spark, recipe, FeedOptions(until_ready=1))  # attempt 1 of pretrain-000000 dies
+    assert chunks.cleanup_interrupted(lake) == ["pretrain-000000"]
+    with pytest.raises(KeyboardInterrupt):
+        feed.run(spark, recipe, FeedOptions(until_ready=1))  # attempt 2 of the same id dies too
+    assert chunks.cleanup_interrupted(lake) == ["pretrain-000000"]
+    monkeypatch.setattr(chunks, "put", real)
+    assert not any(r["times_used"] for r in lake.read_arrow("usage").to_pylist())  # nothing was trained on
+    jobs = [v.job for v in lake.versions("usage")]
+    assert sum(str(j).startswith("usage-undo:pretrain-000000@") for j in jobs) == 2
+
+
+def test_a_quarantined_chunk_gives_its_usage_back_once(spark, tmp_path):
+    recipe = _recipe(tmp_path, "quarantine")
+    lake = Lake(recipe.lake)
+    lake.write_arrow("documents_dedup", _docs(2), mode="overwrite", job="test")
+    train_tokenizer.run(spark, recipe)
+    feed.run(spark, recipe, FeedOptions(until_ready=2))
+    first, second = chunks.manifest(lake)
+    chunks.quarantine(lake, first, "loss kept spiking after rollbacks", job="trainer")
+    chunks.quarantine(lake, chunks.manifest(lake)[0], "again", job="trainer")  # a second quarantine changes nothing
+    appearances: Counter = Counter()
+    for row in _chunk_rows(recipe.lake, second["chunk_id"]):
+        appearances.update(s["doc_id"] for s in row["spans"] if s["doc_start"] == 0)
+    usage = {r["doc_id"]: r["times_used"] for r in lake.read_arrow("usage").to_pylist() if r["times_used"]}
+    assert usage == dict(appearances)  # only the chunk still in training counts
 
 
 def test_checksum_mismatch_or_missing_file_quarantines(spark, tmp_path):

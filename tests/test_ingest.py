@@ -15,7 +15,7 @@ from lake.tables import Lake
 from jobs.sources import SourceError
 from schemas import table
 
-from conftest import ROOT, make_recipe
+from conftest import ROOT, make_recipe, write_jsonl
 
 GOOD = [{"id": f"g{i}", "text": f"Good document {i}.\r\nSecond line.", "url": f"http://x/{i}", "lang": "en"} for i in range(40)]
 BAD_LINES = {  # the raw line → the reason ingest must give
@@ -27,6 +27,7 @@ BAD_LINES = {  # the raw line → the reason ingest must give
     json.dumps({"id": "b6", "text": "y" * 5000}).encode(): "too_large",
     json.dumps(["an", "array"]).encode(): "not_an_object",
     json.dumps({"id": "g3", "text": "the same id as an earlier line"}).encode(): "duplicate_doc_id",
+    b'{"id": "b7", "text": "abc \\ud800 def"}': "lone_surrogate",  # valid JSON, not text
 }
 
 
@@ -108,6 +109,38 @@ def test_rerun_gives_the_same_documents(spark, ingested):
     assert sorted((r.doc_id, r.text) for r in lake.read("documents_raw").collect()) == first
     # The ingest rejections were replaced, not appended to.
     assert lake.read("documents_rejected").count() == sum(report.rejected_by_reason.values())
+
+
+def test_a_truncated_or_cut_short_file_keeps_its_intact_records_and_every_other_source(spark, tmp_path):
+    import gzip
+
+    lines = [json.dumps({"id": i, "text": f"gz document {i} " + "word " * (i % 40)}) for i in range(30000)]
+    packed = gzip.compress(("\n".join(lines) + "\n").encode())
+    (tmp_path / "gz").mkdir()
+    (tmp_path / "gz" / "cut.jsonl.gz").write_bytes(packed[: len(packed) // 2])  # a download that stopped halfway
+    (tmp_path / "gz" / "whole.jsonl.gz").write_bytes(gzip.compress(b'{"id": "w", "text": "intact"}\n'))
+    pq.write_table(pa.table({"text": [f"row {i}" for i in range(2000)]}), tmp_path / "p.parquet")
+    (tmp_path / "pq").mkdir()
+    (tmp_path / "pq" / "cut.parquet").write_bytes((tmp_path / "p.parquet").read_bytes()[:3000])
+    good = write_jsonl(tmp_path / "ok" / "a.jsonl", [{"text": f"fine {i}"} for i in range(5)])
+    recipe = make_recipe(tmp_path, [
+        {"name": "gz", "path": str(tmp_path / "gz" / "*.jsonl.gz"), "id_field": "id"},
+        {"name": "pq", "path": str(tmp_path / "pq" / "*.parquet"), "format": "parquet"},
+        {"name": "ok", "path": str(good)},
+    ])
+    report = ingest.run(spark, recipe)
+    lake = Lake(recipe.lake, spark)
+    raw = lake.read_arrow("documents_raw", columns=["source", "text"]).to_pylist()
+    by_source = {name: [r["text"] for r in raw if r["source"] == name] for name in ("gz", "pq", "ok")}
+    assert len(by_source["ok"]) == 5 and "intact" in by_source["gz"]
+    intact = len(by_source["gz"]) - 1
+    assert 1000 < intact < 30000  # what came before the cut, every line of it whole
+    assert set(by_source["gz"]) - {"intact"} == {json.loads(x)["text"] for x in lines[:intact]}
+    rejected = {r["source"]: r for r in lake.read_arrow("documents_rejected").to_pylist()}
+    assert rejected["gz"]["reason"] == "unreadable_file"
+    assert rejected["gz"]["detail"].startswith(f"{tmp_path / 'gz' / 'cut.jsonl.gz'}: unreadable after line {intact} ")
+    assert rejected["pq"]["reason"] == "unreadable_file" and "cut.parquet: unreadable after row 0" in rejected["pq"]["detail"]
+    assert report.rejected_by_reason["unreadable_file"] == 2
 
 
 def test_a_source_without_files_fails_before_any_work(spark, tmp_path):

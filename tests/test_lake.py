@@ -107,6 +107,18 @@ def test_replace_where_replaces_only_matching_rows_even_inside_mixed_files(spark
     assert sorted(pl.read_delta(lake.uri("documents_rejected"))["doc_id"].to_list()) == ["d1", "f1", "i2", "i3"]
 
 
+def test_only_a_missing_class_means_no_delta_jar(spark):
+    """A JVM failure other than "class not found" is raised, never taken for "the bridge then"."""
+    from py4j.protocol import Py4JJavaError
+
+    from lake.native import on_classpath
+
+    assert on_classpath(spark, "org.apache.spark.sql.SparkSession")
+    assert not on_classpath(spark, "io.delta.NoSuchClass")
+    with pytest.raises(Py4JJavaError, match="NullPointerException"):
+        on_classpath(spark, None)
+
+
 def test_merge_counters_increments_and_inserts(lake_root):
     lake = Lake(lake_root)
     lake.merge_counters("usage", pa.table({"doc_id": ["a", "b"], "times_used": [1, 1], "last_chunk_id": ["c1", "c1"]}),
@@ -218,6 +230,29 @@ def test_a_job_killed_before_its_commit_leaves_the_table_as_it_was(spark, tmp_pa
     texts = sorted(r.text for r in lake.read("documents_raw").collect())
     assert len(texts) == 50 and all(t.startswith("document number") for t in texts)
     assert sorted(pl.read_delta(lake.uri("documents_raw"))["text"].to_list()) == texts
+
+    # `tokenmill vacuum` removes the dead write's folder, and nothing any commit names (an earlier
+    # version's files included): time travel to every version still reads.
+    from datetime import timedelta
+
+    from lake.recipe import load_recipe
+    from lake.sweep import vacuum, write_folders
+
+    ingest.run(spark, load_recipe(tmp_path / "recipe.yaml"))  # version 2 replaces version 1's files
+    dead = {p.split("/")[-2] for p in set(glob.glob(f"{lake.uri('documents_raw')}/w-*/*.parquet")) - files_before}
+    assert len(dead) == 1
+    folders = {name for name, _ in write_folders(lake.uri("documents_raw"))}
+    assert vacuum(recipe.lake, log=lambda _: None) == []  # younger than a day: perhaps a write still running
+    later = datetime.now(timezone.utc) + timedelta(days=2)
+    lines = []
+    listed = vacuum(recipe.lake, dry_run=True, log=lines.append, now=later)
+    assert [u.folder.rsplit("/", 1)[1] for u in listed] == sorted(dead) and "would remove" in lines[0]
+    assert {name for name, _ in write_folders(lake.uri("documents_raw"))} == folders  # a dry run removes nothing
+    vacuum(recipe.lake, log=lambda _: None, now=later)
+    assert {name for name, _ in write_folders(lake.uri("documents_raw"))} == folders - dead
+    for version in range(DeltaTable(lake.uri("documents_raw")).version() + 1):
+        assert DeltaTable(lake.uri("documents_raw"), version=version).to_pyarrow_table().num_rows in (50, 80)
+    assert sorted(r.text for r in lake.read("documents_raw").collect())[0].startswith("changed document")
 
 
 def test_a_table_written_by_one_path_is_read_and_appended_by_the_other(spark, tmp_path):

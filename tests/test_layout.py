@@ -50,3 +50,16 @@ def test_options_become_flags_and_back(tmp_path):
     add_option_flags(parser, FeedOptions)
     args = parser.parse_args(["--until-ready", "3", "--follow"])
     assert options_from(args, FeedOptions) == FeedOptions(until_ready=3, follow=True, verify=False)
+
+
+def test_every_test_file_the_code_and_docs_cite_exists():
+    import re
+
+    cited = {}
+    for path in [ROOT / "README.md", *(p for d in ("jobs", "trainer", "lake", "quality_models", "schemas",
+                                                   "airflow_dags", "bench", "tests") for p in (ROOT / d).rglob("*.py"))]:
+        for name in re.findall(r"tests/[A-Za-z0-9_]+\.py", path.read_text(encoding="utf-8")):
+            cited.setdefault(name, path.relative_to(ROOT))
+    assert cited, "no citation found: the pattern is wrong"
+    missing = {name: str(where) for name, where in cited.items() if not (ROOT / name).is_file()}
+    assert not missing, missing

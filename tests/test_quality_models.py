@@ -93,6 +93,31 @@ def test_models_reach_macro_f1_on_held_out_weak_labels(scored):
         assert (folder / "model.bin").stat().st_size < 20_000_000
 
 
+def test_quality_is_the_probability_of_the_label_named_good_never_the_last_alphabetically(scored, tmp_path):
+    """clean/spam: "spam" sorts last; the score must still be P(clean)."""
+    import shutil
+
+    from quality_models.train import LoadedModels, score_batch
+
+    recipe = scored[0]
+    rows = [json.loads(line) for line in (Path(recipe.lake) / "labels" / "quality.jsonl").read_text().splitlines()]
+    renamed = write_jsonl(tmp_path / "quality.jsonl", [{"text": r["text"], "label": {"high": "clean", "low": "spam"}[r["label"]]}
+                                                       for r in rows])
+    other = recipe.model_copy(update={"lake": str(tmp_path / "lake")})
+    shutil.copytree(Path(recipe.lake) / "models" / "domain-fasttext", Path(other.lake) / "models" / "domain-fasttext")
+    with pytest.raises(ModelError, match=r"quality labels \['clean', 'spam'\]: which one is good text\? Pass --positive"):
+        train_model(other, "quality", "fasttext", renamed)
+    with pytest.raises(ModelError, match="positive label 'good' is not one of the labels"):
+        train_model(other, "quality", "fasttext", renamed, positive="good")
+    train_model(other, "quality", "fasttext", renamed, positive="clean")
+    good = [r["text"] for r in rows if r["label"] == "high"][:50]
+    bad = [r["text"] for r in rows if r["label"] == "low"][:50]
+    quality, _, _ = score_batch(LoadedModels(other), good + bad)
+    assert quality[:50].mean() > 0.7 and quality[50:].mean() < 0.3, (quality[:50].mean(), quality[50:].mean())
+    reference, _, _ = score_batch(LoadedModels(recipe), good + bad)  # the high/low model agrees on the order
+    assert reference[:50].mean() > 0.7 and reference[50:].mean() < 0.3
+
+
 def test_every_scored_document_has_quality_domain_lang_and_category(spark, scored):
     recipe, *_ , report = scored
     lake = Lake(recipe.lake, spark)

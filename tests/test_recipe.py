@@ -59,6 +59,15 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_recipe(_write(tmp_path, "lake: [unclosed\n"))
 
 
+def test_a_key_given_twice_is_refused_not_silently_the_last(tmp_path):
+    text = "lake: l\nsources: [{name: a, path: x}]\nfeed: {chunk_tokens: 5}\nsources: [{name: b, path: y}]\n"
+    with pytest.raises(RecipeError, match=r"key 'sources' appears twice .*first at line 2, again at line 4"):
+        load_recipe(_write(tmp_path, text))
+    nested = "lake: l\nsources: [{name: a, path: x, name: b}]\n"
+    with pytest.raises(RecipeError, match=r"key 'name' appears twice"):
+        load_recipe(_write(tmp_path, nested))
+
+
 def test_overrides_and_the_embedded_default(tmp_path):
     r = load_recipe(ROOT / "configs" / "demo.yaml", {"lake": str(tmp_path / "other")})
     assert r.lake == str(tmp_path / "other")

@@ -56,3 +56,17 @@ def test_without_id_field_the_content_decides_the_id():
     a = parse_json_line(line({"text": "same"}), NO_ID, "f:1")
     b = parse_json_line(line({"text": "same", "other": 1}), NO_ID, "f:2")
     assert isinstance(a, Document) and a.doc_id == b.doc_id
+
+
+def test_a_lone_surrogate_is_rejected_with_its_field_and_place_never_a_crash():
+    # valid JSON: "\ud800" is half of a UTF-16 pair, no character; it cannot be hashed or stored as UTF-8
+    out = parse_json_line(b'{"id": 1, "text": "abc \\ud800 def"}', SPEC, "part-0.jsonl:3")
+    assert isinstance(out, Rejection) and out.reason == "lone_surrogate"
+    assert out.detail.startswith("part-0.jsonl:3: field 'text'") and "\\ud800 at character 4" in out.detail
+    out.text.encode("utf-8")  # the audit copy is storable text
+    in_id = parse_json_line(b'{"id": "a\\udc00", "text": "fine"}', SPEC, "f:1")
+    assert isinstance(in_id, Rejection) and "field 'id'" in in_id.detail
+    in_meta = parse_json_line(b'{"id": 2, "text": "fine", "tags": ["ok", "x\\udfff"]}', SPEC, "f:2")
+    assert isinstance(in_meta, Rejection) and "field 'tags.1'" in in_meta.detail
+    pair = parse_json_line(b'{"id": 3, "text": "smile \\ud83d\\ude00"}', SPEC, "f:3")
+    assert isinstance(pair, Document) and pair.text == "smile \U0001f600"

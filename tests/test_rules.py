@@ -73,6 +73,18 @@ def test_recipe_overrides_and_keyword_rules():
         build_rules({"too_shrt": 3}, {})
 
 
+def test_a_plain_number_keeps_the_languages_a_rule_never_judges():
+    by = {r.name: r for r in build_rules({"too_few_words": 30, "symbol_heavy": 0.2, "mostly_blank_lines": None}, {})}
+    assert by["too_few_words"].threshold("en") == 30
+    assert by["too_few_words"].threshold("zh") is None and by["too_few_words"].threshold("code") is None
+    assert by["symbol_heavy"].threshold("code") == 0.2  # a per-language value, not an exemption: the number applies
+    assert all(by["mostly_blank_lines"].threshold(lang) is None for lang in ("en", "zh", "code"))  # null: off
+    chinese = {"n_words": 3.0}  # a Chinese document of 3 "words" (word rules do not apply to zh)
+    assert not by["too_few_words"].fails(chinese, "zh") and by["too_few_words"].fails(chinese, "en")
+    named = {r.name: r for r in build_rules({"too_few_words": {"default": 30, "zh": 100}}, {})}
+    assert named["too_few_words"].threshold("zh") == 100 and named["too_few_words"].threshold("code") is None
+
+
 def test_line_cleanup_removes_reprint_notices_navigation_and_references():
     text = "\n".join([
         "原标题：某地举行活动", "转载自某某网", "正文第一段，内容很好。", "首页 > 新闻", "正文第二段。",

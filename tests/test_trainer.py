@@ -104,11 +104,22 @@ def test_killed_and_restarted_the_run_continues_exactly(tmp_path):
 
     recipe, _ = _setup(tmp_path, "whole")
     whole = Trainer(recipe, max_steps=14).run()
-    recipe2, _ = _setup(tmp_path, "broken")
+    recipe2, lake2 = _setup(tmp_path, "broken")
     first = Trainer(recipe2, max_steps=12).run()  # checkpoints at 5 and 10; "killed" after step 12
     assert first == pytest.approx(whole[:12], rel=1e-6)
-    resumed = Trainer(recipe2, max_steps=14).run()  # resumes from step 10
+    # ...while saving step 12: what a kill mid-save leaves (the folder, part of a file, no COMPLETE marker)
+    checkpoints = Path(recipe2.lake) / "runs" / "tiny" / "checkpoints"
+    (checkpoints / "step-000000012").mkdir()
+    (checkpoints / "step-000000012" / "mp_rank_00_model_states.pt").write_bytes(b"PK\x03\x04 cut short")
+    assert (checkpoints / "step-000000010" / "COMPLETE").exists()
+    resumed = Trainer(recipe2, max_steps=14).run()  # resumes from step 10, the last complete save
     assert resumed == pytest.approx(whole[10:14], rel=1e-6, abs=1e-6)
+    # metrics.jsonl holds each step once: steps 11 and 12 of the first try gave way to the resumed ones
+    records = [json.loads(x) for x in (Path(recipe2.lake) / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 15))
+    assert [r["loss"] for r in records[10:]] == pytest.approx(resumed, rel=1e-6)
+    resumes = [e for e in _events(lake2) if e["event"] == "resumed"]
+    assert len(resumes) == 1 and resumes[0]["step"] == 10 and resumes[0]["detail"].startswith("step-")
 
 
 SPIKY = {"window": 10, "z": 3.0, "min_delta": 0.5, "patience": 2, "warmup_steps": 6, "max_rollbacks_per_chunk": 3}
@@ -332,3 +343,41 @@ def test_document_mask_makes_a_packed_document_see_only_itself():
     assert np.allclose(packed[0, inside_b].numpy(), alone[0].numpy(), atol=1e-5)
     assert not np.allclose(unmasked[0, inside_b].numpy(), alone[0].numpy(), atol=1e-3)  # without: a leaks in
     assert (target_cat[0, -4:] == -1).all() and float(packed[0, -4:].abs().sum()) == 0.0  # padding is ignored
+
+
+def test_a_second_daemon_on_the_same_run_is_refused_and_a_dead_ones_lock_is_no_obstacle(tmp_path):
+    from trainer.lease import RunBusyError, RunLock
+    from trainer.loop import Trainer
+
+    recipe, lake = _setup(tmp_path, chunks=1)
+    run_dir = Path(recipe.lake) / "runs" / "tiny"
+    held = RunLock(run_dir)
+    held.acquire()  # a daemon training the run (flock: a second open of the file conflicts, as another process's would)
+    with pytest.raises(RunBusyError, match=rf"run 'tiny' is being trained by pid {os.getpid()} on .*another trainer.run_name"):
+        Trainer(recipe, max_steps=2).run()
+    assert not lake.exists("trainer_events") or not _events(lake)  # it claimed nothing
+    held.release()
+    # a daemon that died holding it: the kernel dropped its lock with the process; the file alone blocks nothing
+    code = "import sys; from trainer.lease import RunLock; RunLock(sys.argv[1]).acquire(); import os; os._exit(9)"
+    died = subprocess.run([sys.executable, "-c", code, str(run_dir)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert died.returncode == 9 and "pid" in (run_dir / "LOCK").read_text()
+    assert len(Trainer(recipe, max_steps=2).run()) == 2
+
+
+def test_a_chunk_made_with_another_tokenizer_is_quarantined_with_the_reason_never_trained(tmp_path):
+    from jobs.synthetic_lake import add_chunk, make_lake
+    from lake.chunks import manifest
+    from trainer.loop import Trainer
+
+    recipe, lake = _setup(tmp_path, chunks=1)
+    _, tok, meta, docs = make_lake(str(tmp_path / "elsewhere"))  # the same texts, another lake's tokenizer version
+    retrained = {**meta, "version": "v2", "sha256": "0" * 64}
+    add_chunk(lake, "pretrain-000001", docs[:40], tok, retrained, seed=1)
+    trainer = Trainer(recipe, exit_when_idle=0.1)
+    trainer.run()
+    rows = {r["chunk_id"]: r for r in manifest(lake)}
+    assert rows["pretrain-000000"]["status"] == "consumed"
+    bad = rows["pretrain-000001"]
+    assert bad["status"] == "quarantined" and bad["reason"].startswith(f"tokenized with tokenizer v2:{'0' * 64}, but the run trains with v1:")
+    events = [e for e in _events(lake) if e["chunk_id"] == "pretrain-000001"]
+    assert [e["event"] for e in events] == ["claimed", "quarantine"]

@@ -80,10 +80,12 @@ def test_checkpointing_only_after_a_step_the_guard_passed_and_at_each_chunk_end(
 def test_starvation_counts_the_waits_into_the_metrics():
     starve, trainer = Starvation(), Recorder()
     starve.on_starved(trainer, 0.5)
-    starve.on_starved(trainer, 0.5)
+    starve.on_starved(trainer, 0.5)  # one wait, polled twice: one event
     step = _step(1, 3.0)
     starve.on_step_end(trainer, step)
-    assert step.metrics["starved_seconds"] == 1.0 and [e[1] for e in trainer.events_seen] == ["starved", "starved"]
+    assert step.metrics["starved_seconds"] == 1.0 and [e[1] for e in trainer.events_seen] == ["starved"]
+    starve.on_starved(trainer, 0.5)  # a new wait after a step
+    assert [e[1] for e in trainer.events_seen] == ["starved", "starved"] and starve.seconds == 1.5
     other = Starvation()
     other.load_state_dict(starve.state_dict())
     assert other.seconds == 1.0

@@ -18,7 +18,9 @@ your own goes before ``Metrics`` if what it adds to a step's metrics is to be lo
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from lake.sections import SpikeCfg, TrainerCfg
 from trainer.evaluation import holdout_documents, perplexity_by_source
@@ -97,18 +99,23 @@ class SpikeGuardCallback(Callback):
 
 
 class Starvation(Callback):
-    """Seconds spent waiting for a ready chunk: a ``starved`` event per wait, a running total in the metrics."""
+    """Seconds spent waiting for a ready chunk: one ``starved`` event when a wait begins (not one Delta
+    commit per poll), a running total in the metrics."""
 
     name = "starvation"
 
     def __init__(self):
         self.seconds = 0.0
+        self.waiting = False
 
     def on_starved(self, trainer, seconds: float) -> None:
-        trainer.events(trainer.state.step, "starved", None, f"waiting {seconds:g} s")
+        if not self.waiting:
+            trainer.events(trainer.state.step, "starved", None, f"no ready chunk: polling every {seconds:g} s")
+            self.waiting = True
         self.seconds += seconds
 
     def on_step_end(self, trainer, step: Step) -> None:
+        self.waiting = False
         step.metrics["starved_seconds"] = self.seconds
 
     def state_dict(self) -> dict:
@@ -153,7 +160,9 @@ class Metrics(Callback):
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(str(trainer.run_dir / "tensorboard"))
-        self.jsonl = open(trainer.run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        path = trainer.run_dir / "metrics.jsonl"
+        drop_steps_after(path, trainer.state.step)  # resumed: the steps after the checkpoint are trained again
+        self.jsonl = open(path, "a", encoding="utf-8")
 
     def on_step_end(self, trainer, step: Step) -> None:
         if trainer.rank != 0:
@@ -177,6 +186,27 @@ class Metrics(Callback):
         if self.jsonl is not None:
             self.jsonl.close()
             self.tb.close()
+
+
+def drop_steps_after(path: Path, step: int) -> int:
+    """Keep the records of ``metrics.jsonl`` up to ``step`` (the one a run resumed from), so that a resumed
+    run's file holds each step once; returns how many were dropped."""
+    if not path.exists():
+        return 0
+    def logged_step(line: str) -> int | None:
+        try:
+            return json.loads(line).get("step", 0)
+        except json.JSONDecodeError:  # the line a kill cut short
+            return None
+
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if line.endswith("\n") and (logged_step(line) or 0) <= step
+            and logged_step(line) is not None]
+    if len(kept) != len(lines):
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text("".join(kept), encoding="utf-8")
+        os.replace(partial, path)
+    return len(lines) - len(kept)
 
 
 class Checkpointing(Callback):

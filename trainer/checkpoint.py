@@ -28,30 +28,62 @@ def set_rng(state: dict) -> None:
 
 
 class Checkpoints:
+    """``step-*`` folders; one counts only once complete: every rank saved its part and rank 0 then wrote
+    ``COMPLETE`` into it (a folder a kill cut short has no marker and is never resumed from)."""
+
+    MARKER = "COMPLETE"
+
     def __init__(self, folder: Path, keep: int):
         self.folder, self.keep = Path(folder), keep
 
     def tags(self) -> list[str]:
+        """The complete checkpoints, oldest first."""
+        return [p.name for p in self._folders() if self._complete(p)]
+
+    def partial(self) -> list[str]:
+        return [p.name for p in self._folders() if not self._complete(p)]
+
+    def _folders(self) -> list[Path]:
         if not self.folder.is_dir():
             return []
-        return sorted(p.name for p in self.folder.iterdir() if p.is_dir() and p.name.startswith("step-"))
+        return sorted(p for p in self.folder.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+    def _complete(self, folder: Path) -> bool:
+        if (folder / self.MARKER).exists():
+            return True
+        latest = self.folder / "latest"  # DeepSpeed names the last save it finished (checkpoints before the marker)
+        return latest.exists() and latest.read_text().strip() == folder.name
 
     def save(self, engine, step: int, client: dict, prune: bool) -> str:
-        """Every rank saves its part; ``prune`` (rank 0) then removes all but the newest ``keep``."""
+        """Every rank saves its part; then rank 0 (``prune``) marks it complete and removes all but the
+        newest ``keep`` complete ones."""
+        import torch.distributed as dist
+
         tag = f"step-{step:09d}"
         engine.save_checkpoint(str(self.folder), tag=tag, client_state=client)
+        if dist.is_initialized():
+            dist.barrier()  # every rank's files are written before the marker says so
         if prune:
+            (self.folder / tag / self.MARKER).write_text(f"{tag}\n")
             for old in self.tags()[: -self.keep]:
                 shutil.rmtree(self.folder / old, ignore_errors=True)
         return tag
 
     def load_latest(self, engine) -> tuple[str, dict] | None:
-        """(tag, client state) of the newest checkpoint, loaded into the engine; None when there is none."""
+        """(tag, client state) of the newest complete checkpoint, loaded into the engine; None when there
+        is none. Partial folders (a kill during a save) are skipped, and removed by ``remove_partial``."""
         tags = self.tags()
         if not tags:
             return None
         _, client = engine.load_checkpoint(str(self.folder), tag=tags[-1])
         return tags[-1], client
+
+    def remove_partial(self) -> list[str]:
+        """Delete the folders of saves that never completed (rank 0, before training resumes)."""
+        gone = self.partial()
+        for tag in gone:
+            shutil.rmtree(self.folder / tag, ignore_errors=True)
+        return gone
 
 
 def export(recipe: Recipe, out: str, tag: str | None = None) -> str:

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lake.fs import end_process
+import torch.distributed as dist
+
+from lake.fs import check_lake_writable, end_process
 from lake.recipe import parse_with_recipe
 from trainer.checkpoint import export
 from trainer.loop import Trainer
@@ -21,7 +23,11 @@ from trainer.loop import Trainer
 
 def main(argv: list[str] | None = None) -> int:
     code = _train(argv)
-    return code if argv is not None else end_process(code)  # run as a program: see lake/fs.end_process
+    if argv is not None:
+        return code
+    if dist.is_initialized():  # every rank has finished its last collective: leave the group, then the process
+        dist.destroy_process_group()
+    return end_process(code)  # run as a program: see lake/fs.end_process
 
 
 def _train(argv: list[str] | None) -> int:
@@ -34,6 +40,7 @@ def _train(argv: list[str] | None) -> int:
     args, recipe = parse_with_recipe("tokenmill train", __doc__.split("\n\n")[0], argv, arguments)
     if recipe is None:
         return 2
+    check_lake_writable(recipe.lake)
     if args.export:
         print(f"exported to {export(recipe, args.export)}")
         return 0

@@ -21,9 +21,11 @@ def broadcast(value):
 
 
 class ChunkFeed:
-    def __init__(self, lake: Lake, stage: str, run_name: str, rank: int, world: int, events: store.Events):
+    def __init__(self, lake: Lake, stage: str, run_name: str, rank: int, world: int, events: store.Events,
+                 tokenizer: str | None = None):
+        """``tokenizer``: the run's (``lake.chunks.tokenizer_id``); a chunk made with another is refused."""
         require_safe_commits(lake.root)  # claims race feed's commits on `chunks`: S3 needs conditional puts
-        self.lake, self.stage, self.run_name = lake, stage, run_name
+        self.lake, self.stage, self.run_name, self.tokenizer = lake, stage, run_name, tokenizer
         self.rank, self.world, self.events = rank, world, events
 
     def next_chunk(self, step: int) -> dict | None:
@@ -37,7 +39,8 @@ class ChunkFeed:
                 if row is not None:
                     self.events(step, "claimed", row["chunk_id"], f"{row['n_tokens']:,} tokens")
             if row is not None:
-                problem = store.verify(self.lake.root, row)
+                problem = (store.tokenizer_mismatch(row, self.tokenizer) if self.tokenizer else None) or \
+                    store.verify(self.lake.root, row)
                 if problem:
                     store.quarantine(self.lake, row, problem, job="trainer")
                     self.events(step, "quarantine", row["chunk_id"], problem)

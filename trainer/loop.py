@@ -32,6 +32,7 @@ from trainer.callbacks import Callback, Step, default_callbacks
 from trainer.checkpoint import Checkpoints, rng_state, set_rng
 from trainer.data import ChunkFeed, broadcast
 from trainer.engine import build, init_distributed, stage_settings
+from trainer.lease import RunLock
 from trainer.schedule import model_flops_per_token
 from trainer.step import StepResult, train_step
 
@@ -64,10 +65,17 @@ class Trainer:
         self.state = State()
         self.categories: list[str] = list(recipe.feed.current.mix)
         self.batch_rows = self.cfg.micro_batch  # rows of the next step (the batch ramp sets it)
+        self.lock = RunLock(self.run_dir)
         self.losses: list[float] = []  # every step's loss, for callers (tests, the demo)
         self.step_ends: list[float] = []  # perf_counter at the end of every step (bench/trainer)
 
     def run(self) -> list[float]:
+        try:
+            return self._run()
+        finally:
+            self.lock.release()
+
+    def _run(self) -> list[float]:
         self.setup()
         self._fire("on_run_start")
         idle_since = None
@@ -95,6 +103,8 @@ class Trainer:
     # -- set up and resume ---------------------------------------------------------------------------
     def setup(self) -> None:
         self.rank, self.world = init_distributed()
+        if self.rank == 0:
+            self.lock.acquire()  # before anything is built, claimed or restored: one process per run
         torch.manual_seed(self.cfg.seed)
         random.seed(self.cfg.seed)
         np.random.seed(self.cfg.seed)
@@ -102,11 +112,11 @@ class Trainer:
         built = build(self.cfg, self.stage, self.meta["model_vocab_size"], self.world)
         self.engine, self.scheduler, self.n_params = built.engine, built.scheduler, built.n_params
         self.events = store.Events(self.lake, self.cfg.run_name, enabled=self.rank == 0)
-        self.feed = ChunkFeed(self.lake, self.stage, self.cfg.run_name, self.rank, self.world, self.events)
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.feed = ChunkFeed(self.lake, self.stage, self.cfg.run_name, self.rank, self.world, self.events,
+                              store.tokenizer_id(self.meta))
         restored = self._restore()
         if restored:
+            self.events(self.state.step, "resumed", self.state.chunk_id, f"{restored} (row {self.state.row})")
             self.log(f"[train] resumed {self.cfg.run_name} from checkpoint {restored} (step {self.state.step}, "
                      f"{self.state.tokens:,} tokens, chunk {self.state.chunk_id} row {self.state.row})")
         if self.state.stage != self.stage:  # a new stage starts here (or the run does)
@@ -119,7 +129,13 @@ class Trainer:
 
     def _restore(self) -> str | None:
         """The latest checkpoint into engine, loop state and callbacks; its tag, or None without one."""
+        partial = self.checkpoints.partial()
         latest = self.checkpoints.load_latest(self.engine)
+        if partial:
+            self.log(f"[train] skipped checkpoint(s) {', '.join(partial)} in {self.checkpoints.folder}: their save "
+                     f"never completed (the process was stopped while saving)")
+            if self.rank == 0:
+                self.checkpoints.remove_partial()
         if latest is None:
             return None
         tag, client = latest

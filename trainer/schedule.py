@@ -1,5 +1,5 @@
 """Learning-rate schedules, the batch-size ramp and the loss-spike guard: plain functions and
-small classes, with no torch or DeepSpeed in sight (tests/test_trainer_logic.py)."""
+small classes, with no torch or DeepSpeed in sight (unit-tested in tests/test_trainer.py)."""
 
 from __future__ import annotations
 
