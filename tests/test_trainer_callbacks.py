@@ -88,7 +88,7 @@ def test_starvation_counts_the_waits_into_the_metrics():
     assert [e[1] for e in trainer.events_seen] == ["starved", "starved"] and starve.seconds == 1.5
     other = Starvation()
     other.load_state_dict(starve.state_dict())
-    assert other.seconds == 1.0
+    assert other.seconds == 1.5
 
 
 def test_the_default_callbacks_run_the_guard_before_checkpointing_and_metrics():
