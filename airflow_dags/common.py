@@ -19,6 +19,26 @@ def variable(name: str, default: str) -> str:
     return Variable.get(name, default=default)
 
 
+def package_folder() -> str:
+    """The ``tokenmill_package`` Variable: a folder ``tokenmill package --out`` wrote, for Airflow
+    workers that have no checkout (the DAGs then submit its entry scripts, with its archive as the
+    default ``--py-files``); empty for this checkout."""
+    return variable("tokenmill_package", "")
+
+
+def entry_script(stage) -> str:
+    """The spark-submit application of a declared stage: ``jobs/<module>.py`` in the package folder,
+    else in this checkout."""
+    return str(Path(package_folder() or PROJECT) / "jobs" / f"{stage.module}.py")
+
+
+def py_files_default() -> str:
+    """The ``py_files`` param's default: the ``tokenmill_py_files`` Variable, else the package
+    folder's ``tokenmill.zip``, else none (tokenmill installed in the Spark Python)."""
+    folder = package_folder()
+    return variable("tokenmill_py_files", str(Path(folder) / "tokenmill.zip") if folder else "")
+
+
 def submit_settings() -> dict:
     """The SparkSubmitOperator arguments every tokenmill task shares, from the Variables:
     ``tokenmill_spark_conn`` (default ``spark_default``), ``tokenmill_py_files`` (the ``--py-files``

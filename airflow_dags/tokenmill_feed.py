@@ -7,7 +7,8 @@ Each step runs the same entry point a user runs by hand: ``jobs/feed.py --until-
 ``lake.chunks.backlog_below``.
 Params (defaults from Airflow Variables): ``recipe`` (``tokenmill_recipe``), ``backlog``
 (``tokenmill_backlog``, default 4), ``retrain_tokenizer`` (false), ``py_files``
-(``tokenmill_py_files``); the Spark connection and jars as ``airflow_dags.common.submit_settings``
+(``tokenmill_py_files``; the entry scripts and archive of a ``tokenmill_package`` folder as in
+``tokenmill_refine``); the Spark connection and jars as ``airflow_dags.common.submit_settings``
 says. Scheduled every 10 minutes; one run at a time, since one feed per lake.
 """
 
@@ -19,7 +20,7 @@ from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOpe
 from airflow.providers.standard.operators.python import ShortCircuitOperator
 from airflow.sdk import DAG, Param
 
-from airflow_dags.common import PROJECT, report_failure, submit_settings, variable
+from airflow_dags.common import PROJECT, entry_script, py_files_default, report_failure, submit_settings, variable
 from jobs.stages import stage
 
 
@@ -43,7 +44,7 @@ with DAG(
         "recipe": Param(variable("tokenmill_recipe", str(PROJECT / "configs" / "demo.yaml")), type="string"),
         "backlog": Param(int(variable("tokenmill_backlog", "4")), type="integer", minimum=1),
         "retrain_tokenizer": Param(False, type="boolean"),
-        "py_files": Param(variable("tokenmill_py_files", ""), type="string"),
+        "py_files": Param(py_files_default(), type="string"),
     },
     default_args={"retries": 2, "retry_delay": timedelta(minutes=2), "on_failure_callback": report_failure},
     tags=["tokenmill"],
@@ -58,11 +59,11 @@ with DAG(
         op_kwargs={"retrain": "{{ params.retrain_tokenizer }}"}, ignore_downstream_trigger_rules=False,
     )
     tokenizer = SparkSubmitOperator(
-        task_id="tokenizer", application=str(PROJECT / "jobs" / f"{stage('tokenizer').module}.py"),
+        task_id="tokenizer", application=entry_script(stage("tokenizer")),
         application_args=["--recipe", "{{ params.recipe }}"], name="tokenmill-tokenizer", **submit,
     )
     feed = SparkSubmitOperator(
-        task_id="feed", application=str(PROJECT / "jobs" / f"{stage('feed').module}.py"),
+        task_id="feed", application=entry_script(stage("feed")),
         application_args=["--recipe", "{{ params.recipe }}", "--until-ready", "{{ params.backlog }}"],
         name="tokenmill-feed", trigger_rule="none_failed", **submit,
     )

@@ -43,6 +43,7 @@ from pyspark.sql.types import LongType, StructField, StructType
 from jobs.dedup_batches import SIGNATURE_DDL, line_keys, lsh_shape, sign_batch, similarity_batch, strip_batch
 from jobs.docstage import spread
 from jobs.stages import DedupOptions, stage_main
+from lake.atomic import all_or_nothing
 from lake.recipe import Recipe
 from lake.sections import LineDedup
 from lake.tables import Lake
@@ -326,23 +327,24 @@ def write_tables(lake: Lake, kept, rejected, clusters, old_kept) -> int:
     """Write documents_rejected, dedup_clusters, then documents_dedup; returns documents_dedup's version.
 
     Two tables cannot change in one Delta commit; the audit trail goes first so that documents_dedup
-    never exists without it. A full run replaces all three (of documents_rejected, this stage's rows).
+    never exists without it, and the three are all or nothing (``lake.atomic``). A full run replaces all three (of documents_rejected, this stage's rows).
     An incremental run appends the new rejections and the rows of documents not clustered before, and
     rewrites documents_dedup as the old kept documents plus the new: an old one that now heads a
     cluster gets its cluster id.
     """
     cluster_rows = clusters.select(*table("dedup_clusters").columns)
-    if old_kept is None:
-        lake.write("documents_rejected", rejected, mode="overwrite", replace_where={"stage": STAGE}, job=STAGE)
-        lake.write("dedup_clusters", cluster_rows, mode="overwrite", job=STAGE)
-        return lake.write("documents_dedup", kept, mode="overwrite", job=STAGE)
-    old = old_kept.join(_cluster_heads(clusters), "doc_id", "left") \
-        .withColumn("cluster_id", F.coalesce("_cluster", "cluster_id")).select(*table("documents_dedup").columns)
-    if lake.exists("dedup_clusters"):
-        cluster_rows = cluster_rows.join(lake.read("dedup_clusters").select("doc_id"), "doc_id", "left_anti")
-    lake.write("documents_rejected", rejected, mode="append", job=STAGE)
-    lake.write("dedup_clusters", cluster_rows, mode="append", job=STAGE)
-    return lake.write("documents_dedup", old.unionByName(kept), mode="overwrite", job=STAGE)
+    with all_or_nothing(lake, STAGE, ("documents_rejected", "dedup_clusters", "documents_dedup")):
+        if old_kept is None:
+            lake.write("documents_rejected", rejected, mode="overwrite", replace_where={"stage": STAGE}, job=STAGE)
+            lake.write("dedup_clusters", cluster_rows, mode="overwrite", job=STAGE)
+            return lake.write("documents_dedup", kept, mode="overwrite", job=STAGE)
+        old = old_kept.join(_cluster_heads(clusters), "doc_id", "left") \
+            .withColumn("cluster_id", F.coalesce("_cluster", "cluster_id")).select(*table("documents_dedup").columns)
+        if lake.exists("dedup_clusters"):
+            cluster_rows = cluster_rows.join(lake.read("dedup_clusters").select("doc_id"), "doc_id", "left_anti")
+        lake.write("documents_rejected", rejected, mode="append", job=STAGE)
+        lake.write("dedup_clusters", cluster_rows, mode="append", job=STAGE)
+        return lake.write("documents_dedup", old.unionByName(kept), mode="overwrite", job=STAGE)
 
 
 def _report(recipe: Recipe, documents, clusters, kept, incremental: bool, version: int) -> DedupReport:

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
+from lake.atomic import all_or_nothing
 from lake.tables import Lake
 from schemas import table
 
@@ -95,10 +96,8 @@ def kept_and_rejected(processed, stage: str, target: str):
 
 
 def commit_stage(lake: Lake, stage: str, target: str, kept, rejected) -> int:
-    """Write the stage's rejections (replacing its previous ones), then its output table.
-
-    Two tables cannot change in one Delta commit; rejections go first so that a stage's output
-    never exists without its audit trail. A rerun replaces both.
-    """
-    lake.write("documents_rejected", rejected, mode="overwrite", replace_where={"stage": stage}, job=stage)
-    return lake.write(target, kept, mode="overwrite", job=stage)
+    """Write the stage's rejections (replacing its previous ones), then its output table, all or
+    nothing (``lake.atomic``: a kill between the two commits is undone by the next run)."""
+    with all_or_nothing(lake, stage, ("documents_rejected", target)):
+        lake.write("documents_rejected", rejected, mode="overwrite", replace_where={"stage": stage}, job=stage)
+        return lake.write(target, kept, mode="overwrite", job=stage)

@@ -9,7 +9,8 @@ One chunk, in the phases ``produce_chunk`` calls in order:
    ``select_documents``: documents weighted by quality × ``decay ** times_used`` and drawn without
    replacement by Efraimidis-Spirakis keys, seeded per chunk;
 3. ``tokenise`` in the executors (``jobs/feed_executors.py``; the tokenizer shipped once per executor
-   process), each document followed by EOS; ``place``: every category filled to its budget exactly
+   process), each document followed by EOS, chosen again with a wider margin where the estimate fell
+   short of a budget (``tokenise_enough``); ``place``: every category filled to its budget exactly
    (the crossing document is cut, its full length kept in its span);
 4. ordered by the curriculum, packed into rows of ``seq_len + 1`` tokens with their spans, and
    written by the executors as ``<lake>/chunks/<chunk_id>/part-NNNNN.parquet`` (zstd), each file's
@@ -48,8 +49,8 @@ from jobs.packing import Plan, curriculum_rank, plan_budgets
 from jobs.stages import FeedOptions, StageError, stage_main
 from lake import chunks
 from lake.artifacts import load_tokenizer
-from lake.fs import make_dirs, write_parquet
-from lake.holdout import without_holdout
+from lake.fs import make_dirs, remove_dir, write_parquet
+from lake.holdout import freeze
 from lake.recipe import Recipe
 from lake.tables import Lake
 
@@ -109,8 +110,14 @@ def produce_chunk(spark, recipe: Recipe, lake: Lake, tokenizer=None, meta: dict 
     docs, source = eligible_documents(lake, recipe, meta, chunk.mix)
     plan = plan_chunk(docs, recipe, chunk.mix)
     planned = time.perf_counter()
-    chosen = select_documents(sampling_keys(docs, plan, recipe, chunk.chunk_id), plan.budgets)
-    tokenized, tok_json = tokenise(spark, chosen, tokenizer, meta)
+    try:
+        tokenized, tok_json = tokenise_enough(spark, sampling_keys(docs, plan, recipe, chunk.chunk_id), plan,
+                                              tokenizer, meta, source)
+    except FeedError:
+        _release(docs)
+        remove_dir(chunk.directory)
+        chunks.delete(lake, chunk.chunk_id, job=f"feed-cleanup:{chunk.chunk_id}")
+        raise
     offsets, total = place(tokenized, plan.budgets, feed.seed, chunk.chunk_id)
     if total == 0:
         _release(docs, tokenized, offsets)
@@ -153,12 +160,16 @@ def eligible_documents(lake: Lake, recipe: Recipe, meta: dict, mix: dict[str, fl
     """(the documents this stage may draw from, the table they come from); persisted.
 
     The kept documents of the mix's categories (and of at least ``min_quality``), without the
-    trainer's held-out set, with their quality (0.5 when unscored), bytes, characters, ``times_used``
+    trainer's held-out set (``lake.holdout.freeze``: extended first where a source grew), with their quality (0.5 when unscored), bytes, characters, ``times_used``
     from ``usage`` and ``est``, their tokens estimated from the tokenizer's bytes per token.
     """
     stage_cfg = recipe.feed.current
     source = lake.kept_documents()
-    docs = without_holdout(lake.read(source), recipe.trainer.eval_docs)  # the trainer's perplexity set
+    docs = lake.read(source)
+    held = freeze(lake, docs, recipe.trainer.eval_docs)  # the trainer's perplexity set: never in a chunk
+    if held:
+        docs = docs.join(F.broadcast(docs.sparkSession.createDataFrame([(i,) for i in sorted(held)], "doc_id string")),
+                         "doc_id", "left_anti")
     docs = docs.where(F.col("category").isin(list(mix)))
     if stage_cfg.min_quality is not None:
         docs = docs.where(F.col("quality") >= stage_cfg.min_quality)
@@ -237,6 +248,36 @@ def tokenise(spark, chosen, tokenizer, meta: dict):
     eos_id, vocab = meta["eos_id"], meta["vocab_size"]
     tokenized = chosen.mapInArrow(lambda bs: tokenize_batches(bs, tok_json.value, sha, eos_id, vocab), TOKENIZED)
     return tokenized.persist(), tok_json
+
+
+def tokenise_enough(spark, keyed, plan: Plan, tokenizer, meta: dict, source: str, rounds: int = 4):
+    """``select_documents`` then ``tokenise``, until every category has at least its budget in real
+    tokens. The selection goes by estimated tokens (bytes ÷ the tokenizer's bytes per token): where
+    that overestimates a category, it chooses more of it and tokenises again. A category whose
+    documents run out below its budget is an error naming it (the plan believed the estimate)."""
+    scale = {c: 1.0 for c in plan.budgets}
+    eligible = {r["category"]: r["count"] for r in keyed.groupBy("category").count().collect()}
+    for attempt in range(rounds):
+        chosen = select_documents(keyed, {c: math.ceil(b * scale[c]) for c, b in plan.budgets.items()})
+        tokenized, tok_json = tokenise(spark, chosen, tokenizer, meta)
+        got = {r["category"]: (int(r["t"]), r["n"]) for r in
+               tokenized.groupBy("category").agg(F.sum("n_tokens").alias("t"), F.count("*").alias("n")).collect()}
+        short = {c: got.get(c, (0, 0)) for c, b in plan.budgets.items() if b > 0 and got.get(c, (0, 0))[0] < b}
+        if not short:
+            return tokenized, tok_json
+        _release(tokenized)
+        tok_json.unpersist()
+        dry = [c for c, (_, n) in short.items() if n >= eligible.get(c, 0)]
+        if dry or attempt == rounds - 1:
+            c = (dry or list(short))[0]
+            raise FeedError(
+                f"category {c!r}: its documents in {source} hold {short[c][0]:,} tokens, below its budget of "
+                f"{plan.budgets[c]:,} in this chunk (the plan estimated them from {meta.get('compression', {}).get(c, {}).get('bytes_per_token') or 3.0:g} "
+                f"bytes per token). Retrain the tokenizer on today's documents (its compression figures are the "
+                f"estimate), lower feed.chunk_tokens, or set feed.when_dry: repeat")
+        for c, (have, _) in short.items():  # choose more of each short category, by how far off it was
+            scale[c] *= max(1.25, 1.1 * plan.budgets[c] / max(have, 1))
+    raise AssertionError("unreachable")
 
 
 def place(tokenized, budgets: dict[str, int], seed: int, chunk_id: str):

@@ -74,6 +74,12 @@ class Stage:
     check: str | None = None  # a function of the module that checks the recipe before any Spark work
 
     def run(self, spark, recipe: Recipe, options=None):
+        """A refinery stage first repairs what a stage killed between its commits left (``lake.atomic``)."""
+        if self.refine:
+            from lake.atomic import repair
+            from lake.tables import Lake
+
+            repair(Lake(recipe.lake))
         return self._module().run(spark, recipe, options if options is not None else self.options())
 
     def check_recipe(self, recipe: Recipe) -> None:
@@ -102,7 +108,7 @@ STAGES: tuple[Stage, ...] = (
           "exact, then MinHash-LSH near-dedup with thresholds per category", DedupOptions, refine=True),
     Stage("tokenizer", "train_tokenizer", ("documents_dedup",), ("models/tokenizer",),
           "a new byte-level BPE tokenizer version from a mix-weighted sample"),
-    Stage("feed", "feed", ("documents_dedup", "usage"), ("chunks", "usage", "chunks/<chunk_id>/"),
+    Stage("feed", "feed", ("documents_dedup", "usage", "holdout"), ("chunks", "usage", "holdout", "chunks/<chunk_id>/"),
           "mixed, curriculum-ordered, packed token chunks for the trainer", FeedOptions),
 )
 

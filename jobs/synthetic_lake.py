@@ -35,6 +35,8 @@ def text_of(rng: random.Random, kind: str) -> str:
 
 
 def make_lake(root: str, n_docs: int = 120, seed: int = 0) -> tuple[Lake, object, dict, list[dict]]:
+    """A lake with ``documents_dedup``, a tokenizer trained on it and a held-out tenth of each source;
+    returns (lake, tokenizer, its metadata, the documents that are not held out: those for chunks)."""
     rng = random.Random(seed)
     lake = Lake(root)
     now = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -55,7 +57,21 @@ def make_lake(root: str, n_docs: int = 120, seed: int = 0) -> tuple[Lake, object
                               model_vocab_size=round_up(vocab + 64), eos_id=tok.token_to_id(EOS),
                               pad_id=tok.token_to_id(PAD), compression={},
                               sha256=tokenizer_hash((folder / "tokenizer.json").read_bytes()))
-    return lake, tok, meta, docs
+    held = _hold_out(lake, docs, now)
+    return lake, tok, meta, [d for d in docs if d["doc_id"] not in held]
+
+
+def _hold_out(lake: Lake, docs: list[dict], now: datetime) -> set[str]:
+    """A tenth of each source in the lake's ``holdout`` table, as feed would freeze it: the trainer
+    evaluates on them, and ``make_lake`` leaves them out of the documents it returns for chunks."""
+    by_source: dict[str, list[str]] = {}
+    for d in docs:
+        by_source.setdefault(d["source"], []).append(d["doc_id"])
+    rows = [{"doc_id": i, "source": src, "chosen_at": now}
+            for src, ids in by_source.items() for i in sorted(ids, key=lambda i: hashlib.sha256(i.encode()).hexdigest())
+            [: len(ids) // 10]]
+    lake.write_arrow("holdout", pa.Table.from_pylist(rows, schema=table("holdout").schema), mode="overwrite", job="test")
+    return {r["doc_id"] for r in rows}
 
 
 def add_chunk(lake: Lake, chunk_id: str, docs: list[dict], tok, meta: dict, seq_len: int = 32, stage: str = "pretrain",

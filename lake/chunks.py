@@ -170,6 +170,29 @@ def take_back_usage(lake: Lake, row: dict) -> bool:
     return True
 
 
+def usage_disagreements(lake: Lake) -> list[tuple[str, int, int]] | None:
+    """``(doc_id, times_used in usage, appearances in the live chunks)`` for every document where the
+    two differ; the live chunks are those ready, in training or consumed (a chunk cleaned up or
+    quarantined gave its usage back). Empty when they agree; None when it cannot be told (no usage
+    yet, or a live chunk without its saved increments)."""
+    if not (lake.exists("usage") and lake.exists("chunks")):
+        return None
+    expected: dict[str, int] = {}
+    for row in manifest(lake):
+        if row["status"] not in (READY, TRAINING, CONSUMED):
+            continue
+        saved = usage_increments_path(lake.root, row["chunk_id"])
+        if not exists(saved):
+            return None
+        increments = read_parquet(saved)
+        for doc, n in zip(increments.column("doc_id").to_pylist(), increments.column("times_used").to_pylist()):
+            expected[doc] = expected.get(doc, 0) + n
+    used = lake.read_arrow("usage", columns=["doc_id", "times_used"])
+    recorded = dict(zip(used.column("doc_id").to_pylist(), used.column("times_used").to_pylist()))
+    return sorted((d, recorded.get(d) or 0, expected.get(d, 0)) for d in recorded.keys() | expected.keys()
+                  if (recorded.get(d) or 0) != expected.get(d, 0))
+
+
 # -- the reader's side (trainer) ---------------------------------------------------------------------------
 
 

@@ -137,6 +137,15 @@ def remove_dir(uri: str) -> None:
         pass
 
 
+def remove_file(uri: str) -> None:
+    """Delete a file; nothing happens when it is not there."""
+    fs, path = filesystem(uri)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     with fs.open_input_stream(path) as f:

@@ -113,6 +113,7 @@ class Score(_Section):
     backbone: str | None = Field(default=None, description="local encoder folder; default: the packaged MiniLM")
     max_tokens: int = Field(default=256, gt=0)
     batch_size: int = Field(default=32, gt=0)
+    gpu_batch_size: int = Field(default=256, gt=0, description="documents per encoder batch on a GPU")
     quantize: bool = Field(default=False, description="dynamic int8 quantisation of the encoder for CPU")
     lang_categories: dict[str, str] = Field(default_factory=lambda: {"zh": "zh", "en": "en", "code": "code"})
     domain_categories: dict[str, str] = Field(default_factory=lambda: {"code": "code"}, description="wins over lang")

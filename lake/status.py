@@ -26,6 +26,11 @@ def print_status(lake_root: str) -> None:
         )
     if missing:
         print(f"  not written yet: {', '.join(missing)}")
+    from lake.atomic import interrupted
+
+    for marker in interrupted(lake):
+        print(f"  WARNING: {marker['stage']} died between its commits (started {marker['started_at']}); the next "
+              f"stage run puts {', '.join(marker['before'])} back to their versions before it")
     if lake.exists("documents_rejected"):
         rejected = lake.read_arrow("documents_rejected", columns=["stage", "reason"])
         if rejected.num_rows:
@@ -46,6 +51,7 @@ def print_status(lake_root: str) -> None:
         if used:
             print(f"usage: {len(used):,} documents in chunks, {sum(used) / len(used):.2f} times each on average, "
                   f"at most {max(used)}")
+        _print_usage_check(lake)
     if lake.exists("trainer_events"):
         events = sorted(lake.read_arrow("trainer_events").to_pylist(), key=lambda r: r["at"])[-5:]
         if events:
@@ -53,3 +59,21 @@ def print_status(lake_root: str) -> None:
             for e in events:
                 print(f"  {e['at']:%Y-%m-%d %H:%M:%S} run {e['run_id']} step {e['step']:>6} {e['event']:<12} "
                       f"{e['chunk_id'] or ''} {e['detail'] or ''}")
+
+
+def _print_usage_check(lake: Lake) -> None:
+    """Whether ``usage`` matches what the live chunks hold (feed counts a chunk's documents when it
+    writes it, and takes them back when the chunk is cleaned up or quarantined)."""
+    from lake.chunks import usage_disagreements
+
+    wrong = usage_disagreements(lake)
+    if wrong is None:
+        return
+    if not wrong:
+        print("  usage agrees with the ready, training and consumed chunks")
+        return
+    shown = ", ".join(f"{d} (usage {u}, chunks {c})" for d, u, c in wrong[:5])
+    print(f"  WARNING: usage disagrees with the chunks for {len(wrong):,} document(s): {shown}"
+          f"{' …' if len(wrong) > 5 else ''}. Sampling fades these documents by the wrong count. A feed "
+          f"that died between its commits leaves this: run `tokenmill feed` (it cleans up interrupted "
+          f"chunks); if it stays, the usage table was changed by hand or by another feed at the same time.")

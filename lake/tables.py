@@ -218,6 +218,20 @@ class Lake:
             raise ConflictError(f"table {name!r}: a concurrent merge won; retry the merge ({err})") from None
         return self.delta(name).version()
 
+    def restore(self, name: str, version: int | None, job: str) -> int:
+        """Put a table back to ``version`` in a new commit (None: to no rows, as before it existed);
+        the files of that version are still there (vacuum removes only what no commit names)."""
+        require_safe_commits(self.root)
+        props = commit_properties(job, 0, strict=True)
+        try:
+            if version is None:
+                self.delta(name).delete(commit_properties=props)
+            else:
+                self.delta(name).restore(version, commit_properties=props)
+        except CommitFailedError as err:
+            raise ConflictError(f"table {name!r}: a concurrent commit won; nothing was restored ({err})") from None
+        return self.delta(name).version()
+
     def ensure(self, name: str) -> None:
         """Create the table, empty, if it does not exist yet."""
         require_safe_commits(self.root)

@@ -182,7 +182,8 @@ class LoadedModels:
             cfg = recipe.score
             backbone = meta["backbone"]
             if self._encoder is None:
-                self._encoder = Encoder(backbone, meta.get("max_tokens") or cfg.max_tokens, quantize=cfg.quantize)
+                self._encoder = Encoder(backbone, meta.get("max_tokens") or cfg.max_tokens, quantize=cfg.quantize,
+                                        gpu_batch_size=cfg.gpu_batch_size)
             elif self._encoder.backbone != backbone:
                 raise ModelError(f"{folder}: BERT models must share one backbone ({self._encoder.backbone} vs {backbone})")
             model = BertClassifier(self._encoder, LinearHead.load(folder, meta["labels"]), cfg.batch_size)

@@ -122,6 +122,16 @@ TABLES: dict[str, Table] = {
             "how often a document went into chunks",
         ),
         Table(
+            "holdout",
+            _schema(
+                ("doc_id", pa.string(), False),
+                ("source", pa.string(), False),
+                ("chosen_at", _TS, False),
+            ),
+            ("doc_id",),
+            "the trainer's held-out documents: chosen once, never put in a chunk",
+        ),
+        Table(
             "trainer_events",
             _schema(
                 ("run_id", pa.string(), False),
@@ -132,7 +142,7 @@ TABLES: dict[str, Table] = {
                 ("at", _TS, False),
             ),
             ("run_id", "step", "event"),
-            "claimed / consumed / checkpoint / resumed / spike / rollback / quarantine",
+            "claimed / consumed / checkpoint / resumed / stopped / spike / rollback / quarantine",
         ),
     ]
 }

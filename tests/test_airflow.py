@@ -87,50 +87,22 @@ def test_feed_dag_checks_the_backlog_then_feeds(dagbag, tmp_path):
     assert tasks["backlog_low"].python_callable(str(recipe_file), "2") is True
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(1800)
-def test_airflow_dags_test_runs_the_refinery_on_the_standalone_cluster(spark, standalone_cluster, tmp_path):
-    """`airflow dags test tokenmill_refine` on the demo recipe, its Spark connection the standalone
-    master, the Delta jars from the ``tokenmill_jars`` Variable, SQLite as Airflow's database."""
-    import json
-    import subprocess
-    import sys
+def test_a_package_folder_gives_the_entry_scripts_and_the_archive(monkeypatch, tmp_path):
+    """Workers without the checkout: ``tokenmill_package`` names a ``tokenmill package`` folder.
+    (``airflow dags test tokenmill_refine`` from such a folder to the standalone master runs in
+    tests/test_cluster.py.)"""
+    from airflow_dags.common import entry_script, py_files_default
+    from jobs.package import build
+    from jobs.stages import REFINE
 
-    from jobs import filter_rules, ingest, scrub_pii
-    from jobs.demo_corpus import demo_recipe_in
-    from lake.jars import delta_jars
-    from lake.tables import Lake
-    from lake.recipe import load_recipe
-
-    recipe_file = demo_recipe_in(tmp_path, {"zh_news": 60, "zh_reviews": 30, "en_docs": 60, "code": 30})  # small: CI time
-    recipe = load_recipe(recipe_file)
-    for stage in (ingest, filter_rules, scrub_pii):  # the classifiers learn from what these keep and reject
-        stage.run(spark, recipe)
-    bindir = os.path.dirname(sys.executable)
-    for args in (["label"], ["train", "--task", "domain"], ["train", "--task", "quality"]):
-        subprocess.run([os.path.join(bindir, "tokenmill"), "models", *args, "--recipe", str(recipe_file)], check=True,
-                       capture_output=True)
-    host, port = standalone_cluster.url.rsplit(":", 1)
-    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path / "airflow"), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "airflow_dags"),
-           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
-           "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps({"conn_type": "spark", "host": host, "port": int(port)}),
-           "AIRFLOW_VAR_TOKENMILL_JARS": ",".join(str(j) for j in delta_jars()),
-           "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
-    env.pop("TOKENMILL_DELTA_MODE")  # the suite's bridge setting: the jobs choose native from the jars
-    before = {a["id"] for a in standalone_cluster.applications()}
-    airflow = os.path.join(bindir, "airflow")
-    subprocess.run([airflow, "db", "migrate"], check=True, capture_output=True, env=env, timeout=600)
-    proc = subprocess.run([airflow, "dags", "test", "tokenmill_refine", "-c", json.dumps({"recipe": str(recipe_file)})],
-                          capture_output=True, text=True, env=env, timeout=1800)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "state=success" in proc.stdout + proc.stderr
-    apps = [a for a in standalone_cluster.applications() if a["id"] not in before]
-    assert sorted(a["name"] for a in apps) == sorted(f"tokenmill-{s}" for s in ("ingest", "filter", "pii", "score", "dedup"))
-    assert all(a["state"] == "FINISHED" and standalone_cluster.executor_logs(a["id"]) for a in apps), apps
-    lake = Lake(recipe.lake)
-    for name in ("documents_scored", "documents_dedup", "dedup_clusters"):
-        assert lake.exists(name) and [v.job for v in lake.versions(name)][0] in ("score", "dedup")
-    assert lake.delta("documents_dedup").history()[0].get("userMetadata") == "dedup"  # written by the Delta jar
-    kept = lake.summary("documents_dedup").rows
-    dedup_rejected = sum(1 for r in lake.read_arrow("documents_rejected").to_pylist() if r["stage"] == "dedup")
-    assert kept + dedup_rejected == lake.summary("documents_scored").rows
+    monkeypatch.delenv("AIRFLOW_VAR_TOKENMILL_PY_FILES", raising=False)
+    monkeypatch.delenv("AIRFLOW_VAR_TOKENMILL_PACKAGE", raising=False)
+    assert entry_script(REFINE[0]) == str(ROOT / "jobs" / "ingest.py") and py_files_default() == ""
+    build(tmp_path / "pkg")
+    monkeypatch.setenv("AIRFLOW_VAR_TOKENMILL_PACKAGE", str(tmp_path / "pkg"))
+    for stage in REFINE:
+        assert entry_script(stage) == str(tmp_path / "pkg" / "jobs" / f"{stage.module}.py")
+        assert os.path.isfile(entry_script(stage))
+    assert py_files_default() == str(tmp_path / "pkg" / "tokenmill.zip")
+    monkeypatch.setenv("AIRFLOW_VAR_TOKENMILL_PY_FILES", "/srv/other.zip")  # an explicit archive wins
+    assert py_files_default() == "/srv/other.zip"

@@ -1,6 +1,8 @@
 """The refinery on a real Spark standalone cluster (a master and two workers on loopback), submitted
-the way a cluster user submits it: spark-submit in client mode from the ``tokenmill package``
-archive, in a folder outside the checkout, native Delta from the jars.
+the way cluster users submit it, from a ``tokenmill package`` folder outside the checkout, native
+Delta from the jars: the refine stages by ``airflow dags test tokenmill_refine`` (its Spark
+connection the standalone master, its entry scripts and archive the package folder's, SQLite as
+Airflow's database), then the tokenizer and feed by spark-submit in client mode by hand.
 
 The same corpus is also refined in this process in local mode on the delta-rs bridge, so every stage
 runs on both Delta paths (the jar on the cluster, the bridge here), and both lakes must hold the same
@@ -8,16 +10,21 @@ result. (Native Delta in local mode is tested table by table in tests/test_lake.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from jobs.demo_corpus import build_demo_corpus
-from jobs.stages import STAGES
+from jobs.stages import REFINE, STAGES
 from lake import chunks
 from lake.artifacts import load_tokenizer
+from lake.jars import delta_jars
 from lake.recipe import load_recipe
 from lake.tables import Lake
 
@@ -62,6 +69,25 @@ def refine_here(spark, recipe) -> None:
         s.run(spark, recipe)
 
 
+def airflow(cluster, package: Path, home: Path):
+    """``airflow <args>`` as a user with a ``tokenmill package`` folder and a standalone master runs it."""
+    bindir = os.path.dirname(sys.executable)
+    host, port = cluster.url.rsplit(":", 1)
+    env = {**os.environ, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "airflow_dags"),
+           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
+           "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps({"conn_type": "spark", "host": host, "port": int(port)}),
+           "AIRFLOW_VAR_TOKENMILL_JARS": ",".join(str(j) for j in delta_jars()),
+           "AIRFLOW_VAR_TOKENMILL_PACKAGE": str(package),
+           "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
+    for key in ("TOKENMILL_SPARK_MASTER", "TOKENMILL_DELTA_MODE"):  # the suite's own settings: the jobs choose
+        env.pop(key, None)                                          # native from the jars, the master from spark-submit
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([os.path.join(bindir, "airflow"), *args], capture_output=True, text=True, env=env,
+                              cwd=package, timeout=1800)
+    return run
+
+
 @pytest.fixture(scope="module")
 def runs(spark, standalone_cluster, tmp_path_factory):
     """The same corpus refined in local mode on the bridge, and on the cluster with the jar."""
@@ -77,18 +103,24 @@ def runs(spark, standalone_cluster, tmp_path_factory):
 
     outside = work / "elsewhere"  # the user's folder: the archive, the entry scripts, a recipe
     build(outside)
-    cluster_recipe = write_recipe(work, corpus, "cluster")
-    shutil.copy(cluster_recipe, outside / "recipe.yaml")
-    cluster = load_recipe(cluster_recipe)
+    shutil.copy(write_recipe(work, corpus, "cluster"), outside / "recipe.yaml")
+    cluster = load_recipe(outside / "recipe.yaml")
+    copy_models(local["bridge"], cluster)  # the same classifiers, in the cluster's lake, read there by lake URI
     before = {a["id"] for a in standalone_cluster.applications()}
     outputs = {}
+    run_airflow = airflow(standalone_cluster, outside, work / "airflow")
+    migrated = run_airflow("db", "migrate")
+    assert migrated.returncode == 0, migrated.stderr[-4000:]
+    dag = run_airflow("dags", "test", "tokenmill_refine", "-c", json.dumps({"recipe": str(outside / "recipe.yaml")}))
+    assert dag.returncode == 0 and "state=success" in dag.stdout + dag.stderr, dag.stdout[-4000:] + dag.stderr[-4000:]
+    for s in REFINE:
+        outputs[s.name] = dag.stdout + dag.stderr
     for s in STAGES:
-        if s.name == "score":  # the same classifiers, published into the cluster's lake, read by lake URI
-            copy_models(local["bridge"], cluster)
-        proc = standalone_cluster.submit(f"jobs/{s.module}.py", ["--recipe", "recipe.yaml"], cwd=outside,
-                                         py_files="tokenmill.zip")
-        assert proc.returncode == 0, f"{s.name}: {proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-        outputs[s.name] = proc.stdout
+        if s not in REFINE:
+            proc = standalone_cluster.submit(f"jobs/{s.module}.py", ["--recipe", "recipe.yaml"], cwd=outside,
+                                             py_files="tokenmill.zip")
+            assert proc.returncode == 0, f"{s.name}: {proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+            outputs[s.name] = proc.stdout
     apps = [a for a in standalone_cluster.applications() if a["id"] not in before]
     return local, cluster, outputs, apps
 
@@ -130,5 +162,8 @@ def test_the_cluster_wrote_through_delta_spark_and_the_bridge_through_delta_rs(r
     for name in ("documents_raw", "documents_dedup"):
         history = Lake(cluster.lake).delta(name).history()
         assert history[0]["operation"] == "WRITE" and history[0].get("userMetadata") in ("ingest", "dedup"), history[0]
+    lake = Lake(cluster.lake)
+    dedup_rejected = sum(1 for r in lake.read_arrow("documents_rejected").to_pylist() if r["stage"] == "dedup")
+    assert lake.summary("documents_dedup").rows + dedup_rejected == lake.summary("documents_scored").rows
     history = Lake(local["bridge"].lake).delta("documents_dedup").history()
     assert "userMetadata" not in history[0] and history[0]["tokenmill.job"] == "dedup", history[0]

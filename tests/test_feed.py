@@ -16,7 +16,7 @@ from jobs import feed, train_tokenizer
 from jobs.stages import FeedOptions
 from lake import chunks
 from lake.artifacts import load_tokenizer
-from lake.holdout import holdout_ids
+from lake.holdout import held_out
 from lake.tables import Lake
 from schemas import table
 from tests.conftest import make_recipe
@@ -249,9 +249,139 @@ def test_checksum_mismatch_or_missing_file_quarantines(spark, tmp_path):
 
 def test_the_trainers_held_out_documents_never_enter_a_chunk(fed):
     recipe, lake, _, _ = fed
-    docs = lake.read_arrow("documents_dedup", columns=["doc_id", "source"]).to_pylist()
-    held = holdout_ids(docs, recipe.trainer.eval_docs)
+    held = held_out(lake)
     assert len(held) == 9  # 10% of each 30-document source: the cap for small sources
     in_chunks = {s["doc_id"] for c in chunks.manifest(lake) for row in _chunk_rows(recipe.lake, c["chunk_id"])
                  for s in row["spans"]}
     assert in_chunks and not (held & in_chunks)
+
+
+def test_the_trainer_trains_on_the_chunks_feed_wrote_and_never_on_a_held_out_document(fed, tmp_path):
+    """Feed's own chunks (not synthetic ones) through the DeepSpeed trainer: every chunk consumed, a loss
+    per category of the mix, perplexity per source, and no held-out document in any row it trained on."""
+    import math
+    import shutil
+
+    from trainer.callbacks import Callback, default_callbacks
+    from trainer.loop import Trainer
+
+    recipe, lake, _, _ = fed
+    shutil.copytree(recipe.lake, tmp_path / "lake")  # a copy: the other tests read fed's chunks as ready
+    recipe = recipe.model_copy(update={"lake": str(tmp_path / "lake"), "trainer": recipe.trainer.model_copy(
+        update={"eval_every": 2, "checkpoint_every": 1000, "micro_batch": 4, "batch_ramp": [(0, 4)]})})
+    lake = Lake(recipe.lake)
+    spans = {c["chunk_id"]: [r["spans"] for r in _chunk_rows(recipe.lake, c["chunk_id"])] for c in chunks.manifest(lake)}
+
+    class Rows(Callback):
+        name = "rows"
+
+        def __init__(self):
+            self.docs, self.metrics = set(), []
+
+        def on_step_end(self, trainer, step):
+            self.docs |= {s["doc_id"] for r in step.rows for s in spans[step.chunk_id][r]}
+            self.metrics.append(step.metrics)
+
+    seen = Rows()
+    trainer = Trainer(recipe, exit_when_idle=0.1, callbacks=[*default_callbacks(recipe.trainer), seen])
+    losses = trainer.run()
+    assert [c["status"] for c in chunks.manifest(lake)] == ["consumed"] * 3
+    assert losses and all(math.isfinite(x) for x in losses)
+    assert set().union(*(m["loss_by_category"] for m in seen.metrics)) == {"zh", "en", "code"}
+    evaluated = [m["perplexity_by_source"] for m in seen.metrics if "perplexity_by_source" in m]
+    assert evaluated and set(evaluated[-1]) == {"zh", "en", "code"}
+    held = held_out(lake)
+    assert held and seen.docs and not (held & seen.docs)
+
+
+def test_status_flags_usage_that_disagrees_with_the_chunks(fed, tmp_path, capsys):
+    import shutil
+
+    from lake.status import print_status
+
+    recipe, _, _, _ = fed
+    shutil.copytree(recipe.lake, tmp_path / "lake")
+    lake = Lake(str(tmp_path / "lake"))
+    assert chunks.usage_disagreements(lake) == []
+    print_status(lake.root)
+    assert "usage agrees with the ready, training and consumed chunks" in capsys.readouterr().out
+    doc = next(r["doc_id"] for r in lake.read_arrow("usage").to_pylist() if r["times_used"])
+    before = next(r["times_used"] for r in lake.read_arrow("usage").to_pylist() if r["doc_id"] == doc)
+    lake.merge_counters("usage", pa.table({"doc_id": [doc], "times_used": [2], "last_chunk_id": pa.nulls(1, pa.string())}),
+                        key=["doc_id"], add=["times_used"], job="by hand")
+    assert chunks.usage_disagreements(lake) == [(doc, before + 2, before)]
+    print_status(lake.root)
+    out = capsys.readouterr().out
+    assert f"WARNING: usage disagrees with the chunks for 1 document(s): {doc} (usage {before + 2}, chunks {before})" in out
+    # a quarantined chunk gives its usage back: still in agreement
+    row = chunks.manifest(lake)[0]
+    lake.merge_counters("usage", pa.table({"doc_id": [doc], "times_used": [-2], "last_chunk_id": pa.nulls(1, pa.string())}),
+                        key=["doc_id"], add=["times_used"], job="by hand")
+    chunks.quarantine(lake, row, "test", job="test")
+    assert chunks.usage_disagreements(lake) == []
+
+
+def _lake_copy(spark, fed, tmp_path, **feed_overrides):
+    import shutil
+
+    recipe, _, _, _ = fed
+    shutil.copytree(recipe.lake, tmp_path / "lake")
+    copy = recipe.model_copy(update={"lake": str(tmp_path / "lake"),
+                                     "feed": recipe.feed.model_copy(update=feed_overrides)})
+    return copy, Lake(copy.lake, spark)
+
+
+def _misjudged(recipe, factor: float) -> tuple:
+    """The tokenizer, and its metadata with every category's bytes per token divided by ``factor``:
+    feed then estimates ``factor`` times the tokens a document really has."""
+    tok, meta = load_tokenizer(recipe)
+    compression = {c: {**v, "bytes_per_token": v["bytes_per_token"] / factor} for c, v in meta["compression"].items()}
+    return tok, {**meta, "compression": compression}
+
+
+def test_a_wrong_token_estimate_is_topped_up_to_each_categorys_budget_exactly(spark, tmp_path, fed):
+    recipe, lake = _lake_copy(spark, fed, tmp_path)
+    tok, wrong = _misjudged(recipe, 4.0)  # it believes each document is 4x longer: it would choose a quarter
+    report = feed.produce_chunk(spark, recipe, lake, tok, wrong)
+    assert report.mix == report.target and sum(report.target.values()) == recipe.feed.chunk_tokens
+    row = next(r for r in chunks.manifest(lake) if r["chunk_id"] == report.chunk_id)
+    assert dict(row["mix"]) == report.target and row["status"] == "ready"
+
+
+def test_a_category_that_runs_out_below_its_budget_fails_loudly_and_leaves_nothing(spark, tmp_path, fed):
+    recipe, lake = _lake_copy(spark, fed, tmp_path, chunk_tokens=200_000)
+    tok, wrong = _misjudged(recipe, 200.0)  # the plan believes there is plenty of every category
+    before = [r["chunk_id"] for r in chunks.manifest(lake)]
+    with pytest.raises(feed.FeedError, match=r"category '(zh|en|code)': its documents in documents_dedup hold "
+                                              r"[\d,]+ tokens, below its budget of [\d,]+ .*Retrain the tokenizer"):
+        feed.produce_chunk(spark, recipe, lake, tok, wrong)
+    assert [r["chunk_id"] for r in chunks.manifest(lake)] == before  # no writing row left behind
+
+
+def test_the_held_out_set_is_frozen_and_grows_only_with_documents_never_used(spark, tmp_path, fed):
+    """A source that grows gets more held-out documents, but never one a chunk already holds: the old
+    rule (the first by hash of today's table) would have turned trained-on documents into evaluation ones."""
+    recipe, lake = _lake_copy(spark, fed, tmp_path)
+    before = held_out(lake)
+    in_chunks = {s["doc_id"] for c in chunks.manifest(lake) for row in _chunk_rows(recipe.lake, c["chunk_id"])
+                 for s in row["spans"]}
+    grown = _docs(seed=1).to_pylist()  # 90 more documents, 30 per source
+    for r in grown:
+        r["doc_id"] = "new-" + r["doc_id"]
+    lake.write_arrow("documents_dedup", pa.Table.from_pylist(grown, schema=table("documents_dedup").schema),
+                     mode="append", job="test")
+    feed.run(spark, recipe)
+    after = held_out(lake)
+    assert before < after and len(after) == 18  # 10% of each 60-document source now
+    assert not ((after - before) & in_chunks)  # the additions were never trained on
+    everything = {s["doc_id"] for c in chunks.manifest(lake) for row in _chunk_rows(recipe.lake, c["chunk_id"])
+                  for s in row["spans"]}
+    assert not (after & everything)
+    # what the old rule would have chosen now includes documents that are in the earlier chunks
+    import hashlib
+    rows = lake.read_arrow("documents_dedup", columns=["doc_id", "source"]).to_pylist()
+    by_source = {}
+    for r in rows:
+        by_source.setdefault(r["source"], []).append(r["doc_id"])
+    recomputed = {i for ids in by_source.values() for i in sorted(ids, key=lambda i: (hashlib.sha256(i.encode()).hexdigest(), i))[:6]}
+    assert recomputed & in_chunks

@@ -198,3 +198,39 @@ def test_bert_heads_share_one_encoder_and_the_cascade_uses_them(spark, scored, t
     assert 0 < len(changed) and changed <= band
     assert all(0.0 <= q <= 1.0 for q in after.values())
     score.run(spark, recipe)  # back to fastText only, for the tests after this one
+
+
+def _devices() -> list[str]:
+    import torch
+
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_the_encoder_runs_where_it_is_placed_with_the_same_embeddings(device):
+    """On a GPU in bf16/fp16 with GPU batches, the embeddings stay those of fp32 on the CPU (cosine
+    above 0.99); this machine's devices only (CPU always, CUDA when there is one)."""
+    import numpy as np
+
+    from quality_models.bert_backend import Encoder, default_backbone
+
+    texts = ["The river council met on Tuesday about the school budget.", "def add(a, b):\n    return a + b",
+             "今天的天气很好，我们去公园散步。", "short"] * 3
+    reference = Encoder(default_backbone(), 64, device="cpu").embed(texts, batch_size=4)
+    placed = Encoder(default_backbone(), 64, device=device, gpu_batch_size=8)
+    assert str(next(placed.model.parameters()).device).startswith(device)
+    got = placed.embed(texts, batch_size=4)
+    assert got.dtype == np.float32 and got.shape == reference.shape
+    assert (np.sum(got * reference, axis=1) > 0.99).all()
+
+
+def test_in_a_spark_task_the_encoder_takes_only_the_gpu_spark_gave_it(spark):
+    """A task without a GPU resource runs the encoder on the CPU even where a GPU is visible; outside
+    Spark it takes cuda when there is one."""
+    import torch
+
+    from quality_models.bert_backend import encoder_device
+
+    in_task = spark.sparkContext.parallelize([0], 1).map(lambda _: encoder_device()).collect()
+    assert in_task == ["cpu"]  # the suite's Spark assigns no GPU to its tasks
+    assert encoder_device() == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -15,6 +15,7 @@ DESIGN_KEY_COLUMNS = {
     "dedup_clusters": ["doc_id", "cluster_id", "kept_doc_id", "similarity", "threshold", "category"],
     "chunks": ["chunk_id", "stage", "status", "n_tokens", "files", "sha256", "mix", "times_consumed"],
     "usage": ["doc_id", "times_used", "last_chunk_id"],
+    "holdout": ["doc_id", "source"],  # not in DESIGN's contract (read-only): the frozen evaluation set
     "trainer_events": ["run_id", "step", "chunk_id", "event", "detail"],
 }
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -57,15 +58,16 @@ def test_spike_guard_needs_persistence_and_catches_non_finite():
 # -- DeepSpeed on CPU ----------------------------------------------------------------------------------
 
 
-def _setup(tmp_path, name="lake", chunks=2, corrupt_second=False, **trainer):
-    """A lake with ``chunks`` ready chunks; ``corrupt_second``: True (all of it) or a range of its documents."""
+def _setup(tmp_path, name="lake", chunks=2, corrupt_second=False, corrupt_first=False, **trainer):
+    """A lake with ``chunks`` ready chunks; ``corrupt_second`` / ``corrupt_first``: True (all of that
+    chunk) or a range of its documents, whose tokens become random ids."""
     from jobs.synthetic_lake import add_chunk, make_lake
 
     lake, tok, meta, docs = make_lake(str(tmp_path / name))
     per = len(docs) // chunks
     for i in range(chunks):
         add_chunk(lake, f"pretrain-{i:06d}", docs[i * per : (i + 1) * per], tok, meta,
-                  corrupt=corrupt_second if i == 1 else False, seed=i)
+                  corrupt={0: corrupt_first, 1: corrupt_second}.get(i, False), seed=i)
     cfg = {"eval_docs": 5, "eval_every": 5, "checkpoint_every": 5, "micro_batch": 4, "batch_ramp": [[0, 4], [3000, 8]],
            "planned_tokens": 20000, "poll_seconds": 0.05, **trainer}
     recipe = make_recipe(tmp_path, [{"name": "t", "path": str(tmp_path / "x.jsonl")}], trainer=cfg)
@@ -87,8 +89,9 @@ def test_trains_on_the_chunks_with_metrics_per_category_and_source(tmp_path):
     assert all(r["times_consumed"] == 1 for r in manifest(lake))
     run = Path(recipe.lake) / "runs" / "tiny"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert set(records[-1]["loss_by_category"]) == {"zh", "en", "code"}
-    assert all(math.isfinite(v) for v in records[-1]["loss_by_category"].values())
+    assert set().union(*(r["loss_by_category"] for r in records)) == {"zh", "en", "code"}
+    assert sum(len(r["loss_by_category"]) == 3 for r in records) > len(records) / 2  # most steps mix all three
+    assert all(math.isfinite(v) for r in records for v in r["loss_by_category"].values())
     evals = [r["perplexity_by_source"] for r in records if "perplexity_by_source" in r]
     assert evals and set(evals[-1]) == {"src_zh", "src_en", "src_code"} and evals[-1]["src_en"] < evals[0]["src_en"]
     assert all(k in records[-1] for k in ("lr", "grad_norm", "tokens_per_s", "mfu", "starved_seconds"))
@@ -105,10 +108,11 @@ def test_killed_and_restarted_the_run_continues_exactly(tmp_path):
     recipe, _ = _setup(tmp_path, "whole")
     whole = Trainer(recipe, max_steps=14).run()
     recipe2, lake2 = _setup(tmp_path, "broken")
-    first = Trainer(recipe2, max_steps=12).run()  # checkpoints at 5 and 10; "killed" after step 12
+    first = Trainer(recipe2, max_steps=12).run()  # checkpoints at 5 and 10, and 12 at the stop
     assert first == pytest.approx(whole[:12], rel=1e-6)
-    # ...while saving step 12: what a kill mid-save leaves (the folder, part of a file, no COMPLETE marker)
+    # "killed" while saving step 12: what a kill mid-save leaves (the folder, part of a file, no COMPLETE marker)
     checkpoints = Path(recipe2.lake) / "runs" / "tiny" / "checkpoints"
+    shutil.rmtree(checkpoints / "step-000000012")
     (checkpoints / "step-000000012").mkdir()
     (checkpoints / "step-000000012" / "mp_rank_00_model_states.pt").write_bytes(b"PK\x03\x04 cut short")
     assert (checkpoints / "step-000000010" / "COMPLETE").exists()
@@ -125,19 +129,73 @@ def test_killed_and_restarted_the_run_continues_exactly(tmp_path):
 SPIKY = {"window": 10, "z": 3.0, "min_delta": 0.5, "patience": 2, "warmup_steps": 6, "max_rollbacks_per_chunk": 3}
 
 
-def test_a_loss_spike_rolls_back_skips_the_rows_and_recovers(tmp_path):
-    from lake.chunks import manifest
+def _weights(module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _same(a: dict, b: dict) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _watched_trainer():
+    """A Trainer that records, at each rollback, the weights before it, the weights after it and the
+    weights of the checkpoint it went back to (read from its files, before any later pruning)."""
+    import torch
+
     from trainer.loop import Trainer
+
+    class Watched(Trainer):
+        def setup(self):
+            super().setup()
+            self.initial, self.rollbacks_seen = _weights(self.engine.module), []
+
+        def rollback(self, cid, recent):
+            before = _weights(self.engine.module)
+            outcome = super().rollback(cid, recent)
+            tag = self.checkpoints.tags()[-1]
+            saved = torch.load(self.checkpoints.folder / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+                               weights_only=False)["module"]
+            self.rollbacks_seen.append({"tag": tag, "before": before, "after": _weights(self.engine.module), "saved": saved})
+            return outcome
+    return Watched
+
+
+def _rows_holding(lake, chunk_id: str, doc_ids: set) -> set[int]:
+    from lake.chunks import manifest, read_rows
+
+    _, spans = read_rows(lake, next(r for r in manifest(lake) if r["chunk_id"] == chunk_id))
+    return {r for r, row in enumerate(spans) if any(s["doc_id"] in doc_ids for s in row)}
+
+
+def test_a_loss_spike_rolls_back_skips_the_rows_and_recovers(tmp_path):
+    from jobs.synthetic_lake import make_lake
+    from lake.chunks import manifest
 
     # the second chunk's documents 10-19 are random tokens: two or three steps' worth of rows
     recipe, lake = _setup(tmp_path, chunks=2, corrupt_second=range(10, 20), checkpoint_every=2, spike=SPIKY)
-    trainer = Trainer(recipe, exit_when_idle=0.1)
+    trainer = _watched_trainer()(recipe, exit_when_idle=0.1)
     losses = trainer.run()
     events = _events(lake)
     rollbacks = [e for e in events if e["event"] == "rollback"]
     quarantined = [e for e in events if e["event"] == "quarantine"]
     assert rollbacks and quarantined and quarantined[0]["chunk_id"] == "pretrain-000001"
     assert "rows" in quarantined[0]["detail"] and trainer.state.skip.get("pretrain-000001")
+    # each rollback put back exactly the weights of the checkpoint it names, which training had left
+    assert len(trainer.rollbacks_seen) == len(rollbacks)
+    for seen, event in zip(trainer.rollbacks_seen, rollbacks):
+        assert event["detail"].startswith(f"to {seen['tag']}")
+        assert _same(seen["after"], seen["saved"]) and not _same(seen["before"], seen["saved"])
+    # the skipped rows are rows of corrupted documents, no clean one: the rows of the steps that spiked
+    # (the guard judges whole steps and rolls back after `patience` spiking steps in a row, so a lone
+    # step of corrupted rows at the edge is trained on, with a spike logged)
+    docs = make_lake(str(tmp_path / "same-docs"))[3]
+    per = len(docs) // 2
+    corrupted = _rows_holding(lake, "pretrain-000001", {d["doc_id"] for d in docs[per:][10:20]})
+    skipped = set(trainer.state.skip["pretrain-000001"])
+    assert skipped and skipped <= corrupted and len(skipped) >= len(corrupted) / 2, (sorted(corrupted), sorted(skipped))
+    assert f"({len(skipped)} rows)" in quarantined[0]["detail"]
     # the rest of the chunk trained after the bad rows: it is consumed, and the loss is back down
     assert [r["status"] for r in manifest(lake)] == ["consumed", "consumed"]
     spike_peak = max(losses)
@@ -153,6 +211,83 @@ def test_a_chunk_that_keeps_spiking_is_quarantined(tmp_path):
     statuses = {r["chunk_id"]: (r["status"], r["reason"]) for r in manifest(lake)}
     assert statuses["pretrain-000001"][0] == "quarantined" and "spiking" in statuses["pretrain-000001"][1]
     assert len([e for e in _events(lake) if e["event"] == "rollback"]) == SPIKY["max_rollbacks_per_chunk"] + 1
+
+
+def test_a_rollback_before_any_checkpoint_goes_back_to_the_initial_weights(tmp_path):
+    # the first chunk's documents 40-51 are random: the spike comes before the first checkpoint (its end)
+    recipe, lake = _setup(tmp_path, chunks=2, corrupt_first=range(40, 52), checkpoint_every=1000,
+                          spike={**SPIKY, "window": 5})
+    trainer = _watched_trainer()(recipe, exit_when_idle=0.1)
+    trainer.run()
+    rollbacks = [e for e in _events(lake) if e["event"] == "rollback"]
+    assert rollbacks and rollbacks[0]["detail"] == "to step-000000000 (step 0)"
+    first = trainer.rollbacks_seen[0]
+    assert first["tag"] == "step-000000000"
+    assert _same(first["after"], trainer.initial) and not _same(first["before"], trainer.initial)
+
+
+def test_a_step_with_a_non_finite_loss_moves_no_weight_and_rolls_back(tmp_path, monkeypatch):
+    import torch
+
+    import trainer.step as step_module
+    from trainer.callbacks import Callback, default_callbacks
+    from trainer.engine import base_optimizer
+    from trainer.loop import Trainer
+
+    real, calls = step_module.token_losses, {"n": 0}
+
+    def poisoned(*args, **kwargs):  # the 9th micro-batch's loss is infinite (an overflow, a bad row)
+        loss, cat = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("inf"), cat) if calls["n"] == 9 else (loss, cat)
+
+    monkeypatch.setattr(step_module, "token_losses", poisoned)
+
+    class Watch(Callback):
+        name = "watch"
+
+        def __init__(self):
+            self.bad = []
+
+        def on_step_start(self, trainer):
+            self.weights = _weights(trainer.engine.module)
+            opt = base_optimizer(trainer.engine)
+            self.moments = {id(p): opt.state[p]["exp_avg"].clone() for p in opt.state if "exp_avg" in opt.state[p]}
+
+        def on_step_end(self, trainer, step):
+            if not step.result.finite:
+                opt = base_optimizer(trainer.engine)
+                moments = {id(p): opt.state[p]["exp_avg"] for p in opt.state if "exp_avg" in opt.state[p]}
+                self.bad.append((step.number, _same(self.weights, _weights(trainer.engine.module)),
+                                 moments.keys() == self.moments.keys() and
+                                 all(torch.equal(moments[k], self.moments[k]) for k in moments)))
+
+    recipe, lake = _setup(tmp_path, chunks=1, checkpoint_every=3, spike={**SPIKY, "warmup_steps": 2})
+    watch = Watch()
+    trainer = Trainer(recipe, exit_when_idle=0.1, callbacks=[watch, *default_callbacks(recipe.trainer)])
+    trainer.run()
+    assert watch.bad and watch.bad[0][1:] == (True, True), watch.bad  # weights and Adam's moments as before the step
+    rollbacks = [e for e in _events(lake) if e["event"] == "rollback"]
+    assert rollbacks and rollbacks[0]["step"] == watch.bad[0][0]
+    assert math.isnan(trainer.losses[watch.bad[0][0] - 1])
+
+
+def test_stopping_at_max_steps_saves_a_checkpoint_and_keeps_the_chunk_claimed(tmp_path):
+    from lake.chunks import manifest
+    from trainer.loop import Trainer
+
+    recipe, lake = _setup(tmp_path, chunks=1, checkpoint_every=5)
+    Trainer(recipe, max_steps=7).run()
+    checkpoints = Path(recipe.lake) / "runs" / "tiny" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step-*"))[-1] == "step-000000007"
+    (row,) = manifest(lake)
+    assert row["status"] == "training" and row["run_id"] == "tiny"
+    stopped = [e for e in _events(lake) if e["event"] == "stopped"]
+    assert len(stopped) == 1 and stopped[0]["step"] == 7 and "stays claimed by tiny" in stopped[0]["detail"]
+    Trainer(recipe, max_steps=9).run()  # the restart resumes at step 7, on the same chunk
+    resumed = [e for e in _events(lake) if e["event"] == "resumed"]
+    assert len(resumed) == 1 and resumed[0]["step"] == 7 and resumed[0]["chunk_id"] == row["chunk_id"]
+    assert [e["event"] for e in _events(lake)].count("claimed") == 1
 
 
 def test_export_loads_in_transformers_and_generates(tmp_path):
@@ -289,7 +424,8 @@ def test_continued_pretraining_starts_from_a_hugging_face_folder(tmp_path):
     cont = cont.model_copy(update={"trainer": cont.trainer.model_copy(update={
         "run_name": "cpt", "model": cont.trainer.model.model_copy(update={"init_from": folder})})})
     losses = Trainer(cont, max_steps=3).run()
-    assert losses[0] < base_losses[0] - 1.0 and abs(losses[0] - base_losses[-1]) < 1.5
+    ended = sum(base_losses[-5:]) / 5  # where the base run ended (its very last step may be a short one)
+    assert losses[0] < base_losses[0] - 1.0 and abs(losses[0] - ended) < 1.5
 
 
 def test_anneal_stage_decays_the_learning_rate_from_its_start(tmp_path):

@@ -142,15 +142,15 @@ def test_a_users_callback_rides_along_and_its_state_survives_a_restart(tmp_path)
 
     recipe, _ = _setup(tmp_path, chunks=1)
     first = Counting()
-    Trainer(recipe, max_steps=7, callbacks=_with(first, recipe.trainer)).run()  # checkpoint at 5
+    Trainer(recipe, max_steps=7, callbacks=_with(first, recipe.trainer)).run()  # checkpoints at 5 and at the stop, 7
     assert first.steps == 7 and first.hooks == ["run_start", "run_end"]
     records = [json.loads(x) for x in (Path(recipe.lake) / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
     assert [r["counted"] for r in records] == list(range(1, 8))
     second = Counting()
     trainer = Trainer(recipe, exit_when_idle=0.1, callbacks=_with(second, recipe.trainer))
     trainer.run()
-    assert second.loaded == {"steps": 5}  # what it had at the checkpoint the run resumed from
-    assert second.steps == 5 + (trainer.state.step - 5)
+    assert second.loaded == {"steps": 7}  # what it had at the checkpoint the run resumed from
+    assert second.steps == 7 + (trainer.state.step - 7)
     assert second.hooks == ["run_start", "chunk_end:pretrain-000000:done", "run_end"]
 
 

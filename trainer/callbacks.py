@@ -126,8 +126,8 @@ class Starvation(Callback):
 
 
 class Evaluation(Callback):
-    """Every ``every`` steps, perplexity per source on the held-out documents (read once, cut to the
-    chunks' sequence length)."""
+    """Every ``every`` steps, perplexity per source on the held-out documents of the lake's
+    ``holdout`` table (read once, cut to the chunks' sequence length)."""
 
     name = "evaluation"
 
@@ -141,6 +141,11 @@ class Evaluation(Callback):
         if self.documents is None:
             self.documents = holdout_documents(trainer.lake, trainer.tokenizer, self.docs_per_source,
                                                step.result.seq_len)
+            if not self.documents:
+                trainer.log(f"[train] no held-out documents in {trainer.lake.uri('holdout')} (feed freezes them when "
+                            f"it first runs): no perplexity per source")
+        if not self.documents:
+            return
         step.metrics["perplexity_by_source"] = perplexity_by_source(trainer.engine.module, self.documents)
 
 

@@ -36,6 +36,10 @@ class Checkpoints:
     def __init__(self, folder: Path, keep: int):
         self.folder, self.keep = Path(folder), keep
 
+    @staticmethod
+    def tag(step: int) -> str:
+        return f"step-{step:09d}"
+
     def tags(self) -> list[str]:
         """The complete checkpoints, oldest first."""
         return [p.name for p in self._folders() if self._complete(p)]
@@ -51,7 +55,9 @@ class Checkpoints:
     def _complete(self, folder: Path) -> bool:
         if (folder / self.MARKER).exists():
             return True
-        latest = self.folder / "latest"  # DeepSpeed names the last save it finished (checkpoints before the marker)
+        if any((p / self.MARKER).exists() for p in self._folders()):
+            return False  # the run writes markers: a folder without one is a save cut short
+        latest = self.folder / "latest"  # DeepSpeed names the last save it finished (runs from before the marker)
         return latest.exists() and latest.read_text().strip() == folder.name
 
     def save(self, engine, step: int, client: dict, prune: bool) -> str:
@@ -59,7 +65,7 @@ class Checkpoints:
         newest ``keep`` complete ones."""
         import torch.distributed as dist
 
-        tag = f"step-{step:09d}"
+        tag = self.tag(step)
         engine.save_checkpoint(str(self.folder), tag=tag, client_state=client)
         if dist.is_initialized():
             dist.barrier()  # every rank's files are written before the marker says so

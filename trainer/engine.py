@@ -25,15 +25,56 @@ def _free_port() -> int:
 
 
 def init_distributed() -> tuple[int, int]:
-    """(rank, world): from the launcher's environment, or a single local process (gloo on CPU)."""
+    """(rank, world): from the launcher's environment, or a single local process. On DeepSpeed's CUDA
+    accelerator each process takes GPU ``LOCAL_RANK`` and NCCL; on its CPU accelerator
+    (``DS_ACCELERATOR=cpu``, or no GPU) gloo."""
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
 
     if "RANK" not in os.environ:
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                            "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
+    on_gpu = get_accelerator().device_name() == "cuda"
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def device_of(engine) -> torch.device:
+    """Where the engine's weights live (DeepSpeed moved the module there): batches go there too."""
+    return next(engine.module.parameters()).device
+
+
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW that can be told to leave one step out: weights, moments and step count untouched
+    (a step whose loss was not finite on some rank must not move anything, not even by momentum or
+    weight decay). DeepSpeed calls ``step`` of this optimizer (or of its ZeRO/bf16 wrapper, which calls
+    this one) at each accumulation boundary."""
+
+    skip_next = False
+
+    def step(self, closure=None):
+        if self.skip_next:
+            self.skip_next = False
+            return None
+        return super().step(closure)
+
+
+def base_optimizer(engine) -> AdamW:
+    """The ``AdamW`` inside the engine's optimizer (DeepSpeed's ZeRO and bf16 wrappers hold it as ``.optimizer``)."""
+    opt = engine.optimizer
+    while not isinstance(opt, AdamW):
+        opt = getattr(opt, "optimizer", None)
+        if opt is None:
+            raise TypeError(f"the engine's optimizer {type(engine.optimizer).__name__} does not wrap trainer.engine.AdamW")
+    return opt
+
+
+def skip_next_step(engine) -> None:
+    """The engine's next optimizer step changes nothing (see ``AdamW``)."""
+    base_optimizer(engine).skip_next = True
 
 
 class TokenSchedule(torch.optim.lr_scheduler.LRScheduler):
@@ -97,14 +138,14 @@ def build(cfg: TrainerCfg, stage: str, vocab_size: int, world: int) -> Built:
 
     settings = stage_settings(cfg, stage)
     model = build_model(cfg.model, vocab_size, settings.rope_theta)
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=settings.lr_peak,
-                                  betas=(0.9, 0.95), eps=1e-8)
+    optimizer = AdamW(parameter_groups(model, cfg.weight_decay), lr=settings.lr_peak, betas=(0.9, 0.95), eps=1e-8)
     scheduler = TokenSchedule(optimizer, settings.schedule_cfg, settings.lr_peak)
     ds_config = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch,
         "gradient_accumulation_steps": accumulation_steps(batch_at(0, cfg.batch_ramp), cfg.micro_batch, world),
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_allow_untested_optimizer": True,  # trainer.engine.AdamW: torch's AdamW with a skippable step
         "bf16": {"enabled": cfg.bf16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

@@ -6,8 +6,9 @@ resumes from the run's latest checkpoint, then asks the chunk store for the next
 from the cursor, one optimizer step (``step.py``) at a time. What watches the run is a callback
 (``callbacks.py``): batch ramp, spike guard, starvation, evaluation, metrics, checkpointing. The
 loop itself only carries out what a callback decides: a rollback when the spike guard says so
-(back to the last good checkpoint; the rows of the spiking steps are skipped from then on, and a
-chunk that keeps spiking is quarantined).
+(back to the last good checkpoint, or the initial weights a new run saves first; the rows of the
+spiking steps are skipped from then on, and a chunk that keeps spiking is quarantined). Stopped by
+``--max-steps`` it saves a checkpoint and keeps its chunk claimed, to resume at the same row.
 
 A run's folder (``<lake>/runs/<run_name>`` by default) holds ``checkpoints/``, ``metrics.jsonl``
 and ``tensorboard/``. Restarted, a run resumes exactly: model, optimizer, scheduler, the data
@@ -93,6 +94,7 @@ class Trainer:
                 continue
             outcome = self.train_chunk(chunk)
             if outcome == "stop":
+                self.stop_at_max_steps(chunk)
                 break
             self.feed.finish(chunk, outcome, self.state.step, self.state.tokens)
             self.state.chunk_id, self.state.row = None, 0
@@ -124,6 +126,8 @@ class Trainer:
         decay = stage_settings(self.cfg, self.stage).decay_tokens
         if decay:
             self.scheduler.anneal = (self.state.stage_start_tokens, decay)
+        if not restored:  # the initial weights: what a rollback before the first checkpoint goes back to
+            self.checkpoint("initial weights")
         self.log(f"[train] {self.cfg.run_name}: {self.n_params:,} parameters, stage {self.stage}, "
                  f"{self.world} process(es), ZeRO-{self.cfg.zero_stage}, run folder {self.run_dir}")
 
@@ -149,6 +153,15 @@ class Trainer:
         set_rng(self.state.rng)
         self.scheduler.tokens = self.state.tokens
         return tag
+
+    def stop_at_max_steps(self, chunk: dict) -> None:
+        """A clean stop mid-chunk: a checkpoint at this step, and the chunk stays claimed by this run, so
+        that a restart resumes at the same row (no other run may take it meanwhile)."""
+        if self.checkpoints.tags()[-1:] != [self.checkpoints.tag(self.state.step)]:
+            self.checkpoint(f"stop at --max-steps {self.max_steps}")
+        left = f"stays claimed by {self.cfg.run_name} at row {self.state.row}: a restart resumes there"
+        self.events(self.state.step, "stopped", chunk["chunk_id"], f"--max-steps {self.max_steps}; the chunk {left}")
+        self.log(f"[train] stopped at step {self.state.step} (--max-steps); chunk {chunk['chunk_id']} {left}")
 
     def checkpoint(self, why: str) -> None:
         self.state.rng = rng_state()
@@ -212,8 +225,11 @@ class Trainer:
         rollbacks = {**self.state.rollbacks, cid: self.state.rollbacks.get(cid, 0) + 1}
         spiked_at = self.state.step
         tag = self._restore()
+        if tag is None:
+            raise RuntimeError(f"loss spike at step {spiked_at} in {cid}, and no complete checkpoint in "
+                               f"{self.checkpoints.folder} to roll back to (not even the initial weights' one)")
         self.state.skip, self.state.rollbacks = skip, rollbacks
-        self.events(spiked_at, "rollback", cid, f"to {tag or 'the start'} (step {self.state.step})")
+        self.events(spiked_at, "rollback", cid, f"to {tag} (step {self.state.step})")
         self.events(spiked_at, "quarantine", cid, f"rows {bad[:20]}{'…' if len(bad) > 20 else ''} ({len(bad)} rows)")
         self.log(f"[train] loss spike at step {spiked_at} in {cid}: rolled back to step {self.state.step}, "
                  f"skipping {len(bad)} rows")

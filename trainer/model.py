@@ -83,20 +83,23 @@ def row_layout(spans_rows: list[list[dict]], width: int, categories: list[str]) 
     return cat, pos, seg
 
 
-def token_losses(model, ids: torch.Tensor, cat: np.ndarray, pos: np.ndarray, seg: np.ndarray, doc_mask: bool):
-    """Per-token cross-entropy [rows, width-1] (0 where ignored) and the category of each target (-1 = ignored)."""
+def token_losses(model, ids: torch.Tensor, cat, pos, seg, doc_mask: bool):
+    """Per-token cross-entropy [rows, width-1] (0 where ignored) and the category of each target (-1 = ignored).
+    ``cat``, ``pos``, ``seg`` (``row_layout``'s) are arrays or tensors; all is computed on ``ids``'s device."""
+    device = ids.device
     inputs, targets = ids[:, :-1], ids[:, 1:]
-    target_cat = torch.from_numpy(cat[:, 1:])
+    target_cat = torch.as_tensor(cat, device=device)[:, 1:]
     labels = torch.where(target_cat >= 0, targets, torch.full_like(targets, IGNORE))
     kwargs = {}
     if doc_mask:
-        s = torch.from_numpy(seg[:, :-1])
+        s = torch.as_tensor(seg, device=device)[:, :-1]
         same = (s[:, :, None] == s[:, None, :]) & (s[:, :, None] >= 0)
-        causal = torch.tril(torch.ones(s.shape[1], s.shape[1], dtype=torch.bool))
+        causal = torch.tril(torch.ones(s.shape[1], s.shape[1], dtype=torch.bool, device=device))
         allowed = same & causal
-        allowed |= torch.eye(s.shape[1], dtype=torch.bool)  # padding attends to itself: no empty rows
-        mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed, torch.finfo(torch.float32).min)
-        kwargs = {"attention_mask": mask[:, None, :, :], "position_ids": torch.from_numpy(pos[:, :-1])}
+        allowed |= torch.eye(s.shape[1], dtype=torch.bool, device=device)  # padding attends to itself: no empty rows
+        mask = torch.zeros(allowed.shape, dtype=torch.float32, device=device).masked_fill(
+            ~allowed, torch.finfo(torch.float32).min)
+        kwargs = {"attention_mask": mask[:, None, :, :], "position_ids": torch.as_tensor(pos, device=device)[:, :-1]}
     logits = model(input_ids=inputs, **kwargs).logits.float()
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                              ignore_index=IGNORE, reduction="none").reshape(labels.shape)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from trainer.engine import device_of, skip_next_step
 from trainer.model import row_layout, token_losses
 
 
@@ -17,61 +18,76 @@ from trainer.model import row_layout, token_losses
 class StepResult:
     loss: float  # mean loss per target token over every rank (nan when a micro-batch was not finite)
     tokens: int  # target tokens of the step, every rank together
-    finite: bool
+    finite: bool  # False: some micro-batch on some rank was not finite, and the optimizer step was skipped
     grad_norm: float | None
     loss_by_category: dict[str, float]
     seconds: float
     seq_len: int
 
 
-def _grad_norm(module) -> float | None:
-    """The global L2 norm of the gradients held on this process (None when ZeRO-2/3 sharded them away)."""
+def _grad_norm(module) -> torch.Tensor | None:
+    """The global L2 norm of the gradients held on this process, on their device (None when ZeRO-2/3
+    sharded them away)."""
     grads = [p.grad.detach().float() for p in module.parameters() if p.grad is not None]
     if not grads:
         return None
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on ``device``: through pinned memory and a non-blocking copy on a GPU."""
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def train_step(engine, ids_all: np.ndarray, spans_all: list, rows: list[int], micro: int, categories: list[str],
                doc_mask: bool) -> StepResult:
-    """Forward, backward and the engine's step over ``rows`` of this rank's chunk rows, ``micro`` at a time."""
+    """Forward, backward and the engine's step over ``rows`` of this rank's chunk rows, ``micro`` at a time.
+
+    Everything stays on the engine's device; the step's totals come back to the host once, in the one
+    all-reduce before the optimizer step. When a micro-batch's loss is not finite on any rank, every
+    rank skips the optimizer step (``trainer.engine.skip_next_step``): the weights do not move."""
     started = time.perf_counter()
+    device = device_of(engine)
     gas = math.ceil(len(rows) / micro)
     if gas != engine.gradient_accumulation_steps():
         engine.set_train_batch_size(micro * gas * torch.distributed.get_world_size())
     k = len(categories) + 8  # room for categories first met in these rows; every rank reduces the same size
-    total_loss, total_tokens, finite, own_norm = 0.0, 0, True, None
-    per_cat, per_cat_n = np.zeros(k), np.zeros(k)
+    # [loss sum, target tokens, non-finite micro-batches, loss per category (k), tokens per category (k)]
+    totals = torch.zeros(3 + 2 * k, dtype=torch.float64, device=device)
+    own_norm = None
     for m in range(gas):
         batch = rows[m * micro : (m + 1) * micro]
-        ids = torch.from_numpy(ids_all[batch])
-        cat, pos, seg = row_layout([spans_all[r] for r in batch], ids.shape[1], categories)
+        ids = to_device(ids_all[batch], device)
+        cat, pos, seg = (to_device(a, device) for a in row_layout([spans_all[r] for r in batch], ids.shape[1], categories))
         loss_tok, target_cat = token_losses(engine, ids, cat, pos, seg, doc_mask)
         valid = target_cat >= 0
-        n = int(valid.sum())
-        loss = loss_tok.sum() / max(n, 1)  # the engine divides by the accumulation steps itself
-        if not torch.isfinite(loss):
-            # no update from this micro-batch, but the engine still counts it: a zero loss
-            finite = False
-            loss = sum(p.sum() for p in engine.module.parameters()) * 0.0
+        n = valid.sum()
+        loss = loss_tok.sum() / n.clamp(min=1)  # the engine divides by the accumulation steps itself
         engine.backward(loss)
+        with torch.no_grad():
+            lt, tc = loss_tok.detach()[valid].double(), target_cat[valid]
+            totals[0] += lt.sum()
+            totals[1] += n
+            totals[2] += (~torch.isfinite(loss.detach())).double()
+            totals[3 : 3 + k] += torch.bincount(tc, weights=lt, minlength=k)[:k]
+            totals[3 + k :] += torch.bincount(tc, minlength=k)[:k].double()
         if m == gas - 1:
             own_norm = _grad_norm(engine.module)  # before the step clips and applies it
+            torch.distributed.all_reduce(totals)  # every rank agrees on the step's loss, tokens and finiteness
+            agg = totals.cpu().numpy()  # the step's one trip back to the host
+            if agg[2] > 0:
+                skip_next_step(engine)
         engine.step()
-        with torch.no_grad():
-            lt, tc = loss_tok.detach().numpy()[valid.numpy()], target_cat.numpy()[valid.numpy()]
-            total_loss += float(lt.sum()) if finite else float("nan")
-            total_tokens += n
-            per_cat += np.bincount(tc, weights=lt, minlength=k)[:k]
-            per_cat_n += np.bincount(tc, minlength=k)[:k]
-    # every rank agrees on the step's loss and token count
-    agg = torch.tensor([total_loss, float(total_tokens), *per_cat, *per_cat_n], dtype=torch.float64)
-    torch.distributed.all_reduce(agg)
-    total_loss, total_tokens = float(agg[0]), int(agg[1])
-    per_cat, per_cat_n = agg[2 : 2 + k].numpy(), agg[2 + k : 2 + 2 * k].numpy()
+    total_loss, total_tokens, finite = float(agg[0]), int(agg[1]), bool(agg[2] == 0)
+    per_cat, per_cat_n = agg[3 : 3 + k], agg[3 + k :]
     norm = engine.get_global_grad_norm()
+    if norm is None and own_norm is not None:
+        norm = own_norm
     return StepResult(
-        loss=total_loss / max(total_tokens, 1), tokens=total_tokens, finite=finite,
-        grad_norm=float(norm) if norm is not None else own_norm,
+        loss=total_loss / max(total_tokens, 1) if finite else float("nan"), tokens=total_tokens, finite=finite,
+        grad_norm=float(norm) if norm is not None else None,
         loss_by_category={c: float(per_cat[i] / per_cat_n[i]) for i, c in enumerate(categories[:k]) if per_cat_n[i] > 0},
         seconds=time.perf_counter() - started, seq_len=ids_all.shape[1] - 1)
