@@ -39,14 +39,15 @@ if __package__ in (None, ""):  # run as a script by spark-submit: make the proje
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pyspark.sql import Window
 from pyspark.sql import functions as F
 
 from jobs.feed_executors import id_dtype, tokenize_batches, write_files_batches
+from jobs.feed_reports import ChunkReport, FeedError, FeedReport
 from jobs.packing import Plan, curriculum_rank, plan_budgets
-from jobs.stages import FeedOptions, StageError, stage_main
+from jobs.stages import FeedOptions, stage_main
 from lake import chunks
 from lake.artifacts import load_tokenizer
 from lake.fs import make_dirs, remove_dir, write_parquet
@@ -58,35 +59,6 @@ STAGE = "feed"
 # What ``tokenise`` gives ``place`` and ``write_files``: one row per chosen copy of a document, with
 # its token ids (EOS appended) as packed bytes of ``jobs.feed_executors.id_dtype``.
 TOKENIZED = "doc_id string, copy int, category string, key double, rank int, n_tokens long, ids binary"
-
-
-class FeedError(StageError):
-    """A chunk that cannot be made (or verified); the message names the chunk and the fix."""
-
-
-@dataclass
-class ChunkReport:
-    chunk_id: str
-    stage: str
-    n_tokens: int
-    n_rows: int
-    files: int
-    mix: dict[str, int]
-    target: dict[str, int]
-    documents: int
-    warnings: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    phases: dict[str, float] = field(default_factory=dict)  # plan / tokenise_pack / publish seconds
-
-    def __str__(self) -> str:
-        share = ", ".join(f"{c} {n:,} ({n / max(self.n_tokens, 1):.1%}, target {self.target.get(c, 0):,})"
-                          for c, n in sorted(self.mix.items()))
-        lines = [f"chunk {self.chunk_id} ({self.stage}): {self.n_tokens:,} tokens in {self.n_rows:,} rows, "
-                 f"{self.files} files, {self.documents:,} documents, {self.seconds:.1f} s "
-                 f"({self.n_tokens / max(self.seconds, 1e-9):,.0f} tokens/s; "
-                 + ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items()) + ")", f"  mix: {share}"]
-        lines += [f"  warning: {w}" for w in self.warnings]
-        return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -373,24 +345,6 @@ def _release(*frames) -> None:
 
 
 # -- the job: chunks until the backlog is full ---------------------------------------------------------
-
-
-@dataclass
-class FeedReport:
-    produced: list[ChunkReport]
-    cleaned: list[str]
-    quarantined: list[tuple[str, str]]
-    backlog: int
-    seconds: float
-
-    def __str__(self) -> str:
-        lines = [f"cleaned up interrupted chunk {c} (files, usage and manifest row)" for c in self.cleaned]
-        lines += [f"quarantined {c}: {why}" for c, why in self.quarantined]
-        tokens = sum(c.n_tokens for c in self.produced)
-        lines.append(f"feed: {len(self.produced)} chunk(s) made ({', '.join(c.chunk_id for c in self.produced) or 'none'}), "
-                     f"{tokens:,} tokens in {self.seconds:.1f} s; "
-                     f"{self.backlog} ready and waiting")
-        return "\n".join(lines)
 
 
 def run(spark, recipe: Recipe, options: FeedOptions = FeedOptions()) -> FeedReport:
