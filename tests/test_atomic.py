@@ -15,7 +15,7 @@ from lake.fs import exists
 from lake.status import print_status
 from lake.tables import Lake
 
-from conftest import make_recipe, write_jsonl
+from conftest import delta_mode, make_recipe, require_native, write_jsonl
 from test_dedup import _words, doc, scored_rows
 from test_refine_stage1 import CONTACT_LIST
 from test_rules import JUNK
@@ -110,7 +110,16 @@ def test_the_next_refinery_stage_repairs_first(spark, refined, monkeypatch):
     assert [v.job for v in lake.versions("documents_rejected", 2)] == ["filter", "repair:pii"]
 
 
-def test_dedup_killed_after_two_of_its_three_commits_is_undone(spark, tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", ["bridge", "native"])
+def test_dedup_killed_after_two_of_its_three_commits_is_undone(spark, tmp_path, monkeypatch, mode):
+    """On both Delta paths: the repair's restore commits (delta-rs) on tables the jar wrote too."""
+    if mode == "native":
+        require_native(spark)
+    with delta_mode(mode):
+        _dedup_killed_and_repaired(spark, tmp_path, monkeypatch)
+
+
+def _dedup_killed_and_repaired(spark, tmp_path, monkeypatch):
     import random
 
     rng = random.Random(0)

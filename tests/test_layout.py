@@ -63,3 +63,13 @@ def test_every_test_file_the_code_and_docs_cite_exists():
     assert cited, "no citation found: the pattern is wrong"
     missing = {name: str(where) for name, where in cited.items() if not (ROOT / name).is_file()}
     assert not missing, missing
+
+
+def test_every_test_the_readme_names_exists():
+    """The README backs its promises with ``tests/<file>.py::<test>``: each such test is defined there."""
+    import re
+
+    named = re.findall(r"(tests/[A-Za-z0-9_]+\.py)::([A-Za-z0-9_]+)", (ROOT / "README.md").read_text(encoding="utf-8"))
+    assert len(named) >= 4, named
+    missing = [f"{f}::{t}" for f, t in named if f"def {t}(" not in (ROOT / f).read_text(encoding="utf-8")]
+    assert not missing, missing

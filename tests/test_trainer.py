@@ -353,6 +353,33 @@ def test_a_chunk_with_a_bad_checksum_is_quarantined_not_trained(tmp_path):
     assert statuses["pretrain-000001"][0] == "consumed"
 
 
+def _devices() -> list[str]:
+    import torch
+
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_the_daemon_trains_on_each_device_present(tmp_path, device):
+    """The daemon as a user starts it, on DeepSpeed's CPU accelerator, and on its CUDA one where there
+    is a GPU (the other trainer tests run on whichever accelerator DeepSpeed picks in this process)."""
+    import yaml
+
+    recipe, lake = _setup(tmp_path, chunks=1)
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump({"lake": recipe.lake, "sources": [{"name": "t", "path": "x.jsonl"}],
+                                           "trainer": recipe.trainer.model_dump(mode="json", exclude_none=True)}))
+    env = {**os.environ, "DS_ACCELERATOR": device, "PYTHONPATH": str(ROOT)}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, "-m", "trainer.daemon", "--recipe", str(recipe_file), "--max-steps", "4"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"1 process(es) on {device}" in proc.stdout, proc.stdout[-2000:]
+    records = [json.loads(x) for x in (Path(recipe.lake) / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in records)
+
+
 @pytest.mark.slow
 def test_two_processes_with_gloo_train_with_zero_2(tmp_path):
     import yaml
@@ -372,7 +399,7 @@ def test_two_processes_with_gloo_train_with_zero_2(tmp_path):
                                       stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
-    assert "2 process(es), ZeRO-2" in outs[0]
+    assert "2 process(es) on cpu, ZeRO-2" in outs[0]
     records = [json.loads(x) for x in (Path(recipe.lake) / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 6 and all(math.isfinite(r["loss"]) for r in records)
     assert records[0]["batch_sequences"] == 8  # 4 rows per process, two processes

@@ -32,7 +32,7 @@ from lake.tables import Lake
 from trainer.callbacks import Callback, Step, default_callbacks
 from trainer.checkpoint import Checkpoints, rng_state, set_rng
 from trainer.data import ChunkFeed, broadcast
-from trainer.engine import build, init_distributed, stage_settings
+from trainer.engine import build, device_of, init_distributed, stage_settings
 from trainer.lease import RunLock
 from trainer.schedule import model_flops_per_token
 from trainer.step import StepResult, train_step
@@ -129,7 +129,7 @@ class Trainer:
         if not restored:  # the initial weights: what a rollback before the first checkpoint goes back to
             self.checkpoint("initial weights")
         self.log(f"[train] {self.cfg.run_name}: {self.n_params:,} parameters, stage {self.stage}, "
-                 f"{self.world} process(es), ZeRO-{self.cfg.zero_stage}, run folder {self.run_dir}")
+                 f"{self.world} process(es) on {device_of(self.engine)}, ZeRO-{self.cfg.zero_stage}, run folder {self.run_dir}")
 
     def _restore(self) -> str | None:
         """The latest checkpoint into engine, loop state and callbacks; its tag, or None without one."""
