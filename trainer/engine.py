@@ -8,7 +8,6 @@ token-based schedule, and hands them to ``deepspeed.initialize``.
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -18,27 +17,27 @@ from trainer.model import build_model, parameter_count, parameter_groups
 from trainer.schedule import accumulation_steps, batch_at, decay_drop, lr_factor
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed() -> tuple[int, int]:
     """(rank, world): from the launcher's environment, or a single local process. On DeepSpeed's CUDA
     accelerator each process takes GPU ``LOCAL_RANK`` and NCCL; on its CPU accelerator
-    (``DS_ACCELERATOR=cpu``, or no GPU) gloo."""
+    (``DS_ACCELERATOR=cpu``, or no GPU) gloo. A lone process (no ``RANK`` in the environment) keeps its
+    group's store in memory: no port to pick, so none another program can take between the pick and
+    the bind (CI saw ``EADDRINUSE`` that way)."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    if "RANK" not in os.environ:
-        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
     on_gpu = get_accelerator().device_name() == "cuda"
-    if on_gpu:
+    backend = "nccl" if on_gpu else "gloo"
+    if "RANK" not in os.environ:
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+        if on_gpu:
+            torch.cuda.set_device(0)
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+    elif on_gpu:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+        deepspeed.init_distributed(dist_backend=backend)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
