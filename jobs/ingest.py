@@ -16,6 +16,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script by spark-submit: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -102,10 +103,7 @@ def run(spark, recipe: Recipe, options: NoOptions = NoOptions()) -> IngestReport
 
 def _parsed_records(spark, recipe: Recipe, splits: list[Split]):
     """One row per input record, a document or a rejection, parsed in the executors split by split."""
-    specs = {
-        s.name: SourceSpec(s.name, s.text_field, s.id_field, s.url_field, recipe.ingest.max_doc_bytes)
-        for s in recipe.sources
-    }
+    specs = {s.name: _spec(recipe, s) for s in recipe.sources}
     split_df = spark.createDataFrame([tuple(asdict(s).values()) for s in splits], _SPLITS_DDL)
     return split_df.repartition(len(splits)).mapInArrow(lambda batches: _parse_splits(batches, specs), _PARSED_DDL)
 
@@ -201,6 +199,31 @@ def _parse_splits(batches, specs: dict[str, SourceSpec]):
                     rows = []
     if rows:
         yield pa.RecordBatch.from_pylist(rows, _PARSED_ARROW)
+
+
+def _spec(recipe: Recipe, source) -> SourceSpec:
+    return SourceSpec(source.name, source.text_field, source.id_field, source.url_field, recipe.ingest.max_doc_bytes)
+
+
+def record_at(recipe: Recipe, file: str, line: int) -> tuple[str, Document | Rejection]:
+    """(source, what ingest makes of the record at ``file:line``): a JSONL line, or a Parquet row number,
+    parsed by the code ingest runs (``tokenmill trace --source-line``)."""
+    wanted = os.path.realpath(file) if "://" not in file else file
+    for source in recipe.sources:
+        for found in list_files(source.path):
+            if found != file and ("://" in found or os.path.realpath(found) != wanted):
+                continue
+            last = 0
+            for last, outcome in _split_records(Split(source.name, source.format, found, 0, -1), _spec(recipe, source)):
+                if last == line:
+                    return source.name, outcome
+                if last > line:
+                    break
+            unit = "line" if source.format == "jsonl" else "row"
+            raise SourceError(f"{file}:{line}: no record there ({unit}s with records run to {last}; a blank line "
+                              f"holds none)")
+    raise SourceError(f"{file}: no source of {recipe.origin} reads this file "
+                      f"(sources: {', '.join(f'{s.name} = {s.path}' for s in recipe.sources)})")
 
 
 def _split_records(split: Split, spec: SourceSpec):

@@ -11,6 +11,7 @@ chunk a dead feed left ``writing`` can be undone entirely: files, usage and mani
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import numpy as np
@@ -191,6 +192,34 @@ def usage_disagreements(lake: Lake) -> list[tuple[str, int, int]] | None:
     recorded = dict(zip(used.column("doc_id").to_pylist(), used.column("times_used").to_pylist()))
     return sorted((d, recorded.get(d) or 0, expected.get(d, 0)) for d in recorded.keys() | expected.keys()
                   if (recorded.get(d) or 0) != expected.get(d, 0))
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one document went in one chunk: the rows holding its pieces, and its tokens there."""
+
+    chunk: dict  # the manifest row
+    rows: list[int]
+    tokens: int
+
+
+def placements(lake: Lake, doc_id: str) -> list[Placement]:
+    """Every chunk (any status) that holds ``doc_id``, with its rows: the chunk's saved usage
+    increments tell which chunks to open, then only their ``spans`` column is read."""
+    found = []
+    for row in manifest(lake):
+        saved = usage_increments_path(lake.root, row["chunk_id"])
+        if not exists(saved) or not read_parquet(saved, filters=[("doc_id", "==", doc_id)]).num_rows:
+            continue
+        folder = chunk_dir(lake.root, row["chunk_id"])
+        data = pa.concat_tables([read_parquet(f"{folder}/{name}", columns=["row", "spans"]) for name in row["files"]])
+        pieces = pc.list_flatten(data.column("spans"))
+        mine = pc.equal(pc.struct_field(pieces, "doc_id"), doc_id)
+        parents = pc.filter(pc.list_parent_indices(data.column("spans")), mine)
+        rows = sorted(set(pc.take(data.column("row"), parents).to_pylist()))
+        tokens = int(pc.sum(pc.filter(pc.struct_field(pieces, "length"), mine)).as_py() or 0)
+        found.append(Placement(row, rows, tokens))
+    return found
 
 
 # -- the reader's side (trainer) ---------------------------------------------------------------------------

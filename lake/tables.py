@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
@@ -124,7 +125,17 @@ class Lake:
     def read_arrow(self, name: str, columns: list[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:
         if not self.exists(name):
             return table(name).schema.empty_table().select(columns or table(name).columns)
-        return self.delta(name).to_pyarrow_dataset().to_table(columns=columns, filter=filter)
+        dataset = self.delta(name).to_pyarrow_dataset()
+        if filter is None:
+            return dataset.to_table(columns=columns)
+        dataset = _without_file_guarantees(dataset)
+        try:
+            return dataset.to_table(columns=columns, filter=filter)
+        except pa.ArrowNotImplementedError:
+            # Files delta-rs's merge wrote declare their strings string_view, which pyarrow cannot compare
+            # inside a scan: read as the table's types, then filter in memory (such tables are counters).
+            data = dataset.to_table()
+            return data.filter(filter).select(columns or data.column_names)
 
     def write_arrow(
         self,
@@ -290,6 +301,15 @@ class Lake:
                 f"table {spec.name!r} at {dt.table_uri} was written with another schema than "
                 f"schemas/tables.py defines ({'; '.join(problems)}); write to a new lake or migrate the table"
             )
+
+
+def _without_file_guarantees(dataset: ds.FileSystemDataset) -> ds.FileSystemDataset:
+    """The same files, without the min/max guarantees delta-rs derives from each file's statistics: for
+    a column a file has no statistics for (long strings, timestamps) it guarantees ``col >= null``,
+    which prunes every file for a filter on that column. Parquet's own row-group statistics still skip
+    what they can."""
+    fragments = [dataset.format.make_fragment(f.path, f.filesystem) for f in dataset.get_fragments()]
+    return ds.FileSystemDataset(fragments, dataset.schema, dataset.format, dataset.filesystem)
 
 
 def _conformed(spec: Table, data: pa.Table) -> pa.Table:

@@ -135,6 +135,22 @@ def test_usage_counts_equal_appearances_in_ready_chunks(fed):
     assert usage == dict(appearances)
 
 
+def test_placements_name_each_chunk_row_and_token_of_a_document(fed):
+    """What ``tokenmill trace`` shows of a document's chunks, against the rows the chunks hold."""
+    recipe, lake, _, _ = fed
+    usage = {r["doc_id"]: r["times_used"] for r in lake.read_arrow("usage").to_pylist()}
+    doc = max(sorted(usage), key=lambda d: usage[d])  # the most used (in several chunks where any is)
+    expected = []
+    for chunk in chunks.manifest(lake):
+        pieces = [(row["row"], s["length"]) for row in _chunk_rows(recipe.lake, chunk["chunk_id"])
+                  for s in row["spans"] if s["doc_id"] == doc]
+        if pieces:
+            expected.append((chunk["chunk_id"], sorted({r for r, _ in pieces}), sum(n for _, n in pieces)))
+    assert len(expected) == usage[doc] >= 1
+    assert [(p.chunk["chunk_id"], p.rows, p.tokens) for p in chunks.placements(lake, doc)] == expected
+    assert chunks.placements(lake, "no-such-document") == []
+
+
 def test_same_seed_same_chunks_and_backpressure(spark, tmp_path, fed):
     recipe, lake, _, first = fed
     assert len(first.produced) == 3

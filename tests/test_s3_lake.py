@@ -7,6 +7,7 @@ the trainer daemon claims the chunk, trains on it and marks it consumed."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -170,6 +171,15 @@ def tokenmill(args: list[str], env: dict[str, str], cwd: Path) -> str:
     return proc.stdout
 
 
+def _add_a_copy_and_junk(file: Path) -> None:
+    """Two records for ``tokenmill trace`` to follow: a copy of the first (dedup removes one of the two)
+    and one that a filter rule rejects."""
+    first = json.loads(file.read_text().splitlines()[0])
+    with file.open("a") as f:
+        f.write(json.dumps({**first, "id": "trace-copy", "url": "https://example.org/trace-copy"}) + "\n")
+        f.write(json.dumps({"id": "trace-junk", "text": "buy now", "url": "https://example.org/trace-junk"}) + "\n")
+
+
 @pytest.fixture(scope="module")
 def loop(s3, tmp_path_factory):
     """Refine → models → score → dedup → tokenizer → feed → trainer, all on ``s3://lake/e2e``."""
@@ -179,6 +189,7 @@ def loop(s3, tmp_path_factory):
 
     work = tmp_path_factory.mktemp("s3-loop")
     build_demo_corpus(work / "corpus", SIZES)
+    _add_a_copy_and_junk(work / "corpus" / "code" / "part-0.jsonl")
     recipe_file = write_recipe(work, work / "corpus", s3.uri("e2e"))
     env = {**os.environ, **s3.env(), "PYTHONPATH": str(ROOT), "TOKENMILL_ARTIFACT_CACHE": str(work / "cache"),
            "TORCH_EXTENSIONS_DIR": str(ROOT / ".tokenmill" / "torch_extensions")}
@@ -251,3 +262,75 @@ def test_the_trainer_consumed_the_chunk_feed_wrote_to_s3(loop, s3):
     metrics = [json.loads(x) for x in (work / "runs" / recipe.trainer.run_name / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) >= 5 and metrics[-1]["loss"] < metrics[0]["loss"]
     assert lake.summary("usage").rows > 0
+
+
+# -- one document's journey, on this lake ---------------------------------------------------------------
+
+
+def _rows_of(lake, row: dict, doc_id: str) -> tuple[list[int], int]:
+    """The rows of a chunk holding ``doc_id`` and its tokens there, read from the chunk's own rows."""
+    from lake import chunks
+
+    _, spans = chunks.read_rows(lake, row)
+    pieces = [(r, p["length"]) for r, pieces in enumerate(spans) for p in pieces if p["doc_id"] == doc_id]
+    return sorted({r for r, _ in pieces}), sum(n for _, n in pieces)
+
+
+def test_trace_follows_a_trained_document_from_its_record_to_the_run(loop, s3):
+    from jobs.trace import trace
+    from lake import chunks
+    from lake.tables import Lake
+
+    recipe, work, _ = loop
+    lake = Lake(recipe.lake)
+    chunk = chunks.manifest(lake)[0]
+    used = {r["doc_id"]: r["times_used"] for r in lake.read_arrow("usage").to_pylist() if r["times_used"]}
+    doc_id = sorted(used)[0]
+    [found] = trace(recipe, doc_id)
+    assert [(d.stage, d.outcome) for d in found.decisions] == [
+        ("ingest", "kept"), ("filter", "kept"), ("pii", "kept"), ("score", "kept"), ("dedup", "kept")]
+    scored = lake.read_arrow("documents_scored").to_pylist()
+    mine = next(r for r in scored if r["doc_id"] == doc_id)
+    assert f"category {mine['category']}" in found.decisions[3].detail and f"{mine['quality']:.3f}" in found.decisions[3].detail
+    rows, tokens = _rows_of(lake, chunk, doc_id)
+    assert [(p.chunk["chunk_id"], p.rows, p.tokens) for p in found.placements] == [(chunk["chunk_id"], rows, tokens)]
+    assert found.times_used == used[doc_id] and not found.held_out
+    events = {(e["run_id"], e["event"]) for e in found.training}
+    assert {(recipe.trainer.run_name, "claimed"), (recipe.trainer.run_name, "consumed")} <= events
+    # the command a user types, on the bucket: one screen, from the record to the run
+    shown = tokenmill(["trace", doc_id, "--recipe", str(work / "recipe.yaml")], {**os.environ, **s3.env(),
+                      "PYTHONPATH": str(ROOT)}, work)
+    assert shown.startswith(f"document {doc_id}") and f"{chunk['chunk_id']} (consumed) row" in shown
+    assert f"run {recipe.trainer.run_name}" in shown and "(consumed)" in shown and "REJECTED" not in shown
+
+
+def test_trace_says_where_and_why_a_document_stopped(loop):
+    from jobs.records import make_doc_id
+    from jobs.trace import render, trace
+    from lake.tables import Lake
+
+    recipe, work, _ = loop
+    lake = Lake(recipe.lake)
+    rejected = lake.read_arrow("documents_rejected").to_pylist()
+    # the junk record, found by the line of the source file it came from (ingest's own parsing gives the id)
+    code_file = work / "corpus" / "code" / "part-0.jsonl"
+    junk_line = len(code_file.read_text().splitlines())
+    [junk] = trace(recipe, source_line=f"{code_file}:{junk_line}")
+    filtered = next(r for r in rejected if r["stage"] == "filter" and r["doc_id"] == junk.doc_id)
+    assert [(d.stage, d.outcome) for d in junk.decisions] == [("ingest", "kept"), ("filter", "rejected")]
+    assert junk.decisions[1].detail == f"{filtered['reason']}: {filtered['detail']}"
+    assert "it goes no further (documents_rejected, stage filter)" in render(junk)
+    assert [j.doc_id for j in trace(recipe, url="https://example.org/trace-junk")] == [junk.doc_id]
+    # the copy: dedup removed one of the two (the same text), naming the other as the survivor
+    first_id = json.loads(code_file.read_text().splitlines()[0])["id"]
+    pair = {make_doc_id("code", first_id, ""), make_doc_id("code", "trace-copy", "")}
+    [removed] = [r for r in rejected if r["stage"] == "dedup" and r["doc_id"] in pair]
+    [copy] = trace(recipe, removed["doc_id"])
+    survivor = (pair - {removed["doc_id"]}).pop()
+    assert [d.outcome for d in copy.decisions] == ["kept"] * 4 + ["rejected"]
+    assert copy.decisions[-1].detail.startswith("exact_duplicate: ") and f"survivor {survivor}" in copy.decisions[-1].detail
+    # a line ingest refused: its reason and file:line, and nothing after
+    messy = work / "corpus" / "messy" / "part-0.jsonl"
+    [broken] = trace(recipe, source_line=f"{messy}:2")
+    assert broken.doc_id is None and [(d.stage, d.outcome) for d in broken.decisions] == [("ingest", "rejected")]
+    assert broken.decisions[0].detail.startswith(f"malformed_json: {messy}:2: ")

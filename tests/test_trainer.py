@@ -362,16 +362,20 @@ def _devices() -> list[str]:
 @pytest.mark.parametrize("device", _devices())
 def test_the_daemon_trains_on_each_device_present(tmp_path, device):
     """The daemon as a user starts it, on DeepSpeed's CPU accelerator, and on its CUDA one where there
-    is a GPU (the other trainer tests run on whichever accelerator DeepSpeed picks in this process)."""
+    is a GPU (the other trainer tests run on whichever accelerator DeepSpeed picks in this process),
+    from a process that has a process group of its own."""
     import yaml
 
     recipe, lake = _setup(tmp_path, chunks=1)
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(yaml.safe_dump({"lake": recipe.lake, "sources": [{"name": "t", "path": "x.jsonl"}],
                                            "trainer": recipe.trainer.model_dump(mode="json", exclude_none=True)}))
+    # started from a process that trains itself (as a test, a notebook or a DAG task may be): the child
+    # inherits that process's environment, and must still be a lone process of its own
+    from trainer.engine import init_distributed
+
+    init_distributed()
     env = {**os.environ, "DS_ACCELERATOR": device, "PYTHONPATH": str(ROOT)}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
     proc = subprocess.run([sys.executable, "-m", "trainer.daemon", "--recipe", str(recipe_file), "--max-steps", "4"],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -17,27 +17,38 @@ from trainer.model import build_model, parameter_count, parameter_groups
 from trainer.schedule import accumulation_steps, batch_at, decay_drop, lr_factor
 
 
+_LAUNCHED = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # what a launcher (deepspeed, torchrun) sets
+
+
 def init_distributed() -> tuple[int, int]:
-    """(rank, world): from the launcher's environment, or a single local process. On DeepSpeed's CUDA
+    """(rank, world): the launcher's process group, or a single local process. On DeepSpeed's CUDA
     accelerator each process takes GPU ``LOCAL_RANK`` and NCCL; on its CPU accelerator
-    (``DS_ACCELERATOR=cpu``, or no GPU) gloo. A lone process (no ``RANK`` in the environment) keeps its
-    group's store in memory: no port to pick, so none another program can take between the pick and
-    the bind (CI saw ``EADDRINUSE`` that way)."""
+    (``DS_ACCELERATOR=cpu``, or no GPU) gloo.
+
+    A lone process (no launcher's ``MASTER_ADDR``/``MASTER_PORT``) keeps its group's store in memory:
+    no port to pick, and nothing for a child process to inherit. It sets only ``RANK``, ``WORLD_SIZE``
+    and ``LOCAL_RANK`` (DeepSpeed's engine reads ``LOCAL_RANK``); a child that inherits those is a lone
+    process too. (CI once saw a trainer started by a test inherit the test process's ``MASTER_PORT``,
+    whose store that process still held: ``EADDRINUSE``.)"""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     on_gpu = get_accelerator().device_name() == "cuda"
     backend = "nccl" if on_gpu else "gloo"
-    if "RANK" not in os.environ:
+    launched = all(k in os.environ for k in _LAUNCHED)
+    if not launched and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        missing = [k for k in _LAUNCHED if k not in os.environ]
+        raise RuntimeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} not set: start the "
+                           f"trainer with a launcher (deepspeed, torchrun) or set all of {', '.join(_LAUNCHED)}")
+    if not launched:
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
-        if on_gpu:
-            torch.cuda.set_device(0)
-        if not torch.distributed.is_initialized():
-            torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
-    elif on_gpu:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend)
+        if launched:
+            deepspeed.init_distributed(dist_backend=backend)
+        else:
+            torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
