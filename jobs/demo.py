@@ -99,7 +99,24 @@ def run_demo(recipe: Recipe, steps: int = 300) -> None:
     _say("status")
     print_status(recipe.lake)
     print(summary(recipe), flush=True)
+    print(journey_of_one(recipe), flush=True)
+    from jobs.card import write_card
+
+    _say(f"dataset card of the chunk set: {write_card(recipe)}")
     _say(f"finished in {time.perf_counter() - started:.1f} s")
+
+
+def journey_of_one(recipe: Recipe) -> str:
+    """One trained document, traced from its record to the run (``tokenmill trace``)."""
+    from jobs.trace import render, trace
+    from lake.tables import Lake
+
+    used = Lake(recipe.lake).read_arrow("usage", ["doc_id", "times_used"]).to_pylist()
+    trained = sorted(r["doc_id"] for r in used if r["times_used"])
+    if not trained:
+        return ""
+    return (f"\none document's journey (tokenmill trace {trained[0]} --recipe {recipe.origin} --lake {recipe.lake}):\n"
+            + render(trace(recipe, trained[0])[0]))
 
 
 def sparkline(values: list[float], width: int = 60, height: int = 8) -> str:

@@ -73,6 +73,11 @@ class Stage:
     refine: bool = False  # one of `tokenmill refine`'s stages (and the refine DAG's), in pipeline order
     check: str | None = None  # a function of the module that checks the recipe before any Spark work
 
+    @property
+    def kept_table(self) -> str | None:
+        """The documents table a document the stage keeps lands in (its rejections go to documents_rejected)."""
+        return next((t for t in self.writes if t.startswith("documents_") and t != "documents_rejected"), None)
+
     def run(self, spark, recipe: Recipe, options=None):
         """A refinery stage first repairs what a stage killed between its commits left (``lake.atomic``)."""
         if self.refine:

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 import pyarrow.compute as pc
 
 from jobs.records import Rejection
-from jobs.stages import REFINE, Stage, StageError
+from jobs.stages import REFINE, StageError
 from lake import chunks as store
 from lake.recipe import Recipe
 from lake.tables import Lake
@@ -94,19 +94,19 @@ def journey(recipe: Recipe, lake: Lake, doc_id: str) -> Journey:
     found = Journey(doc_id, source=first["source"], url=(raw or {}).get("url"), preview=_preview(first["text"]))
     previous = None
     for stage in REFINE:
-        row = raw if stage.name == "ingest" else _one(lake, _kept_table(stage), doc_id)
+        row = raw if stage.name == "ingest" else _one(lake, stage.kept_table, doc_id)
         refused = rejections.get(stage.name)
         if refused is not None and row is None:
             extra = _dedup_survivor(lake, doc_id) if stage.name == "dedup" else ""
-            found.decisions.append(Decision(stage.name, "rejected", f"{refused['reason']}: {refused['detail']}{extra}"))
+            found.decisions.append(Decision(stage.name, "rejected", _why(refused) + extra))
             return found
         if row is None:
-            ran = lake.exists(_kept_table(stage))
+            ran = lake.exists(stage.kept_table)
             found.decisions.append(Decision(stage.name, "not reached" if ran else "not run",
                                             f"{stage.name} has not run since this document reached it" if ran
-                                            else f"{_kept_table(stage)} does not exist yet: tokenmill {stage.name}"))
+                                            else f"{stage.kept_table} does not exist yet: tokenmill {stage.name}"))
             return found
-        detail = _DESCRIBE.get(stage.name, lambda *_: f"kept in {_kept_table(stage)}")(lake, previous, row)
+        detail = _DESCRIBE.get(stage.name, lambda *_: f"kept in {stage.kept_table}")(lake, previous, row)
         if refused is not None:  # ingest: a later record with the same id was refused
             detail += f"; another record with this id was rejected ({refused['detail']})"
         found.decisions.append(Decision(stage.name, "kept", detail))
@@ -151,9 +151,14 @@ def _ingested(lake: Lake, previous: dict | None, row: dict) -> str:
             + (f", {fields} other field(s) kept in meta" if fields else ""))
 
 
+SHOWN_SIGNALS = ("n_chars", "n_words", "n_lines", "han_frac", "latin_frac", "symbol_frac", "dup_line_frac")
+
+
 def _filtered(lake: Lake, previous: dict, row: dict) -> str:
-    signals = ", ".join(f"{k} {v:.3g}" for k, v in sorted(dict(row.get("signals") or {}).items()))
-    return _length_change(previous, row, "line clean-up") + f"passed every rule; signals: {signals or 'none'}"
+    signals = dict(row.get("signals") or {})
+    shown = ", ".join(f"{k} {_number(signals[k])}" for k in SHOWN_SIGNALS if k in signals)
+    return (_length_change(previous, row, "line clean-up")
+            + f"passed every rule; {shown} ({len(signals)} signals: --json shows them all)")
 
 
 def _scrubbed(lake: Lake, previous: dict, row: dict) -> str:
@@ -181,6 +186,16 @@ def _deduplicated(lake: Lake, previous: dict, row: dict) -> str:
 _DESCRIBE = {"ingest": _ingested, "filter": _filtered, "pii": _scrubbed, "score": _scored, "dedup": _deduplicated}
 
 
+def _number(value: float) -> str:
+    return f"{value:,.0f}" if float(value).is_integer() else f"{value:.3g}"
+
+
+def _why(refused: dict) -> str:
+    """``reason: detail``, the reason once (a filter's detail starts with its rules' names)."""
+    detail = refused["detail"] or ""
+    return detail if detail.startswith(refused["reason"]) else f"{refused['reason']}: {detail}"
+
+
 def _dedup_survivor(lake: Lake, doc_id: str) -> str:
     member = _rows(lake, "dedup_clusters", doc_id)
     if not member:
@@ -196,10 +211,6 @@ def _length_change(previous: dict, row: dict, what: str) -> str:
 
 
 # -- reading -------------------------------------------------------------------------------------------------
-
-def _kept_table(stage: Stage) -> str:
-    return next(t for t in stage.writes if t.startswith("documents_") and t != "documents_rejected")
-
 
 def _rows(lake: Lake, name: str, doc_id: str) -> list[dict]:
     return lake.read_arrow(name, filter=pc.field("doc_id") == doc_id).to_pylist()

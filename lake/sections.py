@@ -23,6 +23,8 @@ class Source(_Section):
     text_field: str = "text"
     id_field: str | None = None
     url_field: str | None = None
+    license: str | None = Field(default=None, description="the source's licence (an SPDX id such as cc-by-4.0), for "
+                                                          "tokenmill card")
 
 
 class Ingest(_Section):

@@ -318,7 +318,7 @@ def test_trace_says_where_and_why_a_document_stopped(loop):
     [junk] = trace(recipe, source_line=f"{code_file}:{junk_line}")
     filtered = next(r for r in rejected if r["stage"] == "filter" and r["doc_id"] == junk.doc_id)
     assert [(d.stage, d.outcome) for d in junk.decisions] == [("ingest", "kept"), ("filter", "rejected")]
-    assert junk.decisions[1].detail == f"{filtered['reason']}: {filtered['detail']}"
+    assert junk.decisions[1].detail == filtered["detail"] and filtered["detail"].startswith(filtered["reason"])
     assert "it goes no further (documents_rejected, stage filter)" in render(junk)
     assert [j.doc_id for j in trace(recipe, url="https://example.org/trace-junk")] == [junk.doc_id]
     # the copy: dedup removed one of the two (the same text), naming the other as the survivor
@@ -334,3 +334,40 @@ def test_trace_says_where_and_why_a_document_stopped(loop):
     [broken] = trace(recipe, source_line=f"{messy}:2")
     assert broken.doc_id is None and [(d.stage, d.outcome) for d in broken.decisions] == [("ingest", "rejected")]
     assert broken.decisions[0].detail.startswith(f"malformed_json: {messy}:2: ")
+
+
+def test_the_dataset_card_states_the_chunk_sets_numbers(loop, s3):
+    from collections import Counter
+
+    from jobs.card import size_category
+    from lake import chunks
+    from lake.artifacts import TOKENIZER, versions
+    from lake.tables import Lake
+
+    recipe, work, _ = loop
+    shown = tokenmill(["card", "--recipe", str(work / "recipe.yaml"), "--out", str(work / "card")],
+                      {**os.environ, **s3.env(), "PYTHONPATH": str(ROOT)}, work)
+    assert shown.strip() == str(work / "card" / "README.md")
+    _, head, body = (work / "card" / "README.md").read_text().split("---\n", 2)
+    meta = yaml.safe_load(head)
+    # against the chunk's own rows and the tables, computed here
+    lake = Lake(recipe.lake)
+    [chunk] = chunks.manifest(lake)
+    in_chunk = {p["doc_id"] for row in chunks.read_rows(lake, chunk)[1] for p in row}
+    kept = lake.read_arrow("documents_dedup", ["doc_id", "source", "lang"]).to_pylist()
+    per_source = Counter(r["source"] for r in kept if r["doc_id"] in in_chunk)
+    assert meta["source_datasets"] == sorted(per_source) and meta["size_categories"] == [size_category(len(in_chunk))]
+    assert meta["language"] == sorted({r["lang"] for r in kept if r["doc_id"] in in_chunk} - {"code", "other"})
+    assert meta["license"] == ["psf-2.0"]  # configs/demo.yaml gives en_docs' and code's; the others give none
+    assert meta["task_categories"] == ["text-generation"] and "code" in meta["tags"]
+    for category, tokens in dict(chunk["mix"]).items():
+        assert f"| `{category}` | {tokens:,} |" in body
+    rows = {line.split("|")[1].strip(" `"): [c.strip() for c in line.split("|")[2:-1]] for line in body.splitlines()
+            if line.startswith("| `") and line.count("|") > 6}
+    held = Counter(r["source"] for r in lake.read_arrow("holdout", ["source"]).to_pylist())
+    for source in (s.name for s in recipe.sources):
+        assert rows[source][-2:] == [f"{per_source.get(source, 0):,}", f"{held.get(source, 0):,}"], (source, rows[source])
+    rejected = Counter(r["stage"] for r in lake.read_arrow("documents_rejected", ["stage"]).to_pylist())
+    for stage, n in rejected.items():
+        assert f"- **{stage}** rejected {n:,}: " in body
+    assert f"tokenizer `{TOKENIZER}/{versions(recipe.lake, TOKENIZER)[-1]}`" in body
