@@ -42,6 +42,7 @@ class Journey:
     url: str | None = None
     preview: str | None = None  # the raw text's beginning
     decisions: list[Decision] = field(default_factory=list)
+    signals: dict[str, float] = field(default_factory=dict)  # the filter's, for a document it kept
     held_out: bool = False
     times_used: int = 0
     placements: list[store.Placement] = field(default_factory=list)
@@ -110,6 +111,8 @@ def journey(recipe: Recipe, lake: Lake, doc_id: str) -> Journey:
         if refused is not None:  # ingest: a later record with the same id was refused
             detail += f"; another record with this id was rejected ({refused['detail']})"
         found.decisions.append(Decision(stage.name, "kept", detail))
+        if stage.name == "filter":
+            found.signals = dict(row.get("signals") or {})
         previous = row
     _fed(recipe, lake, found, previous)
     return found

@@ -295,6 +295,8 @@ def test_trace_follows_a_trained_document_from_its_record_to_the_run(loop, s3):
     rows, tokens = _rows_of(lake, chunk, doc_id)
     assert [(p.chunk["chunk_id"], p.rows, p.tokens) for p in found.placements] == [(chunk["chunk_id"], rows, tokens)]
     assert found.times_used == used[doc_id] and not found.held_out
+    filtered = lake.read_arrow("documents_filtered").to_pylist()
+    assert found.signals == dict(next(r for r in filtered if r["doc_id"] == doc_id)["signals"]) and found.signals
     events = {(e["run_id"], e["event"]) for e in found.training}
     assert {(recipe.trainer.run_name, "claimed"), (recipe.trainer.run_name, "consumed")} <= events
     # the command a user types, on the bucket: one screen, from the record to the run
