@@ -54,10 +54,10 @@ class Numbers:
     held_out: dict[str, int]  # source → documents
 
 
-def numbers(recipe: Recipe) -> Numbers:
+def numbers(recipe: Recipe, need_chunks: bool = True) -> Numbers:
     lake = Lake(recipe.lake)
     live = [r for r in store.manifest(lake) if r["status"] in LIVE]
-    if not live:
+    if not live and need_chunks:
         raise StageError(f"{lake.root} has no ready, training or consumed chunk: a card describes a chunk set "
                          f"(tokenmill feed --recipe {recipe.origin})")
     tokens: Counter = Counter()

@@ -1,5 +1,5 @@
 """The ``tokenmill`` command: one subcommand per declared stage (``jobs/stages.py``), plus ``refine``,
-``status``, ``vacuum``, ``models``, ``demo``, ``jars``, ``trace``, ``card``, and the trainer's ``train`` and ``plan``. Nothing imports this module:
+``status``, ``vacuum``, ``models``, ``demo``, ``jars``, ``trace``, ``card``, ``report``, and the trainer's ``train`` and ``plan``. Nothing imports this module:
 it is the edge where the refinery and the trainer meet."""
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ DEMO_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 # commands that parse their own arguments: the stages, and the tools beside them
 OWN_PARSERS = {**{s.name: f"jobs.{s.module}" for s in STAGES},
                "plan": "trainer.planner", "train": "trainer.daemon", "package": "jobs.package", "jars": "lake.jars",
-               "trace": "jobs.trace", "card": "jobs.card"}
+               "trace": "jobs.trace", "card": "jobs.card",
+               "report": "jobs.report"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("jars", help="fetch the Delta jars from Maven Central", add_help=False)
     sub.add_parser("trace", help="one document's journey: each stage's decision, its chunks and rows, the runs", add_help=False)
     sub.add_parser("card", help="a Hugging Face-style dataset card (README.md) of the lake's chunk set", add_help=False)
+    sub.add_parser("report", help="one static HTML page of the whole lake: funnel, rules, PII, scores, dedup, chunks, training",
+                   add_help=False)
 
     refine = sub.add_parser("refine", help="run refinery stages in order on one Spark session")
     recipe_arguments(refine)

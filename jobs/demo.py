@@ -101,8 +101,10 @@ def run_demo(recipe: Recipe, steps: int = 300) -> None:
     print(summary(recipe), flush=True)
     print(journey_of_one(recipe), flush=True)
     from jobs.card import write_card
+    from jobs.report import write_report
 
     _say(f"dataset card of the chunk set: {write_card(recipe)}")
+    _say(f"the lake's report (open it in a browser): {write_report(recipe)}")
     _say(f"finished in {time.perf_counter() - started:.1f} s")
 
 

@@ -373,3 +373,49 @@ def test_the_dataset_card_states_the_chunk_sets_numbers(loop, s3):
     for stage, n in rejected.items():
         assert f"- **{stage}** rejected {n:,}: " in body
     assert f"tokenizer `{TOKENIZER}/{versions(recipe.lake, TOKENIZER)[-1]}`" in body
+
+
+def test_the_report_shows_the_lakes_numbers_and_opens_in_a_browser(loop, s3):
+    import re
+    from collections import Counter
+
+    import browser
+    from lake import chunks
+    from lake.tables import Lake
+
+    recipe, work, _ = loop
+    shown = tokenmill(["report", "--recipe", str(work / "recipe.yaml"), "--out", str(work / "report")],
+                      {**os.environ, **s3.env(), "PYTHONPATH": str(ROOT)}, work)
+    page = work / "report" / "report.html"
+    assert shown.strip() == str(page)
+    html = page.read_text()
+    figures = json.loads(re.search(r'<script type="application/json" id="figures">(.*?)</script>', html, re.S)
+                         .group(1).replace("<\\/", "</"))
+    lake = Lake(recipe.lake)
+    # the funnel and the rejections, against the tables
+    for name in ("documents_raw", "documents_filtered", "documents_clean", "documents_scored", "documents_dedup"):
+        assert figures["funnel"][name] == dict(Counter(lake.read_arrow(name, ["source"]).column("source").to_pylist()))
+    rejected = lake.read_arrow("documents_rejected", ["stage", "reason", "detail"]).to_pylist()
+    assert figures["rejected"] == {s: dict(Counter(r["reason"] for r in rejected if r["stage"] == s))
+                                   for s in {r["stage"] for r in rejected}}
+    by_rule = Counter(r["reason"] for r in rejected if r["stage"] == "filter")
+    assert {k: v["removed"] for k, v in figures["rules"].items() if v["removed"]} == dict(by_rule)
+    assert all(v["alone"] <= v["failed"] and len(v["samples"]) <= 3 for v in figures["rules"].values())
+    pii = Counter()
+    for r in lake.read_arrow("documents_clean", ["pii"]).to_pylist():
+        pii.update({k: v for k, v in dict(r["pii"] or {}).items() if v})
+    assert {k: sum(v.values()) for k, v in figures["pii"].items()} == dict(pii)
+    # the chunks, their reuse and the run
+    [chunk] = chunks.manifest(lake)
+    assert [(c["chunk_id"], c["mix"]) for c in figures["chunks"]["per_chunk"]] == [(chunk["chunk_id"], dict(chunk["mix"]))]
+    used = Counter(lake.read_arrow("usage", ["times_used"]).column("times_used").to_pylist())
+    assert figures["usage"] == {str(k): v for k, v in used.items()}
+    metrics = (work / "runs" / recipe.trainer.run_name / "metrics.jsonl").read_text().splitlines()
+    run = figures["training"][recipe.trainer.run_name]
+    assert [m["step"] for m in run["metrics"]] == [json.loads(x)["step"] for x in metrics]
+    assert len(run["events"]) == lake.read_arrow("trainer_events").num_rows
+    # a page that loads nothing and shows its charts: in headless Chromium, no console error, a screenshot
+    assert not re.search(r'(src|href)="(https?:)?//', html) and "<script src" not in html
+    shot = browser.screenshot(page, work)
+    assert shot.console == [] and shot.png.stat().st_size > 20_000
+    assert shot.dom.count("<svg") >= 5 and "Near-dedup" in shot.dom and f"run {recipe.trainer.run_name}" in shot.dom

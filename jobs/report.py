@@ -1,0 +1,320 @@
+"""``tokenmill report``: one static HTML page of the whole lake, from raw records to training.
+
+The funnel per stage and source, what each rule removed (alone or with others, per source, with
+samples; line clean-up before and after), PII per type and source, score distributions, category
+shares, dedup clusters side by side, the mix of every chunk against the target, document reuse,
+tokenizer compression, and each training run's curves with its spikes, rollbacks and quarantines on
+one timeline. Charts are inline SVG drawn here (``jobs/report_charts.py``); the page loads nothing
+and runs no script. The figures it shows are also embedded as JSON (``<script type="application/json"
+id="figures">``), which the tests compare with the tables.
+
+Everything is aggregated from the tables' small columns with pyarrow (delta-rs, no Spark); text is
+read only for the capped samples, by id.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections import Counter
+from datetime import datetime, timezone
+from html import escape
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from jobs import report_charts as chart
+from jobs.card import numbers as card_numbers
+from jobs.stages import REFINE, StageError
+from lake.fs import exists, read_bytes
+from lake.recipe import Recipe
+from lake.tables import Lake
+
+SAMPLES = 3  # per rule, per cluster list, per line clean-up
+PREVIEW = 400  # characters of a sample
+_RULE = re.compile(r"(?:^|; )([a-z0-9_]+): ")
+
+
+def figures(recipe: Recipe) -> dict:
+    """Every number the page shows (and its samples), from the lake."""
+    lake = Lake(recipe.lake)
+    card = card_numbers(recipe, need_chunks=False)
+    rejected = lake.read_arrow("documents_rejected", ["doc_id", "source", "stage", "reason", "detail"])
+    return {"funnel": card.stage_rows, "in_chunks": card.documents, "held_out": card.held_out,
+            "rejected": {s: dict(c) for s, c in card.rejected.items()},
+            "rules": _rules(lake, rejected), "line_cleanup": _line_cleanup(lake),
+            "pii": _pii(lake), "scores": _scores(lake), "dedup": _dedup(lake),
+            "chunks": _chunks(recipe, card.chunks), "usage": _usage(lake), "training": _training(recipe, lake)}
+
+
+def _rules(lake: Lake, rejected: pa.Table) -> dict:
+    """Per rule: documents it failed, those it alone failed, the first-failed count per source, samples."""
+    rows = rejected.filter(pc.field("stage") == "filter").to_pylist()
+    failed, alone, per_source, samples = Counter(), Counter(), {}, {}
+    for r in rows:
+        names = _RULE.findall(r["detail"] or "") or [r["reason"]]
+        failed.update(set(names))
+        if len(set(names)) == 1:
+            alone[names[0]] += 1
+        per_source.setdefault(r["reason"], Counter())[r["source"]] += 1
+        if len(samples.setdefault(r["reason"], [])) < SAMPLES:
+            samples[r["reason"]].append(r["doc_id"])
+    texts = _texts(lake, "documents_rejected", [d for ids in samples.values() for d in ids])
+    return {name: {"failed": failed[name], "alone": alone[name], "removed": sum(per_source.get(name, {}).values()),
+                   "per_source": dict(per_source.get(name, {})),
+                   "samples": [{"doc_id": d, "text": texts.get(d, "")} for d in samples.get(name, [])]}
+            for name in sorted(failed, key=lambda n: -failed[n])}
+
+
+def _line_cleanup(lake: Lake) -> list[dict]:
+    """A few kept documents whose lines the filter cleaned: the text before and after."""
+    if not lake.exists("documents_filtered"):
+        return []
+    signals = lake.read_arrow("documents_filtered", ["doc_id", "signals"]).to_pylist()
+    cleaned = sorted(r["doc_id"] for r in signals if dict(r["signals"] or {}).get("lines_removed", 0) > 0)[:SAMPLES]
+    before, after = _texts(lake, "documents_raw", cleaned), _texts(lake, "documents_filtered", cleaned)
+    return [{"doc_id": d, "before": before.get(d, ""), "after": after.get(d, "")} for d in cleaned]
+
+
+def _pii(lake: Lake) -> dict[str, dict[str, int]]:
+    """Placeholder → source → replacements."""
+    if not lake.exists("documents_clean"):
+        return {}
+    out: dict[str, dict[str, int]] = {}
+    for r in lake.read_arrow("documents_clean", ["source", "pii"]).to_pylist():
+        for kind, n in dict(r["pii"] or {}).items():
+            if n:
+                out.setdefault(kind, {})[r["source"]] = out.get(kind, {}).get(r["source"], 0) + n
+    return out
+
+
+def _scores(lake: Lake) -> dict:
+    """Quality histogram (10 bins) per source, domains per source, category shares."""
+    if not lake.exists("documents_scored"):
+        return {}
+    data = lake.read_arrow("documents_scored", ["source", "quality", "domain", "category"]).to_pylist()
+    quality: dict[str, list[int]] = {}
+    domains: dict[str, Counter] = {}
+    for r in data:
+        if r["quality"] is not None:
+            quality.setdefault(r["source"], [0] * 10)[min(int(r["quality"] * 10), 9)] += 1
+        domains.setdefault(r["source"], Counter())[r["domain"]] += 1
+    return {"quality": quality, "domains": {s: dict(c) for s, c in domains.items()},
+            "categories": dict(Counter(r["category"] for r in data))}
+
+
+def _dedup(lake: Lake) -> dict:
+    """Cluster sizes, removals per threshold key, and the largest clusters with their members' text."""
+    members = lake.read_arrow("dedup_clusters").to_pylist()
+    by_cluster: dict[str, list[dict]] = {}
+    for m in members:
+        by_cluster.setdefault(m["cluster_id"], []).append(m)
+    sizes = Counter(len(v) for v in by_cluster.values())
+    removed = Counter(f"{m['category']} ≥ {m['threshold']}" for m in members if m["doc_id"] != m["kept_doc_id"])
+    largest = sorted(by_cluster.values(), key=lambda v: (-len(v), v[0]["cluster_id"]))[:SAMPLES]
+    ids = [m["doc_id"] for v in largest for m in v[:4]]
+    texts = {**_texts(lake, "documents_rejected", ids), **_texts(lake, lake.kept_documents(), ids)}
+    examples = [[{**m, "kept": m["doc_id"] == m["kept_doc_id"], "text": texts.get(m["doc_id"], "")}
+                 for m in sorted(v, key=lambda m: m["doc_id"] != m["kept_doc_id"])[:4]] for v in largest]
+    return {"sizes": {str(k): v for k, v in sorted(sizes.items())}, "removed": dict(removed), "examples": examples}
+
+
+def _chunks(recipe: Recipe, live: list[dict]) -> dict:
+    mix = recipe.feed.current.mix
+    rows = sorted(live, key=lambda r: r["created_at"])
+    return {"target": {c: v / sum(mix.values()) for c, v in mix.items()},
+            "per_chunk": [{"chunk_id": r["chunk_id"], "status": r["status"], "tokens": r["n_tokens"],
+                           "mix": dict(r["mix"] or [])} for r in rows],
+            "compression": _compression(recipe)}
+
+
+def _compression(recipe: Recipe) -> dict[str, float]:
+    from lake.artifacts import load_tokenizer
+
+    _, meta = load_tokenizer(recipe)
+    return {c: v["bytes_per_token"] for c, v in sorted((meta.get("compression") or {}).items()) if v.get("bytes_per_token")}
+
+
+def _usage(lake: Lake) -> dict[str, int]:
+    used = lake.read_arrow("usage", ["times_used"]).column("times_used")
+    return {str(r["values"]): r["counts"] for r in pc.value_counts(used).to_pylist()} if len(used) else {}
+
+
+def _training(recipe: Recipe, lake: Lake) -> dict:
+    """Per run: its metrics (step, tokens, loss, per category, lr, batch, perplexity) and events."""
+    runs_dir = recipe.trainer.runs_dir or f"{recipe.lake.rstrip('/')}/runs"
+    events = lake.read_arrow("trainer_events").to_pylist()
+    out = {}
+    for run in sorted({e["run_id"] for e in events}):
+        path = f"{runs_dir.rstrip('/')}/{run}/metrics.jsonl"
+        records = [json.loads(x) for x in read_bytes(path).decode().splitlines() if x.strip()] if exists(path) else []
+        keep = ("step", "tokens", "loss", "lr", "batch_sequences", "loss_by_category", "perplexity_by_source", "guard")
+        out[run] = {"metrics": [{k: r[k] for k in keep if k in r} for r in records],
+                    "events": [{"step": e["step"], "event": e["event"], "chunk_id": e["chunk_id"], "detail": e["detail"]}
+                               for e in sorted(events, key=lambda e: e["at"]) if e["run_id"] == run]}
+    return out
+
+
+def _texts(lake: Lake, name: str, ids: list[str]) -> dict[str, str]:
+    if not ids or not lake.exists(name):
+        return {}
+    rows = lake.read_arrow(name, ["doc_id", "text"], pc.field("doc_id").isin(sorted(set(ids)))).to_pylist()
+    return {r["doc_id"]: (r["text"] or "")[:PREVIEW] for r in rows}
+
+
+# -- the page ------------------------------------------------------------------------------------------------
+
+def page(recipe: Recipe, f: dict, made: datetime) -> str:
+    sections = [_funnel_html(recipe, f), _rules_html(f), _pii_scores_html(f), _dedup_html(f), _chunks_html(f),
+                _training_html(f)]
+    data = json.dumps(f, ensure_ascii=False, default=str).replace("</", "<\\/")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>tokenmill report · {escape(recipe.origin)}</title>
+<style>body{{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1100px;color:#222}}
+table{{border-collapse:collapse;margin:8px 0 16px}}td,th{{border:1px solid #ddd;padding:3px 8px;text-align:right}}
+td:first-child,th:first-child{{text-align:left}}.pair{{display:grid;grid-template-columns:1fr 1fr;gap:8px}}
+.sample{{white-space:pre-wrap;font:12px/1.3 ui-monospace,monospace;background:#f6f6f6;padding:6px;max-height:180px;
+overflow:auto}}.kept{{border-left:4px solid #54a24b}}.gone{{border-left:4px solid #e45756}}h2{{margin-top:32px}}
+.empty{{color:#888}}</style></head><body>
+<h1>tokenmill report</h1><p>Lake <code>{escape(recipe.lake)}</code>, recipe <code>{escape(recipe.origin)}</code>,
+made {made:%Y-%m-%d %H:%M} UTC.</p>
+{''.join(sections)}
+<script type="application/json" id="figures">{data}</script>
+</body></html>
+"""
+
+
+def _table(head: list[str], rows: list[list]) -> str:
+    cell = (lambda c: f"{c:,}" if isinstance(c, int) else escape(str(c)))
+    return ("<table><tr>" + "".join(f"<th>{escape(h)}</th>" for h in head) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in row) + "</tr>" for row in rows) + "</table>")
+
+
+def _funnel_html(recipe: Recipe, f: dict) -> str:
+    tables = list(f["funnel"])
+    sources = [s.name for s in recipe.sources]
+    rows = [[s, *[f["funnel"][t].get(s, 0) for t in tables], f["in_chunks"].get(s, 0), f["held_out"].get(s, 0)]
+            for s in sources]
+    series = {s: [float(f["funnel"][t].get(s, 0)) for t in tables] + [float(f["in_chunks"].get(s, 0))] for s in sources}
+    rejected = [[stage.name, reason, n] for stage in REFINE for reason, n in
+                sorted(f["rejected"].get(stage.name, {}).items(), key=lambda kv: -kv[1])]
+    return ("<h2>Funnel</h2>" + chart.bars([t.removeprefix("documents_") for t in tables] + ["in chunks"], series,
+                                           "documents per stage and source")
+            + _table(["source", *tables, "in chunks", "held out"], rows)
+            + "<h3>Rejections</h3>" + _table(["stage", "reason", "documents"], rejected))
+
+
+def _rules_html(f: dict) -> str:
+    rows = [[name, r["failed"], r["alone"], r["removed"], ", ".join(f"{s} {n}" for s, n in sorted(r["per_source"].items()))]
+            for name, r in f["rules"].items()]
+    out = ["<h2>Filter rules</h2><p>failed: documents the rule failed; alone: the only rule they failed; "
+           "removed: documents whose first failed rule it was, per source.</p>",
+           _table(["rule", "failed", "alone", "removed", "removed per source"], rows)]
+    for name, r in f["rules"].items():
+        if r["samples"]:
+            out.append(f"<h4>{escape(name)}</h4><div class='pair'>" + "".join(
+                f"<div class='sample gone' title='{escape(s['doc_id'])}'>{escape(s['text'])}</div>" for s in r["samples"])
+                + "</div>")
+    if f["line_cleanup"]:
+        out.append("<h3>Line clean-up: before and after</h3>")
+        for s in f["line_cleanup"]:
+            out.append(f"<p><code>{escape(s['doc_id'])}</code></p><div class='pair'><div class='sample gone'>"
+                       f"{escape(s['before'])}</div><div class='sample kept'>{escape(s['after'])}</div></div>")
+    return "".join(out)
+
+
+def _pii_scores_html(f: dict) -> str:
+    pii = [[kind, sum(by.values()), ", ".join(f"{s} {n}" for s, n in sorted(by.items()))] for kind, by in sorted(f["pii"].items())]
+    out = ["<h2>PII</h2>", _table(["placeholder", "replaced", "per source"], pii) if pii else "<p class='empty'>none found</p>"]
+    scores = f["scores"]
+    if scores:
+        bins = [f"{i / 10:.1f}" for i in range(10)]
+        out.append("<h2>Scores</h2>" + chart.bars(bins, {s: [float(v) for v in h] for s, h in scores["quality"].items()},
+                                                   "quality per source (documents per bin)", stacked=False))
+        out.append(_table(["source", "domains"], [[s, ", ".join(f"{d} {n}" for d, n in sorted(c.items()))]
+                                                  for s, c in sorted(scores["domains"].items())]))
+        total = sum(scores["categories"].values()) or 1
+        out.append(_table(["category", "documents", "share"], [[c, n, f"{n / total:.1%}"] for c, n in
+                                                                sorted(scores["categories"].items(), key=str)]))
+    return "".join(out)
+
+
+def _dedup_html(f: dict) -> str:
+    d = f["dedup"]
+    out = ["<h2>Near-dedup</h2>", _table(["cluster size", "clusters"], [[k, v] for k, v in d["sizes"].items()]),
+           _table(["threshold key", "removed"], [[k, v] for k, v in sorted(d["removed"].items())])]
+    for members in d["examples"]:
+        out.append("<div class='pair'>" + "".join(
+            f"<div class='sample {'kept' if m['kept'] else 'gone'}'><b>{'survivor' if m['kept'] else 'removed'}</b> "
+            f"{escape(m['doc_id'])} · similarity {m['similarity'] if m['similarity'] is not None else '–'} · "
+            f"threshold {m['threshold']}\n{escape(m['text'])}</div>" for m in members) + "</div>")
+    return "".join(out)
+
+
+def _chunks_html(f: dict) -> str:
+    c = f["chunks"]
+    cats = sorted({k for r in c["per_chunk"] for k in r["mix"]} | set(c["target"]))
+    shares = {k: [r["mix"].get(k, 0) / max(r["tokens"], 1) for r in c["per_chunk"]] for k in cats}
+    uses = sorted(f["usage"].items(), key=lambda kv: int(kv[0]))
+    return ("<h2>Chunks</h2>" + chart.bars([r["chunk_id"] for r in c["per_chunk"]], shares,
+                                           "each chunk's mix (dashed: the target)", target=c["target"])
+            + _table(["chunk", "status", "tokens", *cats], [[r["chunk_id"], r["status"], r["tokens"],
+                                                             *[r["mix"].get(k, 0) for k in cats]] for r in c["per_chunk"]])
+            + "<h3>Reuse</h3>" + _table(["times used", "documents"], [[k, v] for k, v in uses])
+            + "<h3>Tokenizer compression</h3>" + _table(["category", "bytes/token"], [[k, f"{v:.2f}"] for k, v in
+                                                                                   c["compression"].items()]))
+
+
+def _training_html(f: dict) -> str:
+    out = ["<h2>Training</h2>"]
+    if not f["training"]:
+        out.append("<p class='empty'>no run has trained on this lake yet</p>")
+    for run, t in f["training"].items():
+        m, events = t["metrics"], t["events"]
+        at_step = {r["step"]: r["tokens"] for r in m}
+        marks = [(at_step.get(e["step"], 0), f"{e['event']} at step {e['step']}: {e['detail']}", "#e45756")
+                 for e in events if e["event"] in ("spike", "rollback", "quarantine") and e["step"] in at_step]
+        cats = sorted({c for r in m for c in r.get("loss_by_category", {})})
+        evals = [r for r in m if "perplexity_by_source" in r]
+        srcs = sorted({s for r in evals for s in r["perplexity_by_source"]})
+        out += [f"<h3>run {escape(run)}</h3>",
+                chart.lines({"loss": [(r["tokens"], r["loss"]) for r in m],
+                             **{c: [(r["tokens"], r["loss_by_category"][c]) for r in m if c in r.get("loss_by_category", {})]
+                                for c in cats}}, "loss and loss per category (red: spikes, rollbacks)", "tokens", marks=marks),
+                chart.lines({s: [(r["tokens"], r["perplexity_by_source"][s]) for r in evals if s in r["perplexity_by_source"]]
+                             for s in srcs}, "perplexity per held-out source", "tokens", log_y=True),
+                chart.lines({"learning rate": [(r["tokens"], r["lr"]) for r in m]}, "learning rate", "tokens"),
+                chart.lines({"sequences": [(r["tokens"], float(r["batch_sequences"])) for r in m]}, "batch size", "tokens"),
+                _table(["step", "event", "chunk", "detail"], [[e["step"], e["event"], e["chunk_id"] or "", e["detail"] or ""]
+                                                              for e in events if e["event"] not in ("starved",)])]
+    return "".join(out)
+
+
+def write_report(recipe: Recipe, out: str | None = None) -> Path:
+    """``report.html`` into ``out`` (default ``<lake>/report``, a local lake); returns its path."""
+    if out is None and "://" in recipe.lake and not recipe.lake.startswith("file://"):
+        raise StageError(f"the lake {recipe.lake} is not a local folder: pass --out DIR for the report")
+    folder = Path(out) if out else Path(recipe.lake.removeprefix("file://")) / "report"
+    html = page(recipe, figures(recipe), datetime.now(timezone.utc))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "report.html").write_text(html, encoding="utf-8")
+    return folder / "report.html"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from lake.recipe import recipe_arguments, recipe_from_args
+
+    parser = argparse.ArgumentParser(prog="tokenmill report", description=__doc__.split("\n\n")[0])
+    recipe_arguments(parser)
+    parser.add_argument("--out", help="folder for report.html (default: <lake>/report)")
+    args = parser.parse_args(argv)
+    print(write_report(recipe_from_args(args), args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
