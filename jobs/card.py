@@ -189,18 +189,21 @@ def _tokenizer(tok: dict, n: Numbers) -> list[str]:
             "documents:", ""] + _table(["category", "bytes/token"], rows)
 
 
+def write_page(lake_root: str, out: str | None, default: str, file: str, text: str) -> Path:
+    """``text`` into ``out/file``, or ``<lake>/default/file`` for a local lake (a card, a report)."""
+    if out is None and "://" in lake_root and not lake_root.startswith("file://"):
+        raise StageError(f"the lake {lake_root} is not a local folder: pass --out DIR for {file}")
+    folder = Path(out) if out else Path(lake_root.removeprefix("file://")) / default
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / file).write_text(text, encoding="utf-8")
+    return folder / file
+
+
 def write_card(recipe: Recipe, out: str | None = None, name: str | None = None) -> Path:
     """Write ``README.md`` into ``out`` (default ``<lake>/card``, a local lake) and return its path."""
-    folder = Path(out) if out else None
-    if folder is None:
-        if "://" in recipe.lake and not recipe.lake.startswith("file://"):
-            raise StageError(f"the lake {recipe.lake} is not a local folder: pass --out DIR for the card")
-        folder = Path(recipe.lake.removeprefix("file://")) / "card"
     title = name or (Path(recipe.origin).stem if recipe.origin != "<memory>" else Path(recipe.lake.rstrip("/")).name)
     text = render(recipe, numbers(recipe), title, datetime.now(timezone.utc))
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "README.md").write_text(text, encoding="utf-8")
-    return folder / "README.md"
+    return write_page(recipe.lake, out, "card", "README.md", text)
 
 
 def main(argv: list[str] | None = None) -> int:

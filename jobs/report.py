@@ -26,8 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs import report_charts as chart
-from jobs.card import numbers as card_numbers
-from jobs.stages import REFINE, StageError
+from jobs.card import numbers as card_numbers, write_page
+from jobs.stages import REFINE
 from lake.fs import exists, read_bytes
 from lake.recipe import Recipe
 from lake.tables import Lake
@@ -72,8 +72,9 @@ def _line_cleanup(lake: Lake) -> list[dict]:
     """A few kept documents whose lines the filter cleaned: the text before and after."""
     if not lake.exists("documents_filtered"):
         return []
-    signals = lake.read_arrow("documents_filtered", ["doc_id", "signals"]).to_pylist()
-    cleaned = sorted(r["doc_id"] for r in signals if dict(r["signals"] or {}).get("lines_removed", 0) > 0)[:SAMPLES]
+    data = lake.read_arrow("documents_filtered", ["doc_id", "signals"])
+    removed = pc.fill_null(_lookup(data.column("signals"), "lines_removed"), 0)
+    cleaned = sorted(data.filter(pc.greater(removed, 0)).column("doc_id").to_pylist())[:SAMPLES]
     before, after = _texts(lake, "documents_raw", cleaned), _texts(lake, "documents_filtered", cleaned)
     return [{"doc_id": d, "before": before.get(d, ""), "after": after.get(d, "")} for d in cleaned]
 
@@ -82,11 +83,14 @@ def _pii(lake: Lake) -> dict[str, dict[str, int]]:
     """Placeholder → source → replacements."""
     if not lake.exists("documents_clean"):
         return {}
+    data = lake.read_arrow("documents_clean", ["source", "pii"]).combine_chunks()
+    pii = data.column("pii").chunk(0) if data.num_rows else pa.array([], data.schema.field("pii").type)
+    owner = pc.list_parent_indices(pa.ListArray.from_arrays(pii.offsets, pii.keys))  # (not on a MapArray itself)
+    entries = pa.table({"kind": pii.keys, "n": pii.items, "source": pc.take(data.column("source"), owner)})
     out: dict[str, dict[str, int]] = {}
-    for r in lake.read_arrow("documents_clean", ["source", "pii"]).to_pylist():
-        for kind, n in dict(r["pii"] or {}).items():
-            if n:
-                out.setdefault(kind, {})[r["source"]] = out.get(kind, {}).get(r["source"], 0) + n
+    for r in entries.group_by(["kind", "source"]).aggregate([("n", "sum")]).to_pylist():
+        if r["n_sum"]:
+            out.setdefault(r["kind"], {})[r["source"]] = r["n_sum"]
     return out
 
 
@@ -94,15 +98,22 @@ def _scores(lake: Lake) -> dict:
     """Quality histogram (10 bins) per source, domains per source, category shares."""
     if not lake.exists("documents_scored"):
         return {}
-    data = lake.read_arrow("documents_scored", ["source", "quality", "domain", "category"]).to_pylist()
+    data = lake.read_arrow("documents_scored", ["source", "quality", "domain", "category"])
+    bins = pc.min_element_wise(pc.cast(pc.floor(pc.multiply(data.column("quality"), 10.0)), pa.int64()), 9)
     quality: dict[str, list[int]] = {}
-    domains: dict[str, Counter] = {}
-    for r in data:
-        if r["quality"] is not None:
-            quality.setdefault(r["source"], [0] * 10)[min(int(r["quality"] * 10), 9)] += 1
-        domains.setdefault(r["source"], Counter())[r["domain"]] += 1
-    return {"quality": quality, "domains": {s: dict(c) for s, c in domains.items()},
-            "categories": dict(Counter(r["category"] for r in data))}
+    for r in pa.table({"source": data.column("source"), "bin": bins}).filter(pc.is_valid(bins)).group_by(
+            ["source", "bin"]).aggregate([("bin", "count")]).to_pylist():
+        quality.setdefault(r["source"], [0] * 10)[r["bin"]] = r["bin_count"]
+    domains: dict[str, dict] = {}
+    for r in data.group_by(["source", "domain"]).aggregate([("domain", "count")]).to_pylist():
+        domains.setdefault(r["source"], {})[r["domain"]] = r["domain_count"]
+    categories = {r["category"]: r["category_count"] for r in data.group_by("category").aggregate(
+        [("category", "count")]).to_pylist()}
+    return {"quality": quality, "domains": domains, "categories": categories}
+
+
+def _lookup(maps: pa.ChunkedArray, key: str) -> pa.ChunkedArray:
+    return pc.map_lookup(maps, pa.scalar(key, maps.type.key_type), "first")
 
 
 def _dedup(lake: Lake) -> dict:
@@ -173,8 +184,8 @@ def page(recipe: Recipe, f: dict, made: datetime) -> str:
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>tokenmill report · {escape(recipe.origin)}</title>
 <style>body{{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1100px;color:#222}}
-table{{border-collapse:collapse;margin:8px 0 16px}}td,th{{border:1px solid #ddd;padding:3px 8px;text-align:right}}
-td:first-child,th:first-child{{text-align:left}}.pair{{display:grid;grid-template-columns:1fr 1fr;gap:8px}}
+table{{border-collapse:collapse;margin:8px 0 16px}}td,th{{border:1px solid #ddd;padding:3px 8px;text-align:left}}
+td.n{{text-align:right}}.pair{{display:grid;grid-template-columns:1fr 1fr;gap:8px}}
 .sample{{white-space:pre-wrap;font:12px/1.3 ui-monospace,monospace;background:#f6f6f6;padding:6px;max-height:180px;
 overflow:auto}}.kept{{border-left:4px solid #54a24b}}.gone{{border-left:4px solid #e45756}}h2{{margin-top:32px}}
 .empty{{color:#888}}</style></head><body>
@@ -187,9 +198,9 @@ made {made:%Y-%m-%d %H:%M} UTC.</p>
 
 
 def _table(head: list[str], rows: list[list]) -> str:
-    cell = (lambda c: f"{c:,}" if isinstance(c, int) else escape(str(c)))
+    cell = (lambda c: f"<td class='n'>{c:,}</td>" if isinstance(c, int) else f"<td>{escape(str(c))}</td>")
     return ("<table><tr>" + "".join(f"<th>{escape(h)}</th>" for h in head) + "</tr>"
-            + "".join("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in row) + "</tr>" for row in rows) + "</table>")
+            + "".join("<tr>" + "".join(cell(c) for c in row) + "</tr>" for row in rows) + "</table>")
 
 
 def _funnel_html(recipe: Recipe, f: dict) -> str:
@@ -294,13 +305,7 @@ def _training_html(f: dict) -> str:
 
 def write_report(recipe: Recipe, out: str | None = None) -> Path:
     """``report.html`` into ``out`` (default ``<lake>/report``, a local lake); returns its path."""
-    if out is None and "://" in recipe.lake and not recipe.lake.startswith("file://"):
-        raise StageError(f"the lake {recipe.lake} is not a local folder: pass --out DIR for the report")
-    folder = Path(out) if out else Path(recipe.lake.removeprefix("file://")) / "report"
-    html = page(recipe, figures(recipe), datetime.now(timezone.utc))
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "report.html").write_text(html, encoding="utf-8")
-    return folder / "report.html"
+    return write_page(recipe.lake, out, "report", "report.html", page(recipe, figures(recipe), datetime.now(timezone.utc)))
 
 
 def main(argv: list[str] | None = None) -> int:
