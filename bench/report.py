@@ -1,6 +1,6 @@
 """Benchmark: ``tokenmill report`` on a lake of ``--docs`` documents, next to DuckDB computing the
 report's group-bys over the same Parquet files in the same process (the floor: reading those
-columns once and counting).
+columns once and counting; the text's bytes per stage and source included).
 
 The lake is written here without Spark (delta-rs): every documents table (a tenth of the raw
 documents rejected by filter rules, a twentieth removed by dedup in clusters of two, PII counts on
@@ -101,9 +101,10 @@ def duckdb_floor(lake: Lake) -> None:
         return [u.removeprefix("file://") for u in lake.delta(name).file_uris()]
 
     con = duckdb.connect()
-    for name in ("documents_raw", "documents_filtered", "documents_clean", "documents_scored", "documents_dedup",
-                 "holdout"):
-        con.sql(f"select source, count(*) from read_parquet({files(name)}) group by source").fetchall()
+    for name in ("documents_raw", "documents_filtered", "documents_clean", "documents_scored", "documents_dedup"):
+        con.sql(f"select source, count(*), sum(octet_length(text)) from read_parquet({files(name)}) "
+                "group by source").fetchall()
+    con.sql(f"select source, count(*) from read_parquet({files('holdout')}) group by source").fetchall()
     con.sql(f"select stage, reason, source, count(*) from read_parquet({files('documents_rejected')}) "
             "group by all").fetchall()
     con.sql(f"select source, floor(quality * 10), domain, count(*) from read_parquet({files('documents_scored')}) "

@@ -42,11 +42,31 @@ def figures(recipe: Recipe) -> dict:
     lake = Lake(recipe.lake)
     card = card_numbers(recipe, need_chunks=False)
     rejected = lake.read_arrow("documents_rejected", ["doc_id", "source", "stage", "reason", "detail"])
-    return {"funnel": card.stage_rows, "in_chunks": card.documents, "held_out": card.held_out,
+    scores, compression = _scores(lake), _compression(recipe)
+    return {"funnel": card.stage_rows, "volume": _volume(lake, compression, scores.get("main_category", {})),
+            "in_chunks": card.documents, "held_out": card.held_out,
             "rejected": {s: dict(c) for s, c in card.rejected.items()},
             "rules": _rules(lake, rejected), "line_cleanup": _line_cleanup(lake),
-            "pii": _pii(lake), "scores": _scores(lake), "dedup": _dedup(lake),
-            "chunks": _chunks(recipe, card.chunks), "usage": _usage(lake), "training": _training(recipe, lake)}
+            "pii": _pii(lake), "scores": scores, "dedup": _dedup(lake),
+            "chunks": _chunks(recipe, card.chunks, compression), "usage": _usage(lake),
+            "training": _training(recipe, lake)}
+
+
+def _volume(lake: Lake, compression: dict[str, float], main_category: dict[str, str]) -> dict:
+    """Per kept table and source: the text's UTF-8 bytes, streamed batch by batch (never the whole text in
+    memory), and tokens estimated at the tokenizer's bytes per token of the source's main category (3.0,
+    feed's fallback, where unknown)."""
+    out = {}
+    for stage in REFINE:
+        sizes: Counter = Counter()
+        for batch in lake.batches(stage.kept_table, ["source", "text"]):
+            counted = pa.table({"source": batch.column("source"), "bytes": pc.binary_length(batch.column("text"))})
+            for r in counted.group_by("source").aggregate([("bytes", "sum")]).to_pylist():
+                sizes[r["source"]] += r["bytes_sum"] or 0
+        if sizes:
+            out[stage.kept_table] = {s: {"bytes": b, "tokens": round(b / compression.get(main_category.get(s), 3.0))}
+                                     for s, b in sorted(sizes.items())}
+    return out
 
 
 def _rules(lake: Lake, rejected: pa.Table) -> dict:
@@ -107,9 +127,12 @@ def _scores(lake: Lake) -> dict:
     domains: dict[str, dict] = {}
     for r in data.group_by(["source", "domain"]).aggregate([("domain", "count")]).to_pylist():
         domains.setdefault(r["source"], {})[r["domain"]] = r["domain_count"]
-    categories = {r["category"]: r["category_count"] for r in data.group_by("category").aggregate(
-        [("category", "count")]).to_pylist()}
-    return {"quality": quality, "domains": domains, "categories": categories}
+    per_source = data.group_by(["source", "category"]).aggregate([("category", "count")]).to_pylist()
+    categories: Counter = Counter()
+    for r in per_source:
+        categories[r["category"]] += r["category_count"]
+    main = {r["source"]: r["category"] for r in sorted(per_source, key=lambda r: (r["category_count"], str(r["category"])))}
+    return {"quality": quality, "domains": domains, "categories": dict(categories), "main_category": main}
 
 
 def _lookup(maps: pa.ChunkedArray, key: str) -> pa.ChunkedArray:
@@ -132,13 +155,13 @@ def _dedup(lake: Lake) -> dict:
     return {"sizes": {str(k): v for k, v in sorted(sizes.items())}, "removed": dict(removed), "examples": examples}
 
 
-def _chunks(recipe: Recipe, live: list[dict]) -> dict:
+def _chunks(recipe: Recipe, live: list[dict], compression: dict[str, float]) -> dict:
     mix = recipe.feed.current.mix
     rows = sorted(live, key=lambda r: r["created_at"])
     return {"target": {c: v / sum(mix.values()) for c, v in mix.items()},
             "per_chunk": [{"chunk_id": r["chunk_id"], "status": r["status"], "tokens": r["n_tokens"],
                            "mix": dict(r["mix"] or [])} for r in rows],
-            "compression": _compression(recipe)}
+            "compression": compression}
 
 
 def _compression(recipe: Recipe) -> dict[str, float]:
@@ -214,7 +237,15 @@ def _funnel_html(recipe: Recipe, f: dict) -> str:
     return ("<h2>Funnel</h2>" + chart.bars([t.removeprefix("documents_") for t in tables] + ["in chunks"], series,
                                            "documents per stage and source")
             + _table(["source", *tables, "in chunks", "held out"], rows)
+            + "<h3>Text per stage and source</h3><p>UTF-8 bytes, and tokens estimated at the tokenizer's bytes per "
+              "token of the source's main category; the chunks below hold the exact tokens.</p>"
+            + _table(["source", *[f"{t} bytes / ≈tokens" for t in f["volume"]]],
+                     [[s, *[_volume_cell(f["volume"][t].get(s)) for t in f["volume"]]] for s in sources])
             + "<h3>Rejections</h3>" + _table(["stage", "reason", "documents"], rejected))
+
+
+def _volume_cell(v: dict | None) -> str:
+    return "0" if not v else f"{v['bytes'] / 1e6:,.2f} MB / {v['tokens']:,}"
 
 
 def _rules_html(f: dict) -> str:

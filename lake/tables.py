@@ -137,6 +137,12 @@ class Lake:
             data = dataset.to_table()
             return data.filter(filter).select(columns or data.column_names)
 
+    def batches(self, name: str, columns: list[str]):
+        """The table's rows as Arrow record batches, one file's row groups at a time: for aggregates over
+        a column too large to hold (a table's text)."""
+        if self.exists(name):
+            yield from self.delta(name).to_pyarrow_dataset().to_batches(columns=columns)
+
     def write_arrow(
         self,
         name: str,

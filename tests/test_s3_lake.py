@@ -395,6 +395,10 @@ def test_the_report_shows_the_lakes_numbers_and_opens_in_a_browser(loop, s3):
     # the funnel and the rejections, against the tables
     for name in ("documents_raw", "documents_filtered", "documents_clean", "documents_scored", "documents_dedup"):
         assert figures["funnel"][name] == dict(Counter(lake.read_arrow(name, ["source"]).column("source").to_pylist()))
+        text_bytes = Counter()
+        for r in lake.read_arrow(name, ["source", "text"]).to_pylist():
+            text_bytes[r["source"]] += len(r["text"].encode())
+        assert {s: v["bytes"] for s, v in figures["volume"][name].items()} == dict(text_bytes)
     rejected = lake.read_arrow("documents_rejected", ["stage", "reason", "detail"]).to_pylist()
     assert figures["rejected"] == {s: dict(Counter(r["reason"] for r in rejected if r["stage"] == s))
                                    for s in {r["stage"] for r in rejected}}
