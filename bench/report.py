@@ -102,7 +102,7 @@ def duckdb_floor(lake: Lake) -> None:
 
     con = duckdb.connect()
     for name in ("documents_raw", "documents_filtered", "documents_clean", "documents_scored", "documents_dedup"):
-        con.sql(f"select source, count(*), sum(octet_length(text)) from read_parquet({files(name)}) "
+        con.sql(f"select source, count(*), sum(strlen(text)) from read_parquet({files(name)}) "
                 "group by source").fetchall()
     con.sql(f"select source, count(*) from read_parquet({files('holdout')}) group by source").fetchall()
     con.sql(f"select stage, reason, source, count(*) from read_parquet({files('documents_rejected')}) "

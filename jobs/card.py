@@ -67,31 +67,42 @@ def numbers(recipe: Recipe, need_chunks: bool = True) -> Numbers:
     used = lake.read_arrow("usage", ["doc_id", "times_used"]).filter(pc.field("times_used") > 0).select(["doc_id"])
     docs = lake.read_arrow(kept, ["doc_id", "source", "lang"]).join(used, "doc_id", join_type="inner")
     languages = sorted({x for x in docs.column("lang").to_pylist() if x not in NOT_LANGUAGES})
-    rejected_rows = lake.read_arrow("documents_rejected", ["stage", "reason"])
     rejected: dict[str, Counter] = {}
-    for r in rejected_rows.group_by(["stage", "reason"]).aggregate([("reason", "count")]).to_pylist():
-        rejected.setdefault(r["stage"], Counter())[r["reason"]] = r["reason_count"]
-    pii: Counter = Counter()
-    if lake.exists("documents_clean"):
-        found = lake.read_arrow("documents_clean", ["pii"]).column("pii").chunks
-        entries = pa.table({"k": pa.concat_arrays([c.keys for c in found]) if found else pa.array([], pa.string()),
-                            "v": pa.concat_arrays([c.items for c in found]) if found else pa.array([], pa.int64())})
-        for r in entries.group_by("k").aggregate([("v", "sum")]).to_pylist():
-            pii[r["k"]] = r["v_sum"]
+    for (stage, reason), (n,) in lake.counts("documents_rejected", ["stage", "reason"]).items():
+        rejected.setdefault(stage, Counter())[reason] = n
+    pii = Counter()
+    for kind, by_source in pii_per_source(lake).items():
+        pii[kind] = sum(by_source.values())
     return Numbers(live, dict(tokens), _per_source(docs), languages, _stage_rows(lake), rejected, dict(pii),
-                   _per_source(lake.read_arrow("holdout", ["source"])))
+                   per_source(lake, "holdout"))
 
 
 def _per_source(data: pa.Table) -> dict[str, int]:
     return {r["source"]: r["source_count"] for r in data.group_by("source").aggregate([("source", "count")]).to_pylist()}
 
 
-def _stage_rows(lake: Lake) -> dict[str, dict[str, int]]:
-    out = {}
-    for stage in REFINE:
-        if lake.exists(stage.kept_table):
-            out[stage.kept_table] = _per_source(lake.read_arrow(stage.kept_table, ["source"]))
+def per_source(lake: Lake, name: str) -> dict[str, int]:
+    return {source: n for (source,), (n,) in sorted(lake.counts(name, ["source"]).items(), key=str)}
+
+
+def pii_per_source(lake: Lake) -> dict[str, dict[str, int]]:
+    """Placeholder → source → replacements in ``documents_clean``, batch by batch."""
+    out: dict[str, dict[str, int]] = {}
+    for batch in lake.batches("documents_clean", ["source", "pii"]):
+        pii = batch.column("pii")
+        # as lists (list kernels do not take a MapArray), through its offsets: a batch may be a slice
+        kinds, counts = (pa.ListArray.from_arrays(pii.offsets, child) for child in (pii.keys, pii.items))
+        entries = pa.table({"kind": pc.list_flatten(kinds), "n": pc.list_flatten(counts),
+                            "source": pc.take(batch.column("source"), pc.list_parent_indices(kinds))})
+        for r in entries.group_by(["kind", "source"]).aggregate([("n", "sum")]).to_pylist():
+            if r["n_sum"]:
+                by_source = out.setdefault(r["kind"], {})
+                by_source[r["source"]] = by_source.get(r["source"], 0) + r["n_sum"]
     return out
+
+
+def _stage_rows(lake: Lake) -> dict[str, dict[str, int]]:
+    return {s.kept_table: per_source(lake, s.kept_table) for s in REFINE if lake.exists(s.kept_table)}
 
 
 def header(recipe: Recipe, n: Numbers, name: str) -> dict:

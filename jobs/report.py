@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs import report_charts as chart
-from jobs.card import numbers as card_numbers, write_page
+from jobs.card import numbers as card_numbers, pii_per_source, write_page
 from jobs.stages import REFINE
 from lake.fs import exists, read_bytes
 from lake.recipe import Recipe
@@ -41,13 +41,12 @@ def figures(recipe: Recipe) -> dict:
     """Every number the page shows (and its samples), from the lake."""
     lake = Lake(recipe.lake)
     card = card_numbers(recipe, need_chunks=False)
-    rejected = lake.read_arrow("documents_rejected", ["doc_id", "source", "stage", "reason", "detail"])
     scores, compression = _scores(lake), _compression(recipe)
     return {"funnel": card.stage_rows, "volume": _volume(lake, compression, scores.get("main_category", {})),
             "in_chunks": card.documents, "held_out": card.held_out,
             "rejected": {s: dict(c) for s, c in card.rejected.items()},
-            "rules": _rules(lake, rejected), "line_cleanup": _line_cleanup(lake),
-            "pii": _pii(lake), "scores": scores, "dedup": _dedup(lake),
+            "rules": _rules(lake), "line_cleanup": _line_cleanup(lake),
+            "pii": pii_per_source(lake), "scores": scores, "dedup": _dedup(lake),
             "chunks": _chunks(recipe, card.chunks, compression), "usage": _usage(lake),
             "training": _training(recipe, lake)}
 
@@ -69,18 +68,25 @@ def _volume(lake: Lake, compression: dict[str, float], main_category: dict[str, 
     return out
 
 
-def _rules(lake: Lake, rejected: pa.Table) -> dict:
-    """Per rule: documents it failed, those it alone failed, the first-failed count per source, samples."""
-    rows = rejected.filter(pc.field("stage") == "filter").to_pylist()
+def _rules(lake: Lake) -> dict:
+    """Per rule: documents it failed, those it alone failed, the first-failed count per source, samples;
+    over the filter's rejections batch by batch (its detail names every rule a document failed)."""
     failed, alone, per_source, samples = Counter(), Counter(), {}, {}
-    for r in rows:
-        names = _RULE.findall(r["detail"] or "") or [r["reason"]]
-        failed.update(set(names))
-        if len(set(names)) == 1:
-            alone[names[0]] += 1
-        per_source.setdefault(r["reason"], Counter())[r["source"]] += 1
-        if len(samples.setdefault(r["reason"], [])) < SAMPLES:
-            samples[r["reason"]].append(r["doc_id"])
+    for batch in lake.batches("documents_rejected", ["doc_id", "source", "stage", "reason", "detail"]):
+        rows = pa.Table.from_batches([batch]).filter(pc.field("stage") == "filter")
+        parts = pc.split_pattern(pc.fill_null(rows.column("detail"), ""), "; ")
+        named = pc.extract_regex(pc.list_flatten(parts), r"^(?P<rule>[a-z0-9_]+): ")
+        for r in pa.table({"rule": pc.struct_field(named, "rule")}).group_by("rule").aggregate([([], "count_all")]).to_pylist():
+            if r["rule"] is not None:
+                failed[r["rule"]] += r["count_all"]
+        single = rows.filter(pc.equal(pc.list_value_length(parts), 1))
+        for r in single.group_by("reason").aggregate([([], "count_all")]).to_pylist():
+            alone[r["reason"]] += r["count_all"]
+        for r in rows.group_by(["reason", "source"]).aggregate([([], "count_all")]).to_pylist():
+            per_source.setdefault(r["reason"], Counter())[r["source"]] += r["count_all"]
+        for reason, doc_id in zip(rows.column("reason").to_pylist()[:1000], rows.column("doc_id").to_pylist()[:1000]):
+            if len(samples.setdefault(reason, [])) < SAMPLES:
+                samples[reason].append(doc_id)
     texts = _texts(lake, "documents_rejected", [d for ids in samples.values() for d in ids])
     return {name: {"failed": failed[name], "alone": alone[name], "removed": sum(per_source.get(name, {}).values()),
                    "per_source": dict(per_source.get(name, {})),
@@ -90,48 +96,35 @@ def _rules(lake: Lake, rejected: pa.Table) -> dict:
 
 def _line_cleanup(lake: Lake) -> list[dict]:
     """A few kept documents whose lines the filter cleaned: the text before and after."""
-    if not lake.exists("documents_filtered"):
-        return []
-    data = lake.read_arrow("documents_filtered", ["doc_id", "signals"])
-    removed = pc.fill_null(_lookup(data.column("signals"), "lines_removed"), 0)
-    cleaned = sorted(data.filter(pc.greater(removed, 0)).column("doc_id").to_pylist())[:SAMPLES]
+    cleaned: list[str] = []
+    for batch in lake.batches("documents_filtered", ["doc_id", "signals"]):
+        removed = pc.fill_null(_lookup(batch.column("signals"), "lines_removed"), 0)
+        cleaned += pc.filter(batch.column("doc_id"), pc.greater(removed, 0)).to_pylist()[:SAMPLES]
+        if len(cleaned) >= SAMPLES:
+            break
+    cleaned = cleaned[:SAMPLES]
     before, after = _texts(lake, "documents_raw", cleaned), _texts(lake, "documents_filtered", cleaned)
     return [{"doc_id": d, "before": before.get(d, ""), "after": after.get(d, "")} for d in cleaned]
 
 
-def _pii(lake: Lake) -> dict[str, dict[str, int]]:
-    """Placeholder → source → replacements."""
-    if not lake.exists("documents_clean"):
-        return {}
-    data = lake.read_arrow("documents_clean", ["source", "pii"]).combine_chunks()
-    pii = data.column("pii").chunk(0) if data.num_rows else pa.array([], data.schema.field("pii").type)
-    owner = pc.list_parent_indices(pa.ListArray.from_arrays(pii.offsets, pii.keys))  # (not on a MapArray itself)
-    entries = pa.table({"kind": pii.keys, "n": pii.items, "source": pc.take(data.column("source"), owner)})
-    out: dict[str, dict[str, int]] = {}
-    for r in entries.group_by(["kind", "source"]).aggregate([("n", "sum")]).to_pylist():
-        if r["n_sum"]:
-            out.setdefault(r["kind"], {})[r["source"]] = r["n_sum"]
-    return out
-
-
 def _scores(lake: Lake) -> dict:
-    """Quality histogram (10 bins) per source, domains per source, category shares."""
+    """Quality histogram (10 bins) per source, domains per source, category shares, batch by batch."""
+    quality: dict[str, list[int]] = {}
+    for batch in lake.batches("documents_scored", ["source", "quality"]):
+        bins = pc.min_element_wise(pc.cast(pc.floor(pc.multiply(batch.column("quality"), 10.0)), pa.int64()), 9)
+        binned = pa.table({"source": batch.column("source"), "bin": bins}).filter(pc.is_valid(bins))
+        for r in binned.group_by(["source", "bin"]).aggregate([([], "count_all")]).to_pylist():
+            quality.setdefault(r["source"], [0] * 10)[r["bin"]] += r["count_all"]
     if not lake.exists("documents_scored"):
         return {}
-    data = lake.read_arrow("documents_scored", ["source", "quality", "domain", "category"])
-    bins = pc.min_element_wise(pc.cast(pc.floor(pc.multiply(data.column("quality"), 10.0)), pa.int64()), 9)
-    quality: dict[str, list[int]] = {}
-    for r in pa.table({"source": data.column("source"), "bin": bins}).filter(pc.is_valid(bins)).group_by(
-            ["source", "bin"]).aggregate([("bin", "count")]).to_pylist():
-        quality.setdefault(r["source"], [0] * 10)[r["bin"]] = r["bin_count"]
     domains: dict[str, dict] = {}
-    for r in data.group_by(["source", "domain"]).aggregate([("domain", "count")]).to_pylist():
-        domains.setdefault(r["source"], {})[r["domain"]] = r["domain_count"]
-    per_source = data.group_by(["source", "category"]).aggregate([("category", "count")]).to_pylist()
+    for (source, domain), (n,) in lake.counts("documents_scored", ["source", "domain"]).items():
+        domains.setdefault(source, {})[domain] = n
+    per_source = lake.counts("documents_scored", ["source", "category"])
     categories: Counter = Counter()
-    for r in per_source:
-        categories[r["category"]] += r["category_count"]
-    main = {r["source"]: r["category"] for r in sorted(per_source, key=lambda r: (r["category_count"], str(r["category"])))}
+    for (_, category), (n,) in per_source.items():
+        categories[category] += n
+    main = {source: category for (source, category), _ in sorted(per_source.items(), key=lambda kv: (kv[1][0], str(kv[0])))}
     return {"quality": quality, "domains": domains, "categories": dict(categories), "main_category": main}
 
 
@@ -141,18 +134,19 @@ def _lookup(maps: pa.ChunkedArray, key: str) -> pa.ChunkedArray:
 
 def _dedup(lake: Lake) -> dict:
     """Cluster sizes, removals per threshold key, and the largest clusters with their members' text."""
-    members = lake.read_arrow("dedup_clusters").to_pylist()
-    by_cluster: dict[str, list[dict]] = {}
-    for m in members:
-        by_cluster.setdefault(m["cluster_id"], []).append(m)
-    sizes = Counter(len(v) for v in by_cluster.values())
-    removed = Counter(f"{m['category']} ≥ {m['threshold']}" for m in members if m["doc_id"] != m["kept_doc_id"])
-    largest = sorted(by_cluster.values(), key=lambda v: (-len(v), v[0]["cluster_id"]))[:SAMPLES]
-    ids = [m["doc_id"] for v in largest for m in v[:4]]
+    sizes = {cluster: n for (cluster,), (n,) in lake.counts("dedup_clusters", ["cluster_id"]).items()}
+    removed = lake.counts("dedup_clusters", ["category", "threshold"], where=pc.field("doc_id") != pc.field("kept_doc_id"),
+                          where_columns=("doc_id", "kept_doc_id"))
+    largest = sorted(sizes, key=lambda c: (-sizes[c], c))[:SAMPLES]
+    members = lake.read_arrow("dedup_clusters", filter=pc.field("cluster_id").isin(largest)).to_pylist() if largest else []
+    ids = [m["doc_id"] for m in members]
     texts = {**_texts(lake, "documents_rejected", ids), **_texts(lake, lake.kept_documents(), ids)}
     examples = [[{**m, "kept": m["doc_id"] == m["kept_doc_id"], "text": texts.get(m["doc_id"], "")}
-                 for m in sorted(v, key=lambda m: m["doc_id"] != m["kept_doc_id"])[:4]] for v in largest]
-    return {"sizes": {str(k): v for k, v in sorted(sizes.items())}, "removed": dict(removed), "examples": examples}
+                 for m in sorted((m for m in members if m["cluster_id"] == c), key=lambda m: m["doc_id"] != m["kept_doc_id"])[:4]]
+                for c in largest]
+    return {"sizes": {str(k): v for k, v in sorted(Counter(sizes.values()).items())},
+            "removed": {f"{category} ≥ {threshold}": n for (category, threshold), (n,) in sorted(removed.items(), key=str)},
+            "examples": examples}
 
 
 def _chunks(recipe: Recipe, live: list[dict], compression: dict[str, float]) -> dict:
@@ -172,8 +166,7 @@ def _compression(recipe: Recipe) -> dict[str, float]:
 
 
 def _usage(lake: Lake) -> dict[str, int]:
-    used = lake.read_arrow("usage", ["times_used"]).column("times_used")
-    return {str(r["values"]): r["counts"] for r in pc.value_counts(used).to_pylist()} if len(used) else {}
+    return {str(k): n for (k,), (n,) in sorted(lake.counts("usage", ["times_used"]).items())}
 
 
 def _training(recipe: Recipe, lake: Lake) -> dict:

@@ -143,6 +143,24 @@ class Lake:
         if self.exists(name):
             yield from self.delta(name).to_pyarrow_dataset().to_batches(columns=columns)
 
+    def counts(self, name: str, keys: list[str], sums: tuple[str, ...] = (), where: pc.Expression | None = None,
+               where_columns: tuple[str, ...] = ()) -> dict[tuple, list[int]]:
+        """``key values → [rows, sum of each of sums]`` of the rows ``where`` keeps (it reads
+        ``where_columns``), grouped batch by batch: memory grows with the groups, never with the table
+        (a report's aggregates over a large lake)."""
+        out: dict[tuple, list[int]] = {}
+        for batch in self.batches(name, list(dict.fromkeys([*keys, *sums, *where_columns]))):
+            data = pa.Table.from_batches([batch])
+            if where is not None:
+                data = data.filter(where)
+            aggregates = [([], "count_all"), *[(c, "sum") for c in sums]]
+            for r in data.group_by(keys).aggregate(aggregates).to_pylist():
+                acc = out.setdefault(tuple(r[k] for k in keys), [0] * (1 + len(sums)))
+                acc[0] += r["count_all"]
+                for i, c in enumerate(sums):
+                    acc[i + 1] += r[f"{c}_sum"] or 0
+        return out
+
     def write_arrow(
         self,
         name: str,

@@ -141,6 +141,30 @@ def test_a_filtered_read_of_a_merged_counter_table(lake_root):
     assert lake.read_arrow("usage", ["times_used"], pc.field("doc_id") == "b").to_pylist() == [{"times_used": 2}]
 
 
+def test_counts_group_batch_by_batch_as_a_plain_group_by_does(lake_root):
+    """``Lake.counts`` (the report's and the card's aggregates) against Counter on the whole table."""
+    import random
+    from collections import Counter
+
+    rng = random.Random(0)
+    lake = Lake(lake_root)
+    rows = [{"doc_id": f"d{i}", "cluster_id": f"c{rng.randint(0, 30)}", "kept_doc_id": f"d{i - i % 3}",
+             "similarity": rng.random(), "threshold": rng.choice([0.7, 0.8]), "category": rng.choice(["zh", "en"])}
+            for i in range(3000)]
+    for part in range(3):  # three commits: three files, several batches
+        lake.write_arrow("dedup_clusters", pa.Table.from_pylist(rows[part::3], schema=table("dedup_clusters").schema),
+                         mode="append", job="t")
+    got = lake.counts("dedup_clusters", ["category", "threshold"], where=pc.field("doc_id") != pc.field("kept_doc_id"),
+                      where_columns=("doc_id", "kept_doc_id"))
+    want = Counter((r["category"], r["threshold"]) for r in rows if r["doc_id"] != r["kept_doc_id"])
+    assert {k: v[0] for k, v in got.items()} == dict(want)
+    sums = lake.counts("dedup_clusters", ["category"], sums=("similarity",))
+    for (category,), (n, total) in sums.items():
+        assert n == sum(r["category"] == category for r in rows)
+        assert total == pytest.approx(sum(r["similarity"] for r in rows if r["category"] == category))
+    assert lake.counts("usage", ["doc_id"]) == {}  # no table yet: no groups
+
+
 def test_merge_counters_increments_and_inserts(lake_root):
     lake = Lake(lake_root)
     lake.merge_counters("usage", pa.table({"doc_id": ["a", "b"], "times_used": [1, 1], "last_chunk_id": ["c1", "c1"]}),

@@ -146,7 +146,12 @@ def test_vectorised_fasttext_equals_the_librarys_predict(labelled, options):
     got = model.predict_proba(texts)
     # fastText reports exp(log(p + 1e-5)); everything else is float rounding.
     assert np.abs(got - want).max() < 1e-4
-    assert (got.argmax(axis=1) == want.argmax(axis=1)).all()
+    # the same label wherever the library's top two are apart by more than float rounding: this little
+    # model's probabilities lie within 1e-3 of each other, and a tie within 1e-6 can go either way
+    top2 = np.sort(want, axis=1)[:, -2:]
+    decided = top2[:, 1] - top2[:, 0] > 1e-6
+    assert decided.mean() > 0.9
+    assert (got.argmax(axis=1) == want.argmax(axis=1))[decided].all()
     shared = tokenize(pa.array(texts))
     assert np.array_equal(model.predict_proba(pa.array(texts), shared), got)  # Arrow input, shared tokens
 
