@@ -6,7 +6,8 @@ The lake is written here without Spark (delta-rs): every documents table (a tent
 documents rejected by filter rules, a twentieth removed by dedup in clusters of two, PII counts on
 some), usage, the held-out set, ``--chunks`` chunk manifest rows with their mix, a tokenizer, and
 a run of ``--steps`` metrics with its events. Texts are ~1 KB pieces of real text (Python's
-documentation) so that the samples the report reads are of realistic size.
+documentation), each made unique (as a real corpus's are: Parquet cannot dictionary-encode them), so
+that reading the text costs what it costs on real data.
 
     python bench/report.py [--docs 40000] [--rounds 5]
 """
@@ -46,7 +47,7 @@ def texts(n: int) -> list[str]:
     from bench.common import kilobyte_pieces
 
     pieces = kilobyte_pieces(list(topics.topics.values()))
-    return [pieces[i % len(pieces)] for i in range(n)]
+    return [f"{pieces[i % len(pieces)]}\n({i})" for i in range(n)]  # each text its own: no dictionary encoding
 
 
 def build(root: Path, n: int, n_chunks: int, steps: int) -> None:
