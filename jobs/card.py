@@ -26,7 +26,7 @@ from jobs.rules import build_rules
 from jobs.stages import REFINE, StageError
 from lake import chunks as store
 from lake.recipe import Recipe
-from lake.tables import Lake
+from lake.tables import Lake, add_groups
 
 LIVE = (store.READY, store.TRAINING, store.CONSUMED)  # the chunk set: what is, or will be, trained on
 # The Hub's size categories, by number of examples (here: documents in the chunk set).
@@ -50,7 +50,7 @@ class Numbers:
     languages: list[str]
     stage_rows: dict[str, dict[str, int]]  # kept table → source → documents
     rejected: dict[str, Counter]  # stage → reason → documents
-    pii: dict[str, int]  # placeholder → replacements
+    pii: dict[str, dict[str, int]]  # placeholder → source → replacements
     held_out: dict[str, int]  # source → documents
 
 
@@ -68,36 +68,30 @@ def numbers(recipe: Recipe, need_chunks: bool = True) -> Numbers:
     docs = lake.read_arrow(kept, ["doc_id", "source", "lang"]).join(used, "doc_id", join_type="inner")
     languages = sorted({x for x in docs.column("lang").to_pylist() if x not in NOT_LANGUAGES})
     rejected: dict[str, Counter] = {}
-    for (stage, reason), (n,) in lake.counts("documents_rejected", ["stage", "reason"]).items():
+    for (stage, reason), n in lake.counts("documents_rejected", ["stage", "reason"]).items():
         rejected.setdefault(stage, Counter())[reason] = n
-    pii = Counter()
-    for kind, by_source in pii_per_source(lake).items():
-        pii[kind] = sum(by_source.values())
-    return Numbers(live, dict(tokens), _per_source(docs), languages, _stage_rows(lake), rejected, dict(pii),
-                   per_source(lake, "holdout"))
-
-
-def _per_source(data: pa.Table) -> dict[str, int]:
-    return {r["source"]: r["source_count"] for r in data.group_by("source").aggregate([("source", "count")]).to_pylist()}
+    return Numbers(live, dict(tokens), dict(add_groups(Counter(), docs, ["source"])), languages, _stage_rows(lake),
+                   rejected, pii_per_source(lake), per_source(lake, "holdout"))
 
 
 def per_source(lake: Lake, name: str) -> dict[str, int]:
-    return {source: n for (source,), (n,) in sorted(lake.counts(name, ["source"]).items(), key=str)}
+    return dict(sorted(lake.counts(name, ["source"]).items(), key=str))
 
 
 def pii_per_source(lake: Lake) -> dict[str, dict[str, int]]:
     """Placeholder → source → replacements in ``documents_clean``, batch by batch."""
-    out: dict[str, dict[str, int]] = {}
+    found: Counter = Counter()
     for batch in lake.batches("documents_clean", ["source", "pii"]):
         pii = batch.column("pii")
         # as lists (list kernels do not take a MapArray), through its offsets: a batch may be a slice
         kinds, counts = (pa.ListArray.from_arrays(pii.offsets, child) for child in (pii.keys, pii.items))
-        entries = pa.table({"kind": pc.list_flatten(kinds), "n": pc.list_flatten(counts),
-                            "source": pc.take(batch.column("source"), pc.list_parent_indices(kinds))})
-        for r in entries.group_by(["kind", "source"]).aggregate([("n", "sum")]).to_pylist():
-            if r["n_sum"]:
-                by_source = out.setdefault(r["kind"], {})
-                by_source[r["source"]] = by_source.get(r["source"], 0) + r["n_sum"]
+        add_groups(found, pa.table({"kind": pc.list_flatten(kinds), "n": pc.list_flatten(counts),
+                                    "source": pc.take(batch.column("source"), pc.list_parent_indices(kinds))}),
+                   ["kind", "source"], total="n")
+    out: dict[str, dict[str, int]] = {}
+    for (kind, source), n in sorted(found.items()):
+        if n:
+            out.setdefault(kind, {})[source] = n
     return out
 
 
@@ -172,7 +166,7 @@ def _refinery(recipe: Recipe, n: Numbers) -> list[str]:
     from jobs.pii import BUILTIN_DETECTORS
 
     kinds = [k for k, _ in BUILTIN_DETECTORS] + sorted(recipe.pii.patterns) + sorted(recipe.pii.word_lists)
-    replaced = ", ".join(f"`<{k}>` {v:,}" for k, v in sorted(n.pii.items()) if v) or "none"
+    replaced = ", ".join(f"`<{k}>` {sum(by.values()):,}" for k, by in sorted(n.pii.items())) or "none"
     out += ["### PII", "", f"Replaced by placeholders: {', '.join(f'`<{k}>`' for k in kinds)}; a document more than "
             f"{recipe.pii.max_pii_fraction:.0%} PII by characters is rejected. Replaced here: {replaced}.", ""]
     from quality_models.train import check_pinned

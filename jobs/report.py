@@ -15,7 +15,6 @@ read only for the capped samples, by id.
 from __future__ import annotations
 
 import json
-import re
 import sys
 from collections import Counter
 from datetime import datetime, timezone
@@ -26,15 +25,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs import report_charts as chart
-from jobs.card import numbers as card_numbers, pii_per_source, write_page
+from jobs.card import numbers as card_numbers, write_page
 from jobs.stages import REFINE
 from lake.fs import exists, read_bytes
 from lake.recipe import Recipe
-from lake.tables import Lake
+from lake.tables import Lake, add_groups
 
 SAMPLES = 3  # per rule, per cluster list, per line clean-up
 PREVIEW = 400  # characters of a sample
-_RULE = re.compile(r"(?:^|; )([a-z0-9_]+): ")
 
 
 def figures(recipe: Recipe) -> dict:
@@ -46,7 +44,7 @@ def figures(recipe: Recipe) -> dict:
             "in_chunks": card.documents, "held_out": card.held_out,
             "rejected": {s: dict(c) for s, c in card.rejected.items()},
             "rules": _rules(lake), "line_cleanup": _line_cleanup(lake),
-            "pii": pii_per_source(lake), "scores": scores, "dedup": _dedup(lake),
+            "pii": card.pii, "scores": scores, "dedup": _dedup(lake),
             "chunks": _chunks(recipe, card.chunks, compression), "usage": _usage(lake),
             "training": _training(recipe, lake)}
 
@@ -59,9 +57,8 @@ def _volume(lake: Lake, compression: dict[str, float], main_category: dict[str, 
     for stage in REFINE:
         sizes: Counter = Counter()
         for batch in lake.batches(stage.kept_table, ["source", "text"]):
-            counted = pa.table({"source": batch.column("source"), "bytes": pc.binary_length(batch.column("text"))})
-            for r in counted.group_by("source").aggregate([("bytes", "sum")]).to_pylist():
-                sizes[r["source"]] += r["bytes_sum"] or 0
+            add_groups(sizes, pa.table({"source": batch.column("source"), "bytes": pc.binary_length(batch.column("text"))}),
+                       ["source"], total="bytes")
         if sizes:
             out[stage.kept_table] = {s: {"bytes": b, "tokens": round(b / compression.get(main_category.get(s), 3.0))}
                                      for s, b in sorted(sizes.items())}
@@ -71,25 +68,23 @@ def _volume(lake: Lake, compression: dict[str, float], main_category: dict[str, 
 def _rules(lake: Lake) -> dict:
     """Per rule: documents it failed, those it alone failed, the first-failed count per source, samples;
     over the filter's rejections batch by batch (its detail names every rule a document failed)."""
-    failed, alone, per_source, samples = Counter(), Counter(), {}, {}
+    failed, alone, removed, samples = Counter(), Counter(), Counter(), {}
     for batch in lake.batches("documents_rejected", ["doc_id", "source", "stage", "reason", "detail"]):
         rows = pa.Table.from_batches([batch]).filter(pc.field("stage") == "filter")
         parts = pc.split_pattern(pc.fill_null(rows.column("detail"), ""), "; ")
         named = pc.extract_regex(pc.list_flatten(parts), r"^(?P<rule>[a-z0-9_]+): ")
-        for r in pa.table({"rule": pc.struct_field(named, "rule")}).group_by("rule").aggregate([([], "count_all")]).to_pylist():
-            if r["rule"] is not None:
-                failed[r["rule"]] += r["count_all"]
-        single = rows.filter(pc.equal(pc.list_value_length(parts), 1))
-        for r in single.group_by("reason").aggregate([([], "count_all")]).to_pylist():
-            alone[r["reason"]] += r["count_all"]
-        for r in rows.group_by(["reason", "source"]).aggregate([([], "count_all")]).to_pylist():
-            per_source.setdefault(r["reason"], Counter())[r["source"]] += r["count_all"]
+        add_groups(failed, pa.table({"rule": pc.struct_field(named, "rule")}).filter(pc.field("rule").is_valid()), ["rule"])
+        add_groups(alone, rows.filter(pc.equal(pc.list_value_length(parts), 1)), ["reason"])
+        add_groups(removed, rows, ["reason", "source"])
         for reason, doc_id in zip(rows.column("reason").to_pylist()[:1000], rows.column("doc_id").to_pylist()[:1000]):
             if len(samples.setdefault(reason, [])) < SAMPLES:
                 samples[reason].append(doc_id)
     texts = _texts(lake, "documents_rejected", [d for ids in samples.values() for d in ids])
+    per_source: dict[str, dict[str, int]] = {}
+    for (reason, source), n in removed.items():
+        per_source.setdefault(reason, {})[source] = n
     return {name: {"failed": failed[name], "alone": alone[name], "removed": sum(per_source.get(name, {}).values()),
-                   "per_source": dict(per_source.get(name, {})),
+                   "per_source": per_source.get(name, {}),
                    "samples": [{"doc_id": d, "text": texts.get(d, "")} for d in samples.get(name, [])]}
             for name in sorted(failed, key=lambda n: -failed[n])}
 
@@ -109,22 +104,24 @@ def _line_cleanup(lake: Lake) -> list[dict]:
 
 def _scores(lake: Lake) -> dict:
     """Quality histogram (10 bins) per source, domains per source, category shares, batch by batch."""
-    quality: dict[str, list[int]] = {}
-    for batch in lake.batches("documents_scored", ["source", "quality"]):
-        bins = pc.min_element_wise(pc.cast(pc.floor(pc.multiply(batch.column("quality"), 10.0)), pa.int64()), 9)
-        binned = pa.table({"source": batch.column("source"), "bin": bins}).filter(pc.is_valid(bins))
-        for r in binned.group_by(["source", "bin"]).aggregate([([], "count_all")]).to_pylist():
-            quality.setdefault(r["source"], [0] * 10)[r["bin"]] += r["count_all"]
     if not lake.exists("documents_scored"):
         return {}
+    binned: Counter = Counter()
+    for batch in lake.batches("documents_scored", ["source", "quality"]):
+        bins = pc.min_element_wise(pc.cast(pc.floor(pc.multiply(batch.column("quality"), 10.0)), pa.int64()), 9)
+        add_groups(binned, pa.table({"source": batch.column("source"), "bin": bins}).filter(pc.is_valid(bins)),
+                   ["source", "bin"])
+    quality: dict[str, list[int]] = {}
+    for (source, b), n in binned.items():
+        quality.setdefault(source, [0] * 10)[b] = n
     domains: dict[str, dict] = {}
-    for (source, domain), (n,) in lake.counts("documents_scored", ["source", "domain"]).items():
+    for (source, domain), n in lake.counts("documents_scored", ["source", "domain"]).items():
         domains.setdefault(source, {})[domain] = n
     per_source = lake.counts("documents_scored", ["source", "category"])
     categories: Counter = Counter()
-    for (_, category), (n,) in per_source.items():
+    for (_, category), n in per_source.items():
         categories[category] += n
-    main = {source: category for (source, category), _ in sorted(per_source.items(), key=lambda kv: (kv[1][0], str(kv[0])))}
+    main = {source: category for (source, category), _ in sorted(per_source.items(), key=lambda kv: (kv[1], str(kv[0])))}
     return {"quality": quality, "domains": domains, "categories": dict(categories), "main_category": main}
 
 
@@ -134,7 +131,7 @@ def _lookup(maps: pa.ChunkedArray, key: str) -> pa.ChunkedArray:
 
 def _dedup(lake: Lake) -> dict:
     """Cluster sizes, removals per threshold key, and the largest clusters with their members' text."""
-    sizes = {cluster: n for (cluster,), (n,) in lake.counts("dedup_clusters", ["cluster_id"]).items()}
+    sizes = lake.counts("dedup_clusters", ["cluster_id"])
     removed = lake.counts("dedup_clusters", ["category", "threshold"], where=pc.field("doc_id") != pc.field("kept_doc_id"),
                           where_columns=("doc_id", "kept_doc_id"))
     largest = sorted(sizes, key=lambda c: (-sizes[c], c))[:SAMPLES]
@@ -145,7 +142,7 @@ def _dedup(lake: Lake) -> dict:
                  for m in sorted((m for m in members if m["cluster_id"] == c), key=lambda m: m["doc_id"] != m["kept_doc_id"])[:4]]
                 for c in largest]
     return {"sizes": {str(k): v for k, v in sorted(Counter(sizes.values()).items())},
-            "removed": {f"{category} ≥ {threshold}": n for (category, threshold), (n,) in sorted(removed.items(), key=str)},
+            "removed": {f"{category} ≥ {threshold}": n for (category, threshold), n in sorted(removed.items(), key=str)},
             "examples": examples}
 
 
@@ -166,7 +163,7 @@ def _compression(recipe: Recipe) -> dict[str, float]:
 
 
 def _usage(lake: Lake) -> dict[str, int]:
-    return {str(k): n for (k,), (n,) in sorted(lake.counts("usage", ["times_used"]).items())}
+    return {str(k): n for k, n in sorted(lake.counts("usage", ["times_used"]).items())}
 
 
 def _training(recipe: Recipe, lake: Lake) -> dict:

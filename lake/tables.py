@@ -13,6 +13,7 @@ trainer uses it.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal
@@ -143,22 +144,15 @@ class Lake:
         if self.exists(name):
             yield from self.delta(name).to_pyarrow_dataset().to_batches(columns=columns)
 
-    def counts(self, name: str, keys: list[str], sums: tuple[str, ...] = (), where: pc.Expression | None = None,
-               where_columns: tuple[str, ...] = ()) -> dict[tuple, list[int]]:
-        """``key values → [rows, sum of each of sums]`` of the rows ``where`` keeps (it reads
+    def counts(self, name: str, keys: list[str], where: pc.Expression | None = None,
+               where_columns: tuple[str, ...] = ()) -> Counter:
+        """Rows per ``keys`` value (a tuple for several keys) of those ``where`` keeps (it reads
         ``where_columns``), grouped batch by batch: memory grows with the groups, never with the table
         (a report's aggregates over a large lake)."""
-        out: dict[tuple, list[int]] = {}
-        for batch in self.batches(name, list(dict.fromkeys([*keys, *sums, *where_columns]))):
+        out: Counter = Counter()
+        for batch in self.batches(name, list(dict.fromkeys([*keys, *where_columns]))):
             data = pa.Table.from_batches([batch])
-            if where is not None:
-                data = data.filter(where)
-            aggregates = [([], "count_all"), *[(c, "sum") for c in sums]]
-            for r in data.group_by(keys).aggregate(aggregates).to_pylist():
-                acc = out.setdefault(tuple(r[k] for k in keys), [0] * (1 + len(sums)))
-                acc[0] += r["count_all"]
-                for i, c in enumerate(sums):
-                    acc[i + 1] += r[f"{c}_sum"] or 0
+            add_groups(out, data.filter(where) if where is not None else data, keys)
         return out
 
     def write_arrow(
@@ -325,6 +319,15 @@ class Lake:
                 f"table {spec.name!r} at {dt.table_uri} was written with another schema than "
                 f"schemas/tables.py defines ({'; '.join(problems)}); write to a new lake or migrate the table"
             )
+
+
+def add_groups(into: Counter, data: pa.Table, keys: list[str], total: str | None = None) -> Counter:
+    """Add ``data``'s rows (or the sum of its column ``total``) per ``keys`` value to ``into``: one batch's
+    share of an aggregate built batch by batch. One key counts by its value, several by a tuple."""
+    aggregate, result = ((total, "sum"), f"{total}_sum") if total else (([], "count_all"), "count_all")
+    for r in data.group_by(keys).aggregate([aggregate]).to_pylist():
+        into[r[keys[0]] if len(keys) == 1 else tuple(r[k] for k in keys)] += r[result] or 0
+    return into
 
 
 def _without_file_guarantees(dataset: ds.FileSystemDataset) -> ds.FileSystemDataset:

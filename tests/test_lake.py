@@ -142,9 +142,12 @@ def test_a_filtered_read_of_a_merged_counter_table(lake_root):
 
 
 def test_counts_group_batch_by_batch_as_a_plain_group_by_does(lake_root):
-    """``Lake.counts`` (the report's and the card's aggregates) against Counter on the whole table."""
+    """``Lake.counts`` and ``add_groups`` (the report's and the card's aggregates) against Counter on the
+    whole table."""
     import random
     from collections import Counter
+
+    from lake.tables import add_groups
 
     rng = random.Random(0)
     lake = Lake(lake_root)
@@ -157,10 +160,12 @@ def test_counts_group_batch_by_batch_as_a_plain_group_by_does(lake_root):
     got = lake.counts("dedup_clusters", ["category", "threshold"], where=pc.field("doc_id") != pc.field("kept_doc_id"),
                       where_columns=("doc_id", "kept_doc_id"))
     want = Counter((r["category"], r["threshold"]) for r in rows if r["doc_id"] != r["kept_doc_id"])
-    assert {k: v[0] for k, v in got.items()} == dict(want)
-    sums = lake.counts("dedup_clusters", ["category"], sums=("similarity",))
-    for (category,), (n, total) in sums.items():
-        assert n == sum(r["category"] == category for r in rows)
+    assert got == want
+    assert lake.counts("dedup_clusters", ["category"]) == Counter(r["category"] for r in rows)
+    totals = Counter()
+    for batch in lake.batches("dedup_clusters", ["category", "similarity"]):
+        add_groups(totals, pa.Table.from_batches([batch]), ["category"], total="similarity")
+    for category, total in totals.items():
         assert total == pytest.approx(sum(r["similarity"] for r in rows if r["category"] == category))
     assert lake.counts("usage", ["doc_id"]) == {}  # no table yet: no groups
 
