@@ -282,6 +282,8 @@ class SpikeCfg(_Section):
     patience: int = Field(default=3, ge=1, description="consecutive spiking steps before a rollback")
     warmup_steps: int = Field(default=20, ge=0, description="no spike verdicts before this many steps")
     max_rollbacks_per_chunk: int = Field(default=2, ge=1, description="then the chunk is quarantined")
+    max_skipped_share: float = Field(default=0.5, gt=0, le=1, description="a chunk with a larger share of its "
+                                     "rows skipped as bad is quarantined whole")
 
 
 class TrainerStageCfg(_Section):

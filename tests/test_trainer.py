@@ -55,6 +55,31 @@ def test_spike_guard_needs_persistence_and_catches_non_finite():
     assert fresh.observe(2.0, grad_norm=float("inf")) == "rollback"
 
 
+def test_outlier_rows_stand_out_from_the_accepted_rows_by_their_worst_document():
+    import random
+
+    import torch
+
+    from trainer.schedule import outlier_rows
+    from trainer.step import MIN_DOC_TOKENS, worst_document_loss
+
+    rng = random.Random(0)
+    reference = [rng.gauss(3.0, 0.3) for _ in range(40)]
+    rows = {1: 3.2, 2: 7.0, 3: float("nan"), 4: 3.9, 5: float("inf")}
+    assert outlier_rows(rows, reference, z=3.0, min_delta=0.5) == [2, 3, 5]
+    assert outlier_rows(rows, reference, z=3.0, min_delta=5.0) == [3, 5]  # min_delta bounds the spread's limit
+    assert outlier_rows(rows, reference[:7], z=3.0, min_delta=0.5) == []  # too few accepted rows to judge
+    # row 0: a clean document (loss 2) and a corrupted one (loss 9) → 9, not their mean; row 1: every
+    # document shorter than MIN_DOC_TOKENS → the row's mean; row 2: padding (ignored targets) left out
+    n = MIN_DOC_TOKENS
+    loss = torch.tensor([[2.0] * (2 * n) + [9.0] * n, [1.0] * (n - 1) + [3.0] * (n - 1) + [0.0] * (n + 2),
+                         [4.0] * (2 * n) + [50.0] * n])
+    seg = torch.tensor([[0] * (2 * n) + [1] * n, [0] * (n - 1) + [1] * (n - 1) + [-1] * (n + 2),
+                        [0] * (2 * n) + [-1] * n])
+    worst = worst_document_loss(loss, seg, seg >= 0)
+    assert worst.tolist() == [9.0, 2.0, 4.0]
+
+
 # -- DeepSpeed on CPU ----------------------------------------------------------------------------------
 
 
@@ -151,13 +176,15 @@ def _watched_trainer():
             super().setup()
             self.initial, self.rollbacks_seen = _weights(self.engine.module), []
 
-        def rollback(self, cid, recent):
+        def rollback(self, cid, recent, *rows):
+            self.spiking_steps = [list(r) for r in recent]
             before = _weights(self.engine.module)
-            outcome = super().rollback(cid, recent)
+            outcome = super().rollback(cid, recent, *rows)
             tag = self.checkpoints.tags()[-1]
             saved = torch.load(self.checkpoints.folder / tag / "mp_rank_00_model_states.pt", map_location="cpu",
                                weights_only=False)["module"]
-            self.rollbacks_seen.append({"tag": tag, "before": before, "after": _weights(self.engine.module), "saved": saved})
+            self.rollbacks_seen.append({"tag": tag, "before": before, "after": _weights(self.engine.module), "saved": saved,
+                                        "row": self.state.row})
             return outcome
     return Watched
 
@@ -187,14 +214,17 @@ def test_a_loss_spike_rolls_back_skips_the_rows_and_recovers(tmp_path):
     for seen, event in zip(trainer.rollbacks_seen, rollbacks):
         assert event["detail"].startswith(f"to {seen['tag']}")
         assert _same(seen["after"], seen["saved"]) and not _same(seen["before"], seen["saved"])
-    # the skipped rows are rows of corrupted documents, no clean one: the rows of the steps that spiked
-    # (the guard judges whole steps and rolls back after `patience` spiking steps in a row, so a lone
-    # step of corrupted rows at the edge is trained on, with a spike logged)
+    # the skipped rows are exactly the rows holding a corrupted document from the row the rollback went
+    # back to: no clean row is lost, and no corrupted row is trained on after the rollback (not those
+    # at the edges of the spiking steps). Corrupted rows before it were trained in steps the guard
+    # accepted before that checkpoint, which the rollback cannot undo.
     docs = make_lake(str(tmp_path / "same-docs"))[3]
     per = len(docs) // 2
     corrupted = _rows_holding(lake, "pretrain-000001", {d["doc_id"] for d in docs[per:][10:20]})
     skipped = set(trainer.state.skip["pretrain-000001"])
-    assert skipped and skipped <= corrupted and len(skipped) >= len(corrupted) / 2, (sorted(corrupted), sorted(skipped))
+    restored = trainer.rollbacks_seen[0]["row"]
+    assert skipped == {r for r in corrupted if r >= restored}, (restored, sorted(corrupted), sorted(skipped))
+    assert max(skipped) > max(r for rows in trainer.spiking_steps for r in rows)  # rows after the spike too
     assert f"({len(skipped)} rows)" in quarantined[0]["detail"]
     # the rest of the chunk trained after the bad rows: it is consumed, and the loss is back down
     assert [r["status"] for r in manifest(lake)] == ["consumed", "consumed"]
@@ -210,7 +240,8 @@ def test_a_chunk_that_keeps_spiking_is_quarantined(tmp_path):
     Trainer(recipe, exit_when_idle=0.1).run()
     statuses = {r["chunk_id"]: (r["status"], r["reason"]) for r in manifest(lake)}
     assert statuses["pretrain-000001"][0] == "quarantined" and "spiking" in statuses["pretrain-000001"][1]
-    assert len([e for e in _events(lake) if e["event"] == "rollback"]) == SPIKY["max_rollbacks_per_chunk"] + 1
+    # the first rollback finds every row bad (the probe reads on to the chunk's end): quarantined at once
+    assert len([e for e in _events(lake) if e["event"] == "rollback"]) == 1
 
 
 def test_a_rollback_before_any_checkpoint_goes_back_to_the_initial_weights(tmp_path):

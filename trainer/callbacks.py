@@ -85,7 +85,7 @@ class SpikeGuardCallback(Callback):
 
     def on_step_end(self, trainer, step: Step) -> None:
         r = step.result
-        step.verdict = self.guard.observe(r.loss if r.finite else float("nan"), r.grad_norm)
+        step.verdict = self.guard.observe(r.loss if r.finite else float("nan"), r.grad_norm, r.row_loss)
         step.metrics["guard"] = step.verdict
         if step.verdict == "spike":
             trainer.events(step.number, "spike", step.chunk_id, f"loss {r.loss:.3f}")

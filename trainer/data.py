@@ -13,6 +13,15 @@ from lake.tables import Lake
 RETRY = {"retry": True}  # a chunk was quarantined on the way: ask again at once
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on some rank."""
+    t = torch.tensor([1.0 if flag else 0.0])
+    if torch.distributed.get_backend() == "nccl":
+        t = t.cuda()
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def broadcast(value):
     """Rank 0's ``value`` on every rank."""
     holder = [value]
@@ -58,7 +67,7 @@ class ChunkFeed:
         if self.rank != 0:
             return
         if outcome == "quarantined":
-            why = "loss kept spiking after rollbacks"
+            why = "loss kept spiking after rollbacks, or most of its rows were bad"
             store.quarantine(self.lake, chunk, why, job="trainer")
             self.events(step, "quarantine", chunk["chunk_id"], why)
         else:

@@ -6,8 +6,9 @@ resumes from the run's latest checkpoint, then asks the chunk store for the next
 from the cursor, one optimizer step (``step.py``) at a time. What watches the run is a callback
 (``callbacks.py``): batch ramp, spike guard, starvation, evaluation, metrics, checkpointing. The
 loop itself only carries out what a callback decides: a rollback when the spike guard says so
-(back to the last good checkpoint, or the initial weights a new run saves first; the rows of the
-spiking steps are skipped from then on, and a chunk that keeps spiking is quarantined). Stopped by
+(back to the last good checkpoint, or the initial weights a new run saves first; the chunk's rows
+whose documents stand out are skipped from then on, and a chunk that keeps spiking, or whose rows
+are mostly bad, is quarantined). Stopped by
 ``--max-steps`` it saves a checkpoint and keeps its chunk claimed, to resume at the same row.
 
 A run's folder (``<lake>/runs/<run_name>`` by default) holds ``checkpoints/``, ``metrics.jsonl``
@@ -29,13 +30,13 @@ from lake import chunks as store
 from lake.artifacts import load_tokenizer
 from lake.recipe import Recipe
 from lake.tables import Lake
-from trainer.callbacks import Callback, Step, default_callbacks
+from trainer.callbacks import Callback, SpikeGuardCallback, Step, default_callbacks
 from trainer.checkpoint import Checkpoints, rng_state, set_rng
-from trainer.data import ChunkFeed, broadcast
+from trainer.data import ChunkFeed, any_rank, broadcast
 from trainer.engine import build, device_of, init_distributed, stage_settings
 from trainer.lease import RunLock
-from trainer.schedule import model_flops_per_token
-from trainer.step import StepResult, train_step
+from trainer.schedule import model_flops_per_token, outlier_rows
+from trainer.step import StepResult, probe_rows, train_step
 
 
 @dataclass
@@ -69,6 +70,7 @@ class Trainer:
         self.lock = RunLock(self.run_dir)
         self.losses: list[float] = []  # every step's loss, for callers (tests, the demo)
         self.step_ends: list[float] = []  # perf_counter at the end of every step (bench/trainer)
+        self.row_seen: dict[int, float] = {}  # the current chunk's trained rows → their worst document's loss
 
     def run(self) -> list[float]:
         try:
@@ -175,6 +177,7 @@ class Trainer:
         cid = chunk["chunk_id"]
         if cid != self.state.chunk_id:
             self.state.chunk_id, self.state.row = cid, 0  # a new chunk starts at its first row
+        self.row_seen = {}
         # the chunk's categories (every rank has the same manifest row): the per-category sums line up
         self.categories += [c for c, _ in chunk.get("mix") or [] if c not in self.categories]
         ids, spans = self.feed.rows(chunk)
@@ -193,9 +196,10 @@ class Trainer:
                                 self.cfg.model.doc_mask)
             step = self._advance(cid, take, result)
             recent.append(take)
+            self.row_seen.update(zip(take, result.row_loss))
             self._fire("on_step_end", step)
             if step.verdict == "rollback":
-                return self.rollback(cid, recent)
+                return self.rollback(cid, recent, ids, spans)
             if step.verdict == "ok":
                 recent = []
             if self.max_steps is not None and self.state.step >= self.max_steps:
@@ -218,24 +222,50 @@ class Trainer:
                    "batch_sequences": len(take) * self.world, "loss_by_category": r.loss_by_category, "chunk": cid}
         return Step(self.state.step, cid, take, r, metrics)
 
-    def rollback(self, cid: str, recent: list[list[int]]) -> str:
-        """Back to the last good checkpoint; the rows of the spiking steps are skipped from now on."""
-        bad = sorted({r for rows in recent for r in rows})
-        skip = {**self.state.skip, cid: sorted(set(self.state.skip.get(cid, [])) | set(bad))}
-        rollbacks = {**self.state.rollbacks, cid: self.state.rollbacks.get(cid, 0) + 1}
-        spiked_at = self.state.step
+    def rollback(self, cid: str, recent: list[list[int]], ids: np.ndarray, spans: list) -> str:
+        """Back to the last good checkpoint; the chunk's bad rows are skipped from now on.
+
+        The bad rows are those whose worst document stands out (``schedule.outlier_rows``) from the
+        rows of recent accepted steps: among the rows trained since the checkpoint, and, with the
+        restored weights, the rows after the spike, probed forward-only a batch at a time until a
+        batch has none (corrupted data rarely ends at a step's edge). Where no row can be judged (too
+        few accepted rows yet, or none stands out), every row of the spiking steps is skipped."""
+        spiked_at, last = self.state.step, recent[-1][-1]
+        guard = next((cb.guard for cb in self.callbacks if isinstance(cb, SpikeGuardCallback)), None)
+        reference = guard.reference_rows() if guard else []  # before the restore rewinds the guard
+        skip, rollbacks = set(self.state.skip.get(cid, [])), self.state.rollbacks  # ... and the loop's state
+        rollbacks = {**rollbacks, cid: rollbacks.get(cid, 0) + 1}
+        other = {c: rows for c, rows in self.state.skip.items() if c != cid}
         tag = self._restore()
         if tag is None:
             raise RuntimeError(f"loss spike at step {spiked_at} in {cid}, and no complete checkpoint in "
                                f"{self.checkpoints.folder} to roll back to (not even the initial weights' one)")
-        self.state.skip, self.state.rollbacks = skip, rollbacks
+        start = self.state.row if self.state.chunk_id == cid else 0
+        z, delta = self.cfg.spike.z, self.cfg.spike.min_delta
+        since = {r: v for r, v in self.row_seen.items() if start <= r <= last}
+        bad = set(outlier_rows(since, reference, z, delta))
+        ahead = [r for r in range(last + 1, len(ids)) if r not in skip]
+        probing = any_rank(bool(bad))
+        while probing:  # every rank probes as many batches (collectives under ZeRO-3 stay paired)
+            probe, ahead = ahead[: self.batch_rows], ahead[self.batch_rows :]
+            losses = probe_rows(self.engine, ids, spans, probe or [last], self.cfg.micro_batch, self.categories,
+                                self.cfg.model.doc_mask)
+            found = outlier_rows(dict(zip(probe, losses)), reference, z, delta)
+            bad |= set(found)
+            probing = any_rank(bool(found and ahead))
+        if not bad:
+            bad = {r for rows in recent for r in rows}
+        bad = sorted(bad)
+        self.state.skip, self.state.rollbacks = {**other, cid: sorted(skip | set(bad))}, rollbacks
         self.events(spiked_at, "rollback", cid, f"to {tag} (step {self.state.step})")
         self.events(spiked_at, "quarantine", cid, f"rows {bad[:20]}{'…' if len(bad) > 20 else ''} ({len(bad)} rows)")
         self.log(f"[train] loss spike at step {spiked_at} in {cid}: rolled back to step {self.state.step}, "
                  f"skipping {len(bad)} rows")
         if self.state.chunk_id != cid:
             self.state.chunk_id, self.state.row = cid, 0
-        return "quarantined" if rollbacks[cid] > self.cfg.spike.max_rollbacks_per_chunk else "retry"
+        spike = self.cfg.spike
+        too_many = any_rank(len(self.state.skip[cid]) > spike.max_skipped_share * len(ids))
+        return "quarantined" if rollbacks[cid] > spike.max_rollbacks_per_chunk or too_many else "retry"
 
     # -- helpers ---------------------------------------------------------------------------------------------
     def _fire(self, hook: str, *args) -> None:

@@ -4,6 +4,7 @@ small classes, with no torch or DeepSpeed in sight (unit-tested in tests/test_tr
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -66,8 +67,11 @@ class SpikeGuard:
     history: deque = field(default_factory=deque)
     streak: int = 0
     seen: int = 0
+    rows: deque = field(default_factory=deque)  # per accepted step of the window: its rows' losses
 
-    def observe(self, loss: float, grad_norm: float | None = None) -> str:
+    def observe(self, loss: float, grad_norm: float | None = None, row_losses: list[float] = ()) -> str:
+        """The step's verdict; ``row_losses`` (each row's worst document loss) of the accepted steps in
+        the window are the reference ``outlier_rows`` judges rows against."""
         self.seen += 1
         if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
             self.streak = self.patience
@@ -80,16 +84,37 @@ class SpikeGuard:
                 return "rollback" if self.streak >= self.patience else "spike"
         self.streak = 0
         self.history.append(loss)
+        self.rows.append(list(row_losses))
         while len(self.history) > self.window:
             self.history.popleft()
+        while len(self.rows) > self.window:
+            self.rows.popleft()
         return "ok"
 
     def state(self) -> dict:
-        return {"history": list(self.history), "streak": self.streak, "seen": self.seen}
+        return {"history": list(self.history), "streak": self.streak, "seen": self.seen, "rows": list(self.rows)}
 
     def load(self, state: dict) -> None:
         self.history = deque(state["history"])
         self.streak, self.seen = state["streak"], state["seen"]
+        self.rows = deque(state.get("rows", []))
+
+    def reference_rows(self) -> list[float]:
+        """The row losses of the accepted steps in the window (what ``outlier_rows`` compares with)."""
+        return [x for rows in self.rows for x in rows]
+
+
+def outlier_rows(losses: dict[int, float], reference: list[float], z: float, min_delta: float) -> list[int]:
+    """The rows (of ``losses``: row → its worst document's loss) that stand out from ``reference``, the
+    row losses of recent accepted steps: above their median by more than ``z`` robust standard
+    deviations (1.4826 · median absolute deviation) and by at least ``min_delta``. A non-finite loss
+    always stands out. With fewer than 8 reference rows nothing can be judged: no row is returned."""
+    if len(reference) < 8:
+        return []
+    median = statistics.median(reference)
+    mad = statistics.median(abs(x - median) for x in reference)
+    limit = median + max(z * 1.4826 * mad, min_delta)
+    return sorted(r for r, loss in losses.items() if not math.isfinite(loss) or loss > limit)
 
 
 def model_flops_per_token(params: int, layers: int, hidden: int, seq_len: int) -> float:
