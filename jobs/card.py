@@ -6,8 +6,9 @@ against the mix, documents per source at each stage, what each stage rejected an
 rules with their thresholds per language, the PII policy and what it replaced, the pinned
 classifiers, the dedup thresholds, the tokenizer and its compression, the held-out documents.
 
-Everything comes from the lake's tables and artifacts (delta-rs; only small columns are read, never
-the documents' text) and from the recipe; nothing is typed by hand.
+Everything comes from the lake's tables (aggregated by DuckDB over their files, ``Lake.sql``; only
+small columns are read, never the documents' text), its artifacts and the recipe; nothing is typed
+by hand.
 """
 
 from __future__ import annotations
@@ -18,15 +19,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.compute as pc
 import yaml
 
 from jobs.rules import build_rules
 from jobs.stages import REFINE, StageError
 from lake import chunks as store
 from lake.recipe import Recipe
-from lake.tables import Lake, add_groups
+from lake.tables import Lake, groups
 
 LIVE = (store.READY, store.TRAINING, store.CONSUMED)  # the chunk set: what is, or will be, trained on
 # The Hub's size categories, by number of examples (here: documents in the chunk set).
@@ -64,13 +63,14 @@ def numbers(recipe: Recipe, need_chunks: bool = True) -> Numbers:
     for row in live:
         tokens.update(dict(row["mix"] or []))
     kept = lake.kept_documents()
-    used = lake.read_arrow("usage", ["doc_id", "times_used"]).filter(pc.field("times_used") > 0).select(["doc_id"])
-    docs = lake.read_arrow(kept, ["doc_id", "source", "lang"]).join(used, "doc_id", join_type="inner")
-    languages = sorted({x for x in docs.column("lang").to_pylist() if x not in NOT_LANGUAGES})
+    in_chunks = lake.sql(f"""SELECT source, lang, count(*) AS n FROM {kept}
+                             SEMI JOIN (SELECT doc_id FROM usage WHERE times_used > 0) AS used USING (doc_id)
+                             GROUP BY ALL""", [kept, "usage"])
+    languages = sorted({x for x in in_chunks.column("lang").to_pylist() if x not in NOT_LANGUAGES})
     rejected: dict[str, Counter] = {}
     for (stage, reason), n in lake.counts("documents_rejected", ["stage", "reason"]).items():
         rejected.setdefault(stage, Counter())[reason] = n
-    return Numbers(live, dict(tokens), dict(add_groups(Counter(), docs, ["source"])), languages, _stage_rows(lake),
+    return Numbers(live, dict(tokens), dict(groups(in_chunks, ["source"], "n")), languages, _stage_rows(lake),
                    rejected, pii_per_source(lake), per_source(lake, "holdout"))
 
 
@@ -79,15 +79,11 @@ def per_source(lake: Lake, name: str) -> dict[str, int]:
 
 
 def pii_per_source(lake: Lake) -> dict[str, dict[str, int]]:
-    """Placeholder → source → replacements in ``documents_clean``, batch by batch."""
-    found: Counter = Counter()
-    for batch in lake.batches("documents_clean", ["source", "pii"]):
-        pii = batch.column("pii")
-        # as lists (list kernels do not take a MapArray), through its offsets: a batch may be a slice
-        kinds, counts = (pa.ListArray.from_arrays(pii.offsets, child) for child in (pii.keys, pii.items))
-        add_groups(found, pa.table({"kind": pc.list_flatten(kinds), "n": pc.list_flatten(counts),
-                                    "source": pc.take(batch.column("source"), pc.list_parent_indices(kinds))}),
-                   ["kind", "source"], total="n")
+    """Placeholder → source → replacements in ``documents_clean``."""
+    found = groups(lake.sql("""SELECT kind, source, CAST(sum(n) AS BIGINT) AS n
+                               FROM (SELECT source, unnest(map_keys(pii)) AS kind, unnest(map_values(pii)) AS n
+                                     FROM documents_clean)
+                               GROUP BY ALL""", ["documents_clean"]), ["kind", "source"], "n")
     out: dict[str, dict[str, int]] = {}
     for (kind, source), n in sorted(found.items()):
         if n:

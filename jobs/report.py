@@ -8,8 +8,9 @@ one timeline. Charts are inline SVG drawn here (``jobs/report_charts.py``); the 
 and runs no script. The figures it shows are also embedded as JSON (``<script type="application/json"
 id="figures">``), which the tests compare with the tables.
 
-Everything is aggregated from the tables' small columns with pyarrow (delta-rs, no Spark); text is
-read only for the capped samples, by id.
+Every figure is an aggregate DuckDB computes over the tables' files (``Lake.sql``: delta-rs lists them,
+DuckDB streams the columns a query names; no Spark, nothing collected); text is read only for the
+capped samples, by id.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from datetime import datetime, timezone
 from html import escape
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs import report_charts as chart
@@ -29,7 +29,7 @@ from jobs.card import numbers as card_numbers, write_page
 from jobs.stages import REFINE
 from lake.fs import exists, read_bytes
 from lake.recipe import Recipe
-from lake.tables import Lake, add_groups
+from lake.tables import Lake, groups
 
 SAMPLES = 3  # per rule, per cluster list, per line clean-up
 PREVIEW = 400  # characters of a sample
@@ -50,67 +50,64 @@ def figures(recipe: Recipe) -> dict:
 
 
 def _volume(lake: Lake, compression: dict[str, float], main_category: dict[str, str]) -> dict:
-    """Per kept table and source: the text's UTF-8 bytes, streamed batch by batch (never the whole text in
-    memory), and tokens estimated at the tokenizer's bytes per token of the source's main category (3.0,
-    feed's fallback, where unknown)."""
+    """Per kept table and source: the text's UTF-8 bytes, and tokens estimated at the tokenizer's bytes per
+    token of the source's main category (3.0, feed's fallback, where unknown)."""
     out = {}
     for stage in REFINE:
-        sizes: Counter = Counter()
-        for batch in lake.batches(stage.kept_table, ["source", "text"]):
-            add_groups(sizes, pa.table({"source": batch.column("source"), "bytes": pc.binary_length(batch.column("text"))}),
-                       ["source"], total="bytes")
-        if sizes:
+        if lake.exists(stage.kept_table):
+            sizes = groups(lake.sql(f"SELECT source, CAST(sum(strlen(text)) AS BIGINT) AS bytes FROM {stage.kept_table} GROUP BY source",
+                                    [stage.kept_table]), ["source"], "bytes")
             out[stage.kept_table] = {s: {"bytes": b, "tokens": round(b / compression.get(main_category.get(s), 3.0))}
                                      for s, b in sorted(sizes.items())}
     return out
 
 
+# The filter's rejections, each rule its detail names ("rule: value; rule: value") a row of its own.
+_FAILED_RULES = """SELECT doc_id, source, reason, regexp_extract(part, '^([a-z0-9_]+): ', 1) AS rule, parts
+FROM (SELECT doc_id, source, reason, unnest(string_split(coalesce(detail, ''), '; ')) AS part,
+             len(string_split(coalesce(detail, ''), '; ')) AS parts
+      FROM documents_rejected WHERE stage = 'filter')"""
+
+
 def _rules(lake: Lake) -> dict:
-    """Per rule: documents it failed, those it alone failed, the first-failed count per source, samples;
-    over the filter's rejections batch by batch (its detail names every rule a document failed)."""
-    failed, alone, removed, samples = Counter(), Counter(), Counter(), {}
-    for batch in lake.batches("documents_rejected", ["doc_id", "source", "stage", "reason", "detail"]):
-        rows = pa.Table.from_batches([batch]).filter(pc.field("stage") == "filter")
-        parts = pc.split_pattern(pc.fill_null(rows.column("detail"), ""), "; ")
-        named = pc.extract_regex(pc.list_flatten(parts), r"^(?P<rule>[a-z0-9_]+): ")
-        add_groups(failed, pa.table({"rule": pc.struct_field(named, "rule")}).filter(pc.field("rule").is_valid()), ["rule"])
-        add_groups(alone, rows.filter(pc.equal(pc.list_value_length(parts), 1)), ["reason"])
-        add_groups(removed, rows, ["reason", "source"])
-        for reason, doc_id in zip(rows.column("reason").to_pylist()[:1000], rows.column("doc_id").to_pylist()[:1000]):
-            if len(samples.setdefault(reason, [])) < SAMPLES:
-                samples[reason].append(doc_id)
-    texts = _texts(lake, "documents_rejected", [d for ids in samples.values() for d in ids])
+    """Per rule: documents it failed, those it alone failed, the first-failed count per source, samples."""
+    tables = ["documents_rejected"]
+    failed = groups(lake.sql(
+        f"SELECT rule, count(*) AS n FROM ({_FAILED_RULES}) WHERE rule <> '' GROUP BY rule", tables), ["rule"], "n")
+    alone = lake.counts("documents_rejected", ["reason"],
+                        where="stage = 'filter' AND len(string_split(coalesce(detail, ''), '; ')) = 1")
+    removed = lake.counts("documents_rejected", ["reason", "source"], where="stage = 'filter'")
+    picked = lake.sql(f"""SELECT reason, doc_id FROM documents_rejected WHERE stage = 'filter'
+                          QUALIFY row_number() OVER (PARTITION BY reason ORDER BY doc_id) <= {SAMPLES}
+                          ORDER BY reason, doc_id""", tables).to_pylist()
+    samples: dict[str, list[str]] = {}
+    for r in picked:
+        samples.setdefault(r["reason"], []).append(r["doc_id"])
+    texts = _texts(lake, "documents_rejected", [r["doc_id"] for r in picked])
     per_source: dict[str, dict[str, int]] = {}
     for (reason, source), n in removed.items():
         per_source.setdefault(reason, {})[source] = n
     return {name: {"failed": failed[name], "alone": alone[name], "removed": sum(per_source.get(name, {}).values()),
                    "per_source": per_source.get(name, {}),
                    "samples": [{"doc_id": d, "text": texts.get(d, "")} for d in samples.get(name, [])]}
-            for name in sorted(failed, key=lambda n: -failed[n])}
+            for name in sorted(failed, key=lambda n: (-failed[n], n))}
 
 
 def _line_cleanup(lake: Lake) -> list[dict]:
     """A few kept documents whose lines the filter cleaned: the text before and after."""
-    cleaned: list[str] = []
-    for batch in lake.batches("documents_filtered", ["doc_id", "signals"]):
-        removed = pc.fill_null(_lookup(batch.column("signals"), "lines_removed"), 0)
-        cleaned += pc.filter(batch.column("doc_id"), pc.greater(removed, 0)).to_pylist()[:SAMPLES]
-        if len(cleaned) >= SAMPLES:
-            break
-    cleaned = cleaned[:SAMPLES]
+    cleaned = lake.sql(f"""SELECT doc_id FROM documents_filtered WHERE coalesce(signals['lines_removed'], 0) > 0
+                           ORDER BY doc_id LIMIT {SAMPLES}""", ["documents_filtered"]).column("doc_id").to_pylist()
     before, after = _texts(lake, "documents_raw", cleaned), _texts(lake, "documents_filtered", cleaned)
     return [{"doc_id": d, "before": before.get(d, ""), "after": after.get(d, "")} for d in cleaned]
 
 
 def _scores(lake: Lake) -> dict:
-    """Quality histogram (10 bins) per source, domains per source, category shares, batch by batch."""
+    """Quality histogram (10 bins) per source, domains per source, category shares."""
     if not lake.exists("documents_scored"):
         return {}
-    binned: Counter = Counter()
-    for batch in lake.batches("documents_scored", ["source", "quality"]):
-        bins = pc.min_element_wise(pc.cast(pc.floor(pc.multiply(batch.column("quality"), 10.0)), pa.int64()), 9)
-        add_groups(binned, pa.table({"source": batch.column("source"), "bin": bins}).filter(pc.is_valid(bins)),
-                   ["source", "bin"])
+    binned = groups(lake.sql(
+        """SELECT source, least(CAST(floor(quality * 10) AS BIGINT), 9) AS bin, count(*) AS n FROM documents_scored
+           WHERE quality IS NOT NULL GROUP BY ALL""", ["documents_scored"]), ["source", "bin"], "n")
     quality: dict[str, list[int]] = {}
     for (source, b), n in binned.items():
         quality.setdefault(source, [0] * 10)[b] = n
@@ -125,15 +122,10 @@ def _scores(lake: Lake) -> dict:
     return {"quality": quality, "domains": domains, "categories": dict(categories), "main_category": main}
 
 
-def _lookup(maps: pa.ChunkedArray, key: str) -> pa.ChunkedArray:
-    return pc.map_lookup(maps, pa.scalar(key, maps.type.key_type), "first")
-
-
 def _dedup(lake: Lake) -> dict:
     """Cluster sizes, removals per threshold key, and the largest clusters with their members' text."""
     sizes = lake.counts("dedup_clusters", ["cluster_id"])
-    removed = lake.counts("dedup_clusters", ["category", "threshold"], where=pc.field("doc_id") != pc.field("kept_doc_id"),
-                          where_columns=("doc_id", "kept_doc_id"))
+    removed = lake.counts("dedup_clusters", ["category", "threshold"], where="doc_id <> kept_doc_id")
     largest = sorted(sizes, key=lambda c: (-sizes[c], c))[:SAMPLES]
     members = lake.read_arrow("dedup_clusters", filter=pc.field("cluster_id").isin(largest)).to_pylist() if largest else []
     ids = [m["doc_id"] for m in members]
