@@ -284,6 +284,9 @@ class SpikeCfg(_Section):
     max_rollbacks_per_chunk: int = Field(default=2, ge=1, description="then the chunk is quarantined")
     max_skipped_share: float = Field(default=0.5, gt=0, le=1, description="a chunk with a larger share of its "
                                      "rows skipped as bad is quarantined whole")
+    skip_z: float | None = Field(default=None, gt=0, description="skip-step: a step whose loss or gradient norm is "
+                                 "this many standard deviations above the window's gets no update (OLMo-core: 6); "
+                                 "off by default")
 
 
 class TrainerStageCfg(_Section):
@@ -315,6 +318,12 @@ class TrainerCfg(_Section):
     planned_tokens: int = Field(default=2_000_000, gt=0, description="the schedule's length in tokens")
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    adam_eps: float = Field(default=1e-8, gt=0, description="AdamW's epsilon (larger values damp updates of rarely "
+                            "seen parameters; a spike mitigation)")
+    z_loss: float = Field(default=0.0, ge=0, description="coefficient of the z-loss, mean (log Σ exp logits)² "
+                          "(PaLM: 1e-4); logged as z_loss")
+    embedding_grad_scale: float = Field(default=1.0, gt=0, le=1, description="the embedding layer's gradient "
+                                        "shrunk by this factor (GLM-130B: 0.1); its output is unchanged")
     checkpoint_every: int = Field(default=100, gt=0, description="steps; also at every chunk's end")
     keep_checkpoints: int = Field(default=3, ge=1)
     eval_every: int = Field(default=50, gt=0, description="steps between held-out perplexity evaluations")

@@ -12,6 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import ROOT, make_recipe
@@ -541,6 +542,67 @@ def test_document_mask_makes_a_packed_document_see_only_itself():
     assert np.allclose(packed[0, inside_b].numpy(), alone[0].numpy(), atol=1e-5)
     assert not np.allclose(unmasked[0, inside_b].numpy(), alone[0].numpy(), atol=1e-3)  # without: a leaks in
     assert (target_cat[0, -4:] == -1).all() and float(packed[0, -4:].abs().sum()) == 0.0  # padding is ignored
+
+
+def _packed_rows(rng, rows: int, width: int, cats: list[str]):
+    """Rows of documents of random lengths (1 to width), some rows ending in padding."""
+    spans, ids = [], []
+    for r in range(rows):
+        row, at, k = [], 0, 0
+        while at < width - (3 if r % 2 else 0):
+            n = min(int(rng.integers(1, width // 2)), width - at)
+            row.append({"doc_id": f"{r}-{k}", "pos": at, "doc_start": int(rng.integers(0, 5)), "length": n,
+                        "doc_tokens": n + 5, "category": cats[k % len(cats)]})
+            at, k = at + n, k + 1
+        spans.append(row)
+        ids.append(rng.integers(3, 300, width))
+    return np.array(ids), spans
+
+
+def test_segment_buckets_cover_each_document_once_in_order():
+    from trainer.model import row_layout, segment_buckets
+
+    rng = np.random.default_rng(1)
+    _, spans = _packed_rows(rng, 5, 64, ["en"])
+    _, _, seg = row_layout(spans, 64, ["en"])
+    seen = {}
+    for gather, keep, dest in segment_buckets(seg):
+        size = gather.shape[1]
+        assert size & (size - 1) == 0  # a power of two
+        assert (dest == gather.reshape(-1)[keep]).all()
+        for g, k in zip(gather, keep.reshape(gather.shape)):
+            real = g[k]
+            assert (np.diff(real) == 1).all() and len(real) > size // 2 or size == 1  # contiguous, at most 2× padded
+            seen[(int(real[0]) // 64, int(seg.reshape(-1)[real[0]]))] = real.tolist()
+    want = {(r, k): list(range(r * 64 + s["pos"], r * 64 + s["pos"] + s["length"]))
+            for r, row in enumerate(spans) for k, s in enumerate(row)}
+    assert seen == want
+
+
+def test_segment_attention_equals_the_dense_document_mask_in_losses_and_gradients():
+    import torch
+
+    from lake.recipe import ModelCfg
+    from trainer.model import build_model, row_layout, token_losses
+
+    torch.manual_seed(0)
+    model = build_model(ModelCfg(hidden=64, layers=2, heads=4, kv_heads=2), 300)
+    rng = np.random.default_rng(0)
+    cats = ["en", "zh"]
+    ids, spans = _packed_rows(rng, 4, 48, cats)
+    cat, pos, seg = row_layout(spans, 48, cats)
+    ids = torch.as_tensor(ids)
+    results = []
+    for dense in (False, True):
+        model.zero_grad()
+        loss_tok, target_cat = token_losses(model, ids, cat, pos, seg, doc_mask=True, dense=dense)
+        valid = target_cat >= 0
+        loss_tok[valid].sum().backward()
+        results.append((loss_tok.detach()[valid], {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (fast, fast_grads), (dense_loss, dense_grads) = results
+    assert len(fast) > 100 and torch.allclose(fast, dense_loss, atol=1e-5), (fast - dense_loss).abs().max()
+    for name, grad in dense_grads.items():
+        assert torch.allclose(fast_grads[name], grad, atol=1e-5, rtol=1e-4), name
 
 
 def test_a_second_daemon_on_the_same_run_is_refused_and_a_dead_ones_lock_is_no_obstacle(tmp_path):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from lake.sections import SpikeCfg, TrainerCfg
 from trainer.evaluation import holdout_documents, perplexity_by_source
-from trainer.schedule import SpikeGuard, accumulation_steps, batch_at
+from trainer.schedule import SkipStep, SpikeGuard, accumulation_steps, batch_at
 from trainer.step import StepResult
 
 
@@ -82,20 +82,29 @@ class SpikeGuardCallback(Callback):
 
     def __init__(self, cfg: SpikeCfg):
         self.guard = SpikeGuard(cfg.window, cfg.z, cfg.min_delta, cfg.patience, cfg.warmup_steps)
+        # skip-step, judged inside the step before the update (trainer.step.train_step's ``skip``)
+        self.skip_step = SkipStep(cfg.skip_z, cfg.window, cfg.warmup_steps) if cfg.skip_z else None
 
     def on_step_end(self, trainer, step: Step) -> None:
         r = step.result
         step.verdict = self.guard.observe(r.loss if r.finite else float("nan"), r.grad_norm, r.row_loss)
         step.metrics["guard"] = step.verdict
+        if r.skipped:
+            step.metrics["skipped"] = True
+            trainer.events(step.number, "skip_step", step.chunk_id,
+                           f"loss {r.loss:.3f}, grad norm {r.grad_norm if r.grad_norm is not None else float('nan'):.3g}: "
+                           "no update")
         if step.verdict == "spike":
             trainer.events(step.number, "spike", step.chunk_id, f"loss {r.loss:.3f}")
 
     def state_dict(self) -> dict:
-        return self.guard.state()
+        return {**self.guard.state(), **({"skip_step": self.skip_step.state()} if self.skip_step else {})}
 
     def load_state_dict(self, state: dict) -> None:
         if state:
             self.guard.load(state)
+            if self.skip_step and "skip_step" in state:
+                self.skip_step.load(state["skip_step"])
 
 
 class Starvation(Callback):

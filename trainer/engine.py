@@ -147,8 +147,8 @@ def build(cfg: TrainerCfg, stage: str, vocab_size: int, world: int) -> Built:
     import deepspeed
 
     settings = stage_settings(cfg, stage)
-    model = build_model(cfg.model, vocab_size, settings.rope_theta)
-    optimizer = AdamW(parameter_groups(model, cfg.weight_decay), lr=settings.lr_peak, betas=(0.9, 0.95), eps=1e-8)
+    model = build_model(cfg.model, vocab_size, settings.rope_theta, embedding_grad_scale=cfg.embedding_grad_scale)
+    optimizer = AdamW(parameter_groups(model, cfg.weight_decay), lr=settings.lr_peak, betas=(0.9, 0.95), eps=cfg.adam_eps)
     scheduler = TokenSchedule(optimizer, settings.schedule_cfg, settings.lr_peak)
     ds_config = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch,

@@ -193,7 +193,7 @@ class Trainer:
             self._fire("on_step_start")
             take = order[: self.batch_rows]
             result = train_step(self.engine, ids, spans, take, self.cfg.micro_batch, self.categories,
-                                self.cfg.model.doc_mask)
+                                self.cfg.model.doc_mask, self.cfg.z_loss, self._skip_step())
             step = self._advance(cid, take, result)
             recent.append(take)
             self.row_seen.update(zip(take, result.row_loss))
@@ -219,7 +219,8 @@ class Trainer:
         metrics = {"step": self.state.step, "loss": r.loss, "lr": self.scheduler.get_last_lr()[0],
                    "grad_norm": r.grad_norm, "tokens": self.state.tokens, "tokens_per_s": tokens_per_s,
                    "mfu": tokens_per_s * flops / (self.cfg.peak_flops * self.world),
-                   "batch_sequences": len(take) * self.world, "loss_by_category": r.loss_by_category, "chunk": cid}
+                   "batch_sequences": len(take) * self.world, "loss_by_category": r.loss_by_category, "chunk": cid,
+                   **({"z_loss": r.z_loss} if r.z_loss is not None else {})}
         return Step(self.state.step, cid, take, r, metrics)
 
     def rollback(self, cid: str, recent: list[list[int]], ids: np.ndarray, spans: list) -> str:
@@ -231,8 +232,8 @@ class Trainer:
         batch has none (corrupted data rarely ends at a step's edge). Where no row can be judged (too
         few accepted rows yet, or none stands out), every row of the spiking steps is skipped."""
         spiked_at, last = self.state.step, recent[-1][-1]
-        guard = next((cb.guard for cb in self.callbacks if isinstance(cb, SpikeGuardCallback)), None)
-        reference = guard.reference_rows() if guard else []  # before the restore rewinds the guard
+        guard = self._guard()
+        reference = guard.guard.reference_rows() if guard else []  # before the restore rewinds the guard
         skip, rollbacks = set(self.state.skip.get(cid, [])), self.state.rollbacks  # ... and the loop's state
         rollbacks = {**rollbacks, cid: rollbacks.get(cid, 0) + 1}
         other = {c: rows for c, rows in self.state.skip.items() if c != cid}
@@ -268,6 +269,13 @@ class Trainer:
         return "quarantined" if rollbacks[cid] > spike.max_rollbacks_per_chunk or too_many else "retry"
 
     # -- helpers ---------------------------------------------------------------------------------------------
+    def _guard(self) -> SpikeGuardCallback | None:
+        return next((cb for cb in self.callbacks if isinstance(cb, SpikeGuardCallback)), None)
+
+    def _skip_step(self):
+        guard = self._guard()
+        return guard.skip_step if guard else None
+
     def _fire(self, hook: str, *args) -> None:
         for cb in self.callbacks:
             getattr(cb, hook)(self, *args)

@@ -8,10 +8,13 @@ import numpy as np
 import torch
 
 IGNORE = -100
+ATTENTION = "tokenmill_segments"  # the models' attention (``segment_attention``), registered with transformers
 
 
-def build_model(cfg, vocab_size: int, rope_theta: float | None = None):
-    """A LlamaForCausalLM from the recipe's model section (or from ``init_from`` for continued pretraining)."""
+def build_model(cfg, vocab_size: int, rope_theta: float | None = None, embedding_grad_scale: float = 1.0):
+    """A LlamaForCausalLM from the recipe's model section (or from ``init_from`` for continued pretraining).
+    ``embedding_grad_scale`` < 1 shrinks the gradient that reaches the embedding layer through its output
+    (GLM-130B's α·e + (1−α)·stop_gradient(e)); the forward pass is unchanged."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if cfg.init_from:
@@ -29,6 +32,11 @@ def build_model(cfg, vocab_size: int, rope_theta: float | None = None):
             tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False,
         )
         model = LlamaForCausalLM(config)
+    _register_attention()
+    model.set_attn_implementation(ATTENTION)
+    if embedding_grad_scale < 1.0:
+        a = embedding_grad_scale
+        model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.detach() + a * (out - out.detach()))
     if rope_theta is not None:
         set_rope_theta(model, rope_theta)
     return model
@@ -83,24 +91,98 @@ def row_layout(spans_rows: list[list[dict]], width: int, categories: list[str]) 
     return cat, pos, seg
 
 
-def token_losses(model, ids: torch.Tensor, cat, pos, seg, doc_mask: bool):
+Buckets = list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def segment_buckets(seg: np.ndarray) -> Buckets:
+    """The documents of packed rows, grouped for attention without a mask: ``seg`` [rows, width] is each
+    position's segment (-1 on padding). Documents whose lengths share a power of two form a bucket
+    ``(gather [n, L], keep [n·L], dest [k])``: ``gather`` holds each document's flat positions
+    (rows·width + column), padded to ``L`` by repeating its last one; ``keep`` marks the real slots and
+    ``dest`` is where they go back. Padding is no document: its outputs stay zero (no target reads them)."""
+    rows, width = seg.shape
+    flat, at = seg.reshape(-1), np.arange(seg.size)
+    inside = flat >= 0
+    starts = np.flatnonzero(inside & ((at % width == 0) | (flat != np.roll(flat, 1))))
+    ends = np.flatnonzero(inside & ((at % width == width - 1) | (flat != np.roll(flat, -1)))) + 1
+    lengths = ends - starts
+    sizes = np.maximum(1, 2 ** np.ceil(np.log2(np.maximum(lengths, 1)))).astype(np.int64)
+    out: Buckets = []
+    for size in np.unique(sizes):
+        pick = sizes == size
+        a, n = starts[pick], lengths[pick]
+        offsets = np.arange(size)[None, :]
+        gather = a[:, None] + np.minimum(offsets, (n - 1)[:, None])
+        keep = (offsets < n[:, None]).reshape(-1)
+        out.append((gather, keep, gather.reshape(-1)[keep]))
+    return out
+
+
+def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, doc_buckets=None,
+                      **kwargs):
+    """Attention inside each packed document, causal, with no mask: per bucket of ``segment_buckets``,
+    the documents' queries, keys and values are gathered to [n, heads, L, dim] and attend with
+    ``is_causal`` (SDPA picks its flash kernel: memory linear in the row's length, and no work across
+    documents); the outputs go back to their positions. Without ``doc_buckets`` it is transformers' SDPA
+    (causal, or the 4D mask it is given)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if doc_buckets is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    b, heads, s, d = query.shape
+    kv_heads = key.shape[1]
+    q, k, v = (t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (query, key, value))
+    out = q.new_zeros(b * s, heads, d)
+    for gather, keep, dest in doc_buckets:
+        n, size = gather.shape
+        qs, ks, vs = (t[gather].transpose(1, 2) for t in (q, k, v))  # [n, heads, L, dim]
+        o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scaling,
+                                                             enable_gqa=kv_heads != heads)
+        out = out.index_copy(0, dest, o.transpose(1, 2).reshape(n * size, heads, d)[keep])
+    return out.reshape(b, s, heads, d), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION, segment_attention)
+
+
+def dense_document_mask(seg: torch.Tensor) -> torch.Tensor:
+    """The document mask as one float tensor [rows, 1, seq, seq] (0 where allowed, the dtype's minimum
+    elsewhere; padding attends to itself): O(seq²) memory per row, and SDPA's slow path. The reference
+    ``segment_attention`` is checked against (tests, bench/trainer)."""
+    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)
+    causal = torch.tril(torch.ones(seg.shape[1], seg.shape[1], dtype=torch.bool, device=seg.device))
+    allowed = (same & causal) | torch.eye(seg.shape[1], dtype=torch.bool, device=seg.device)
+    return torch.zeros(allowed.shape, dtype=torch.float32, device=seg.device).masked_fill(
+        ~allowed, torch.finfo(torch.float32).min)[:, None, :, :]
+
+
+def token_losses(model, ids: torch.Tensor, cat, pos, seg, doc_mask: bool, buckets: Buckets | None = None,
+                 dense: bool = False, z: list | None = None):
     """Per-token cross-entropy [rows, width-1] (0 where ignored) and the category of each target (-1 = ignored).
-    ``cat``, ``pos``, ``seg`` (``row_layout``'s) are arrays or tensors; all is computed on ``ids``'s device."""
+    ``cat``, ``pos``, ``seg`` (``row_layout``'s) are arrays or tensors; all is computed on ``ids``'s device.
+    With ``doc_mask`` each document attends only to itself: through ``segment_attention`` (``buckets``
+    from ``segment_buckets`` of the inputs' segments, made here when not given), or with ``dense`` through
+    today's dense mask (``dense_document_mask``). A list ``z`` receives each position's
+    (log Σ exp logits)² [rows, width-1], the z-loss's terms (on the graph, for the backward pass)."""
     device = ids.device
     inputs, targets = ids[:, :-1], ids[:, 1:]
     target_cat = torch.as_tensor(cat, device=device)[:, 1:]
     labels = torch.where(target_cat >= 0, targets, torch.full_like(targets, IGNORE))
     kwargs = {}
     if doc_mask:
-        s = torch.as_tensor(seg, device=device)[:, :-1]
-        same = (s[:, :, None] == s[:, None, :]) & (s[:, :, None] >= 0)
-        causal = torch.tril(torch.ones(s.shape[1], s.shape[1], dtype=torch.bool, device=device))
-        allowed = same & causal
-        allowed |= torch.eye(s.shape[1], dtype=torch.bool, device=device)  # padding attends to itself: no empty rows
-        mask = torch.zeros(allowed.shape, dtype=torch.float32, device=device).masked_fill(
-            ~allowed, torch.finfo(torch.float32).min)
-        kwargs = {"attention_mask": mask[:, None, :, :], "position_ids": torch.as_tensor(pos, device=device)[:, :-1]}
+        kwargs = {"position_ids": torch.as_tensor(pos, device=device)[:, :-1]}
+        if dense:
+            kwargs["attention_mask"] = dense_document_mask(torch.as_tensor(seg, device=device)[:, :-1])
+        else:
+            if buckets is None:
+                buckets = segment_buckets(np.asarray(torch.as_tensor(seg).cpu())[:, :-1])
+            kwargs["doc_buckets"] = [tuple(torch.as_tensor(a, device=device) for a in bucket) for bucket in buckets]
     logits = model(input_ids=inputs, **kwargs).logits.float()
+    if z is not None:
+        z.append(torch.logsumexp(logits, dim=-1) ** 2)
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                              ignore_index=IGNORE, reduction="none").reshape(labels.shape)
     return loss, target_cat

@@ -104,6 +104,48 @@ class SpikeGuard:
         return [x for rows in self.rows for x in rows]
 
 
+@dataclass
+class SkipStep:
+    """Skip-step (as OLMo-core's optimizer does): a step whose loss or gradient norm is more than ``z``
+    standard deviations above those of the recent accepted steps (``window``) gets no update; the first
+    line of defence, before the spike guard's rollback. Calling it judges a step and, when the step is
+    accepted, remembers it. No verdict before ``warmup_steps`` steps and 5 remembered ones."""
+
+    z: float
+    window: int = 50
+    warmup_steps: int = 20
+    losses: deque = field(default_factory=deque)
+    norms: deque = field(default_factory=deque)
+    seen: int = 0
+
+    def __call__(self, loss: float, grad_norm: float | None) -> bool:
+        self.seen += 1
+        if self.seen > self.warmup_steps and len(self.losses) >= 5:
+            if _above(loss, self.losses, self.z) or (grad_norm is not None and _above(grad_norm, self.norms, self.z)):
+                return True
+        self.losses.append(loss)
+        if grad_norm is not None:
+            self.norms.append(grad_norm)
+        for values in (self.losses, self.norms):
+            while len(values) > self.window:
+                values.popleft()
+        return False
+
+    def state(self) -> dict:
+        return {"losses": list(self.losses), "norms": list(self.norms), "seen": self.seen}
+
+    def load(self, state: dict) -> None:
+        self.losses, self.norms, self.seen = deque(state["losses"]), deque(state["norms"]), state["seen"]
+
+
+def _above(value: float, history: deque, z: float) -> bool:
+    if len(history) < 5:
+        return False
+    mean = sum(history) / len(history)
+    std = math.sqrt(sum((x - mean) ** 2 for x in history) / len(history))
+    return value > mean + z * std
+
+
 def outlier_rows(losses: dict[int, float], reference: list[float], z: float, min_delta: float) -> list[int]:
     """The rows (of ``losses``: row → its worst document's loss) that stand out from ``reference``, the
     row losses of recent accepted steps: above their median by more than ``z`` robust standard

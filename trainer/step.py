@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from trainer.engine import device_of, skip_next_step
-from trainer.model import row_layout, token_losses
+from trainer.model import row_layout, segment_buckets, token_losses
 
 
 @dataclass
@@ -23,6 +24,8 @@ class StepResult:
     loss_by_category: dict[str, float]
     seconds: float
     seq_len: int
+    z_loss: float | None = None  # mean (log Σ exp logits)² per target token, where the recipe asks for the z-loss
+    skipped: bool = False  # skip-step judged the step an outlier: no update
     row_loss: list[float] = field(default_factory=list)  # per row of the step (this rank's, in order): its worst document's mean loss
 
 
@@ -44,10 +47,14 @@ def worst_document_loss(loss_tok: torch.Tensor, target_seg: torch.Tensor, valid:
     return torch.where(worst != -math.inf, worst, row_mean)
 
 
-def _layout(ids_all: np.ndarray, spans_all: list, batch: list[int], categories: list[str], device):
+def _layout(ids_all: np.ndarray, spans_all: list, batch: list[int], categories: list[str], device, doc_mask: bool):
+    """The micro-batch on the device: ids, category / position / segment per position, and (with
+    ``doc_mask``) the documents' attention buckets, made on the host from the spans."""
     ids = to_device(ids_all[batch], device)
-    cat, pos, seg = (to_device(a, device) for a in row_layout([spans_all[r] for r in batch], ids.shape[1], categories))
-    return ids, cat, pos, seg
+    layout = row_layout([spans_all[r] for r in batch], ids.shape[1], categories)
+    buckets = segment_buckets(layout[2][:, :-1]) if doc_mask else None
+    cat, pos, seg = (to_device(a, device) for a in layout)
+    return ids, cat, pos, seg, buckets
 
 
 def _grad_norm(module) -> torch.Tensor | None:
@@ -68,48 +75,62 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def train_step(engine, ids_all: np.ndarray, spans_all: list, rows: list[int], micro: int, categories: list[str],
-               doc_mask: bool) -> StepResult:
+               doc_mask: bool, z_loss: float = 0.0, skip: Callable[[float, float | None], bool] | None = None
+               ) -> StepResult:
     """Forward, backward and the engine's step over ``rows`` of this rank's chunk rows, ``micro`` at a time.
 
     Everything stays on the engine's device; the step's totals come back to the host once, in the one
     all-reduce before the optimizer step. When a micro-batch's loss is not finite on any rank, every
-    rank skips the optimizer step (``trainer.engine.skip_next_step``): the weights do not move."""
+    rank skips the optimizer step (``trainer.engine.skip_next_step``): the weights do not move. So does
+    every rank when ``skip(loss, grad_norm)`` (the step's loss and gradient norm before clipping, the
+    same on every rank) says so: skip-step, for an outlier. ``z_loss`` > 0 adds that coefficient times
+    the mean (log Σ exp logits)² to the loss that is backpropagated (the reported loss stays the
+    cross-entropy; the z term is ``StepResult.z_loss``)."""
     started = time.perf_counter()
     device = device_of(engine)
     gas = math.ceil(len(rows) / micro)
     if gas != engine.gradient_accumulation_steps():
         engine.set_train_batch_size(micro * gas * torch.distributed.get_world_size())
     k = len(categories) + 8  # room for categories first met in these rows; every rank reduces the same size
-    # [loss sum, target tokens, non-finite micro-batches, loss per category (k), tokens per category (k)]
-    totals = torch.zeros(3 + 2 * k, dtype=torch.float64, device=device)
-    own_norm = None
+    # [loss sum, target tokens, non-finite micro-batches, z sum, loss per category (k), tokens per category (k)]
+    totals = torch.zeros(4 + 2 * k, dtype=torch.float64, device=device)
     per_row: list[torch.Tensor] = []
+    skipped = False
     for m in range(gas):
         batch = rows[m * micro : (m + 1) * micro]
-        ids, cat, pos, seg = _layout(ids_all, spans_all, batch, categories, device)
-        loss_tok, target_cat = token_losses(engine, ids, cat, pos, seg, doc_mask)
+        ids, cat, pos, seg, buckets = _layout(ids_all, spans_all, batch, categories, device, doc_mask)
+        z = [] if z_loss > 0 else None
+        loss_tok, target_cat = token_losses(engine, ids, cat, pos, seg, doc_mask, buckets, z=z)
         valid = target_cat >= 0
         n = valid.sum()
         loss = loss_tok.sum() / n.clamp(min=1)  # the engine divides by the accumulation steps itself
-        engine.backward(loss)
+        z_sum = z[0][valid].sum() if z else None
+        engine.backward(loss + z_loss * z_sum / n.clamp(min=1) if z else loss)
         with torch.no_grad():
             per_row.append(worst_document_loss(loss_tok, seg[:, 1:], valid))
             lt, tc = loss_tok.detach()[valid].double(), target_cat[valid]
             totals[0] += lt.sum()
             totals[1] += n
             totals[2] += (~torch.isfinite(loss.detach())).double()
-            totals[3 : 3 + k] += torch.bincount(tc, weights=lt, minlength=k)[:k]
-            totals[3 + k :] += torch.bincount(tc, minlength=k)[:k].double()
+            if z:
+                totals[3] += z_sum.detach().double()
+            totals[4 : 4 + k] += torch.bincount(tc, weights=lt, minlength=k)[:k]
+            totals[4 + k :] += torch.bincount(tc, minlength=k)[:k].double()
         if m == gas - 1:
-            own_norm = _grad_norm(engine.module)  # before the step clips and applies it
+            own = _grad_norm(engine.module)  # before the step clips and applies it
             torch.distributed.all_reduce(totals)  # every rank agrees on the step's loss, tokens and finiteness
-            host = torch.cat([totals, *per_row]).cpu().numpy()  # the step's one trip back to the host
-            agg, row_loss = host[: totals.numel()], host[totals.numel() :]
+            norm_part = [own.double().reshape(1)] if own is not None else []
+            host = torch.cat([totals, *norm_part, *per_row]).cpu().numpy()  # the step's one trip back to the host
+            agg, rest = host[: totals.numel()], host[totals.numel() :]
+            own_norm, row_loss = (float(rest[0]), rest[1:]) if norm_part else (None, rest)
             if agg[2] > 0:
                 skip_next_step(engine)
+            elif skip is not None and skip(float(agg[0] / max(agg[1], 1)), own_norm):
+                skip_next_step(engine)
+                skipped = True
         engine.step()
     total_loss, total_tokens, finite = float(agg[0]), int(agg[1]), bool(agg[2] == 0)
-    per_cat, per_cat_n = agg[3 : 3 + k], agg[3 + k :]
+    per_cat, per_cat_n = agg[4 : 4 + k], agg[4 + k :]
     norm = engine.get_global_grad_norm()
     if norm is None and own_norm is not None:
         norm = own_norm
@@ -117,7 +138,8 @@ def train_step(engine, ids_all: np.ndarray, spans_all: list, rows: list[int], mi
         loss=total_loss / max(total_tokens, 1) if finite else float("nan"), tokens=total_tokens, finite=finite,
         grad_norm=float(norm) if norm is not None else None,
         loss_by_category={c: float(per_cat[i] / per_cat_n[i]) for i, c in enumerate(categories[:k]) if per_cat_n[i] > 0},
-        seconds=time.perf_counter() - started, seq_len=ids_all.shape[1] - 1, row_loss=row_loss.tolist())
+        seconds=time.perf_counter() - started, seq_len=ids_all.shape[1] - 1, row_loss=row_loss.tolist(),
+        z_loss=float(agg[3] / max(total_tokens, 1)) if z_loss > 0 else None, skipped=skipped)
 
 
 @torch.no_grad()
@@ -126,7 +148,7 @@ def probe_rows(engine, ids_all: np.ndarray, spans_all: list, rows: list[int], mi
     """Forward only: each row's worst document loss (``worst_document_loss``) under the current weights."""
     device, out = device_of(engine), []
     for m in range(0, len(rows), micro):
-        ids, cat, pos, seg = _layout(ids_all, spans_all, rows[m : m + micro], categories, device)
-        loss_tok, target_cat = token_losses(engine, ids, cat, pos, seg, doc_mask)
+        ids, cat, pos, seg, buckets = _layout(ids_all, spans_all, rows[m : m + micro], categories, device, doc_mask)
+        loss_tok, target_cat = token_losses(engine, ids, cat, pos, seg, doc_mask, buckets)
         out.append(worst_document_loss(loss_tok, seg[:, 1:], target_cat >= 0))
     return torch.cat(out).cpu().tolist() if out else []

@@ -1,0 +1,140 @@
+"""Spike mitigations as recipe options: skip-step (a function, then in the daemon on an injected
+outlier), the z-loss, the embedding layer's shrunk gradient, Adam's epsilon."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from tests.test_trainer import SPIKY, _events, _same, _setup, _weights
+
+
+def test_skip_step_refuses_an_outlier_and_remembers_only_accepted_steps():
+    from trainer.schedule import SkipStep
+
+    rng = random.Random(0)
+    rule = SkipStep(z=4.0, window=20, warmup_steps=5)
+    verdicts = [rule(3.0 + rng.gauss(0, 0.05), 1.0 + rng.gauss(0, 0.05)) for _ in range(12)]
+    assert not any(verdicts)
+    remembered = len(rule.losses)
+    assert rule(9.0, 1.0) and rule(3.0, 25.0)  # the loss, then the gradient norm, far out
+    assert len(rule.losses) == remembered  # an outlier is not remembered
+    assert not rule(3.02, 1.01) and len(rule.losses) == remembered + 1
+    fresh = SkipStep(z=4.0, window=20, warmup_steps=5)
+    assert not any(fresh(x, 1.0) for x in (3.0, 3.0, 50.0))  # during warm-up nothing is refused
+    restored = SkipStep(z=4.0, window=20, warmup_steps=5)
+    restored.load(rule.state())
+    assert restored(9.0, 1.0) and restored.state() == rule.state() | {"seen": rule.seen + 1}
+
+
+def test_skip_step_leaves_the_weights_of_an_outlier_step_and_rolls_nothing_back(tmp_path, monkeypatch):
+    import trainer.step as step_module
+    from trainer.callbacks import Callback, default_callbacks
+    from trainer.loop import Trainer
+
+    real, calls = step_module.token_losses, {"n": 0}
+
+    def inflated(*args, **kwargs):  # the 14th micro-batch (step 14: one per step) scores 1000× its loss
+        loss, cat = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * 1000.0, cat) if calls["n"] == 14 else (loss, cat)
+
+    monkeypatch.setattr(step_module, "token_losses", inflated)
+
+    class Watch(Callback):
+        name = "watch"
+
+        def __init__(self):
+            self.seen = []
+
+        def on_step_start(self, trainer):
+            self.weights = _weights(trainer.engine.module)
+
+        def on_step_end(self, trainer, step):
+            self.seen.append((step.number, step.result.skipped, _same(self.weights, _weights(trainer.engine.module))))
+
+    # this tiny model's gradient norm jumps fourfold by itself around step 10 (high learning rate, few
+    # steps): verdicts start after that (warmup_steps) and the bar is high (skip_z), so that only the
+    # injected step stands out
+    recipe, lake = _setup(tmp_path, chunks=1, batch_ramp=[[0, 4]], spike={**SPIKY, "skip_z": 20.0, "warmup_steps": 12})
+    watch = Watch()
+    trainer = Trainer(recipe, exit_when_idle=0.1, callbacks=default_callbacks(recipe.trainer) + [watch])
+    trainer.run()
+    skipped = [s for s in watch.seen if s[1]]
+    assert [s[0] for s in skipped] == [14], watch.seen[:20]
+    assert skipped[0][2]  # the skipped step moved no weight
+    # the others did (past the first steps, where the warm-up's learning rate is still about 0)
+    assert all(not same for number, was_skipped, same in watch.seen if not was_skipped and number > 2)
+    events = _events(lake)
+    assert [e["step"] for e in events if e["event"] == "skip_step"] == [14]
+    assert not [e for e in events if e["event"] == "rollback"]  # one outlier step: no rollback
+
+
+def test_z_loss_is_logged_finite_and_adam_epsilon_is_the_recipes(tmp_path):
+    import json
+    from pathlib import Path
+
+    from trainer.engine import base_optimizer
+    from trainer.loop import Trainer
+
+    recipe, _ = _setup(tmp_path, chunks=1, z_loss=1e-4, adam_eps=1e-6)
+    trainer = Trainer(recipe, max_steps=8)
+    trainer.run()
+    assert {g["eps"] for g in base_optimizer(trainer.engine).param_groups} == {1e-6}
+    records = [json.loads(x) for x in (Path(recipe.lake) / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    z = [r["z_loss"] for r in records]
+    assert len(z) == 8 and all(math.isfinite(v) and v > 0 for v in z)
+
+
+def test_z_loss_terms_are_the_squared_log_partition_and_reach_the_gradients():
+    import numpy as np
+    import torch
+
+    from lake.recipe import ModelCfg
+    from trainer.model import build_model, row_layout, token_losses
+
+    torch.manual_seed(0)
+    model = build_model(ModelCfg(hidden=32, layers=1, heads=2, kv_heads=1), 100)
+    ids = torch.tensor([list(range(3, 23))])
+    spans = [[{"doc_id": "a", "pos": 0, "doc_start": 0, "length": 20, "doc_tokens": 20, "category": "en"}]]
+    cat, pos, seg = row_layout(spans, 20, ["en"])
+    z: list = []
+    loss, _ = token_losses(model, ids, cat, pos, seg, doc_mask=False, z=z)
+    logits = model(input_ids=ids[:, :-1]).logits.float()
+    assert torch.allclose(z[0], torch.logsumexp(logits, -1) ** 2)
+    head = model.lm_head.weight
+    plain = torch.autograd.grad(loss.mean(), head, retain_graph=True)[0]
+    with_z = torch.autograd.grad(loss.mean() + 1e-2 * z[0].mean(), head)[0]
+    assert not np.allclose(plain.numpy(), with_z.numpy())
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_shrunk_embedding_gradient_changes_only_what_reaches_the_embedding_through_its_output(tied):
+    import torch
+
+    from lake.recipe import ModelCfg
+    from trainer.model import build_model, row_layout, token_losses
+
+    ids = torch.tensor([list(range(3, 23))])
+    spans = [[{"doc_id": "a", "pos": 0, "doc_start": 0, "length": 20, "doc_tokens": 20, "category": "en"}]]
+    cat, pos, seg = row_layout(spans, 20, ["en"])
+    grads, losses = {}, {}
+    for scale in (1.0, 0.1):
+        torch.manual_seed(0)
+        model = build_model(ModelCfg(hidden=32, layers=1, heads=2, kv_heads=1, tie_embeddings=tied), 100,
+                            embedding_grad_scale=scale)
+        loss, _ = token_losses(model, ids, cat, pos, seg, doc_mask=False)
+        loss.mean().backward()
+        losses[scale] = loss.detach()
+        grads[scale] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert torch.equal(losses[1.0], losses[0.1])  # the forward pass is the same
+    emb = "model.embed_tokens.weight"
+    for name, g in grads[1.0].items():
+        if name != emb:
+            assert torch.allclose(grads[0.1][name], g, atol=1e-7), name
+    if not tied:
+        assert torch.allclose(grads[0.1][emb], 0.1 * grads[1.0][emb], atol=1e-7)
+    else:  # tied: the head's part of the shared matrix's gradient is unchanged, the input's shrinks
+        assert not torch.allclose(grads[0.1][emb], grads[1.0][emb])
