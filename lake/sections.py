@@ -289,8 +289,32 @@ class SpikeCfg(_Section):
                                  "off by default")
 
 
+class RopeScaling(_Section):
+    """RoPE scaling for a longer context than the model was trained at (transformers' rope parameters)."""
+
+    rope_type: Literal["linear", "dynamic", "yarn", "llama3"] = Field(
+        description="linear (position interpolation), dynamic NTK, YaRN, or Llama 3's frequency-dependent scaling")
+    factor: float = Field(gt=1, description="how many times longer a context than original_max_positions")
+    original_max_positions: int | None = Field(default=None, gt=0, description="the context the model was trained "
+                                               "at (yarn, llama3; default the model's max_positions; dynamic NTK "
+                                               "scales what is longer than max_positions)")
+    low_freq_factor: float = Field(default=1.0, gt=0, description="llama3 only")
+    high_freq_factor: float = Field(default=4.0, gt=0, description="llama3 only")
+
+    def parameters(self, max_positions: int) -> dict:
+        """As transformers' ``rope_parameters`` (without the base)."""
+        out = {"rope_type": self.rope_type, "factor": self.factor}
+        if self.rope_type in ("yarn", "llama3"):  # dynamic NTK scales past the model's max_positions
+            out["original_max_position_embeddings"] = self.original_max_positions or max_positions
+        if self.rope_type == "llama3":
+            out |= {"low_freq_factor": self.low_freq_factor, "high_freq_factor": self.high_freq_factor}
+        return out
+
+
 class TrainerStageCfg(_Section):
     rope_theta: float | None = Field(default=None, description="e.g. 1000000 for long context")
+    rope_scaling: RopeScaling | None = Field(default=None, description="e.g. {rope_type: yarn, factor: 4, "
+                                             "original_max_positions: 4096} for a 16k stage after 4k")
     lr_peak: float | None = None
     schedule: Literal["wsd", "cosine"] | None = None
     decay_tokens: int | None = Field(

@@ -1,5 +1,6 @@
 """Spike mitigations as recipe options: skip-step (a function, then in the daemon on an injected
-outlier), the z-loss, the embedding layer's shrunk gradient, Adam's epsilon."""
+outlier), the z-loss, the embedding layer's shrunk gradient, Adam's epsilon; and RoPE scaling for
+long-context stages, through export."""
 
 from __future__ import annotations
 
@@ -138,3 +139,60 @@ def test_a_shrunk_embedding_gradient_changes_only_what_reaches_the_embedding_thr
         assert torch.allclose(grads[0.1][emb], 0.1 * grads[1.0][emb], atol=1e-7)
     else:  # tied: the head's part of the shared matrix's gradient is unchanged, the input's shrinks
         assert not torch.allclose(grads[0.1][emb], grads[1.0][emb])
+
+
+@pytest.fixture(scope="module")
+def tokenizer_meta(tmp_path_factory):
+    from jobs.synthetic_lake import make_lake
+
+    folder = tmp_path_factory.mktemp("rope")
+    _, tok, meta, _ = make_lake(str(folder / "lake"), n_docs=30)
+    tok.save(str(folder / "tokenizer.json"))
+    return meta, str(folder / "tokenizer.json")
+
+
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "dynamic", "factor": 4.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_positions": 16},
+    {"rope_type": "llama3", "factor": 4.0, "original_max_positions": 16},
+], ids=lambda s: s["rope_type"])
+def test_each_rope_scaling_round_trips_through_export(tmp_path, tokenizer_meta, scaling):
+    """A stage's RoPE scaling reaches the model, and the exported Hugging Face model computes the same
+    logits on a sequence longer than the original context (and than max_positions: dynamic NTK)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from lake.recipe import ModelCfg
+    from lake.sections import RopeScaling
+    from trainer.model import build_model, export_hf
+
+    cfg = ModelCfg(hidden=32, layers=2, heads=2, kv_heads=1, max_positions=64)
+    params = RopeScaling(**scaling).parameters(cfg.max_positions)
+    meta, tokenizer_file = tokenizer_meta
+    vocab = meta["model_vocab_size"]
+    torch.manual_seed(0)
+    ours = build_model(cfg, vocab, 50_000.0, params).eval()
+    torch.manual_seed(0)
+    plain = build_model(cfg, vocab, 50_000.0).eval()
+    out = export_hf(ours.state_dict(), cfg, vocab, 50_000.0, tokenizer_file, meta,
+                    str(tmp_path / "hf"), params)
+    hf = LlamaForCausalLM.from_pretrained(out).eval()
+    assert hf.config.rope_parameters["rope_type"] == scaling["rope_type"]
+    ids = torch.randint(3, vocab, (1, 96))
+    with torch.no_grad():
+        a, b, c = (m(input_ids=ids).logits for m in (ours, hf, plain))
+    exported, scaled = float((a - b).abs().max()), float((a - c).abs().max())
+    assert exported <= 1e-5, exported  # the Hugging Face model is ours
+    assert scaled > 100 * max(exported, 1e-7), (scaled, exported)  # and the scaling changed it
+
+
+def test_a_stages_rope_scaling_reaches_the_engines_model_settings(tmp_path):
+    from trainer.engine import stage_settings
+
+    recipe, _ = _setup(tmp_path, chunks=1, stages={"long": {"rope_theta": 500000.0, "rope_scaling": {
+        "rope_type": "yarn", "factor": 4.0, "original_max_positions": 4096}}})
+    long = stage_settings(recipe.trainer, "long")
+    assert long.rope_theta == 500000.0
+    assert long.rope_scaling == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096}
+    assert stage_settings(recipe.trainer, "pretrain").rope_scaling is None

@@ -109,5 +109,6 @@ def export(recipe: Recipe, out: str, tag: str | None = None) -> str:
     else:
         state = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     _, meta = load_tokenizer(recipe)
-    theta = stage_settings(cfg, cfg.stage or recipe.feed.stage).rope_theta or cfg.model.rope_theta
-    return export_hf(state, cfg.model, meta["model_vocab_size"], theta, f"{meta['folder']}/tokenizer.json", meta, out)
+    settings = stage_settings(cfg, cfg.stage or recipe.feed.stage)
+    return export_hf(state, cfg.model, meta["model_vocab_size"], settings.rope_theta or cfg.model.rope_theta,
+                     f"{meta['folder']}/tokenizer.json", meta, out, settings.rope_scaling)

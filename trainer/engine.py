@@ -120,6 +120,7 @@ class StageSettings:
     """What a stage of ``trainer.stages`` changes; None where the trainer section's value holds."""
 
     rope_theta: float | None
+    rope_scaling: dict | None  # transformers' rope parameters of the stage's scaling
     lr_peak: float
     schedule_cfg: TrainerCfg
     decay_tokens: int | None
@@ -129,6 +130,7 @@ def stage_settings(cfg: TrainerCfg, stage: str) -> StageSettings:
     s = cfg.stages.get(stage)
     return StageSettings(
         rope_theta=s.rope_theta if s and s.rope_theta else None,
+        rope_scaling=s.rope_scaling.parameters(cfg.model.max_positions) if s and s.rope_scaling else None,
         lr_peak=s.lr_peak if s and s.lr_peak else cfg.lr_peak,
         schedule_cfg=cfg.model_copy(update={"schedule": s.schedule}) if s and s.schedule else cfg,
         decay_tokens=s.decay_tokens if s else None,
@@ -147,7 +149,8 @@ def build(cfg: TrainerCfg, stage: str, vocab_size: int, world: int) -> Built:
     import deepspeed
 
     settings = stage_settings(cfg, stage)
-    model = build_model(cfg.model, vocab_size, settings.rope_theta, embedding_grad_scale=cfg.embedding_grad_scale)
+    model = build_model(cfg.model, vocab_size, settings.rope_theta, settings.rope_scaling,
+                        embedding_grad_scale=cfg.embedding_grad_scale)
     optimizer = AdamW(parameter_groups(model, cfg.weight_decay), lr=settings.lr_peak, betas=(0.9, 0.95), eps=cfg.adam_eps)
     scheduler = TokenSchedule(optimizer, settings.schedule_cfg, settings.lr_peak)
     ds_config = {

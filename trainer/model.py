@@ -11,7 +11,8 @@ IGNORE = -100
 ATTENTION = "tokenmill_segments"  # the models' attention (``segment_attention``), registered with transformers
 
 
-def build_model(cfg, vocab_size: int, rope_theta: float | None = None, embedding_grad_scale: float = 1.0):
+def build_model(cfg, vocab_size: int, rope_theta: float | None = None, rope_scaling: dict | None = None,
+                embedding_grad_scale: float = 1.0):
     """A LlamaForCausalLM from the recipe's model section (or from ``init_from`` for continued pretraining).
     ``embedding_grad_scale`` < 1 shrinks the gradient that reaches the embedding layer through its output
     (GLM-130B's α·e + (1−α)·stop_gradient(e)); the forward pass is unchanged."""
@@ -37,21 +38,22 @@ def build_model(cfg, vocab_size: int, rope_theta: float | None = None, embedding
     if embedding_grad_scale < 1.0:
         a = embedding_grad_scale
         model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.detach() + a * (out - out.detach()))
-    if rope_theta is not None:
-        set_rope_theta(model, rope_theta)
+    if rope_theta is not None or rope_scaling:
+        set_rope(model, rope_theta, rope_scaling)
     return model
 
 
-def set_rope_theta(model, theta: float) -> None:
-    """Change RoPE's base (long-context stages) and rebuild the rotary embedding from the config."""
+def set_rope(model, theta: float | None, scaling: dict | None = None) -> None:
+    """Change RoPE's base and scaling (long-context stages; ``scaling`` as transformers' rope parameters,
+    ``lake.sections.RopeScaling.parameters``) and rebuild the rotary embedding from the config, which
+    ``save_pretrained`` writes: an exported model carries both."""
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    if getattr(model.config, "rope_theta", None) == theta and not getattr(model.config, "rope_parameters", None):
-        return
+    params = dict(getattr(model.config, "rope_parameters", None) or {})
+    theta = theta if theta is not None else params.get("rope_theta", getattr(model.config, "rope_theta", 10_000.0))
+    params = {"rope_theta": theta, **scaling} if scaling else {"rope_type": "default", **params, "rope_theta": theta}
+    model.config.rope_parameters = params
     model.config.rope_theta = theta
-    params = getattr(model.config, "rope_parameters", None)
-    if isinstance(params, dict):
-        params["rope_theta"] = theta
     model.model.rotary_emb = LlamaRotaryEmbedding(config=model.config)
 
 
@@ -189,11 +191,12 @@ def token_losses(model, ids: torch.Tensor, cat, pos, seg, doc_mask: bool, bucket
 
 
 def export_hf(state_dict: dict, model_cfg, vocab_size: int, rope_theta: float, tokenizer_file: str, meta: dict,
-              out: str) -> str:
-    """A Hugging Face folder (LlamaForCausalLM + fast tokenizer) from a model state dict."""
+              out: str, rope_scaling: dict | None = None) -> str:
+    """A Hugging Face folder (LlamaForCausalLM + fast tokenizer) from a model state dict; its config
+    carries the RoPE base and scaling the weights were trained with."""
     from transformers import PreTrainedTokenizerFast
 
-    model = build_model(model_cfg.model_copy(update={"init_from": None}), vocab_size, rope_theta)
+    model = build_model(model_cfg.model_copy(update={"init_from": None}), vocab_size, rope_theta, rope_scaling)
     state = {k.removeprefix("module."): v for k, v in state_dict.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (model_cfg.tie_embeddings and m == "lm_head.weight")]
