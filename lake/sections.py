@@ -330,6 +330,11 @@ class TrainerCfg(_Section):
     stages: dict[str, TrainerStageCfg] = Field(default_factory=dict, description="per-stage overrides")
     zero_stage: int = Field(default=0, ge=0, le=3)
     bf16: bool = False
+    fp16: bool = Field(default=False, description="fp16 mixed precision with dynamic loss scaling (DeepSpeed's): "
+                       "an overflowing step is skipped and the scale halved; it grows after loss_scale_window "
+                       "clean steps")
+    loss_scale_power: int = Field(default=16, ge=0, le=32, description="fp16: the first loss scale is 2^this")
+    loss_scale_window: int = Field(default=1000, gt=0, description="fp16: clean steps before the scale doubles")
     micro_batch: int = Field(default=4, gt=0, description="sequences per process per forward pass")
     batch_ramp: list[tuple[int, int]] = Field(
         default_factory=lambda: [(0, 8)], description="[[tokens consumed, global batch in sequences], ...]")
@@ -363,6 +368,12 @@ class TrainerCfg(_Section):
         if not value or value[0][0] != 0 or any(b[0] <= a[0] for a, b in zip(value, value[1:])):
             raise ValueError("batch_ramp starts at 0 tokens and its token marks increase: [[0, 8], [1000000, 32]]")
         return value
+
+    @model_validator(mode="after")
+    def _one_precision(self) -> "TrainerCfg":
+        if self.bf16 and self.fp16:
+            raise ValueError("trainer.bf16 and trainer.fp16 are both true: choose one mixed precision")
+        return self
 
 
 class Spark(_Section):

@@ -196,3 +196,48 @@ def test_a_stages_rope_scaling_reaches_the_engines_model_settings(tmp_path):
     assert long.rope_theta == 500000.0
     assert long.rope_scaling == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096}
     assert stage_settings(recipe.trainer, "pretrain").rope_scaling is None
+
+
+def test_fp16_survives_an_overflow_the_step_is_skipped_the_scale_halved_and_training_goes_on(tmp_path, monkeypatch):
+    import json
+    from pathlib import Path
+
+    import trainer.step as step_module
+    from trainer.callbacks import Callback, default_callbacks
+    from trainer.loop import Trainer
+
+    real, calls = step_module.token_losses, {"n": 0}
+
+    def overflowing(*args, **kwargs):  # the 10th micro-batch's gradients overflow fp16 (65504) once scaled
+        loss, cat = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * 1e9, cat) if calls["n"] == 10 else (loss, cat)
+
+    monkeypatch.setattr(step_module, "token_losses", overflowing)
+
+    class Watch(Callback):
+        name = "watch"
+
+        def __init__(self):
+            self.seen = []
+
+        def on_step_start(self, trainer):
+            self.weights = _weights(trainer.engine.module)
+
+        def on_step_end(self, trainer, step):
+            self.seen.append((step.number, step.result.overflow, _same(self.weights, _weights(trainer.engine.module))))
+
+    recipe, lake = _setup(tmp_path, chunks=1, batch_ramp=[[0, 4]], fp16=True, loss_scale_power=8,
+                          loss_scale_window=1000, spike=SPIKY)
+    watch = Watch()
+    trainer = Trainer(recipe, max_steps=16, callbacks=default_callbacks(recipe.trainer) + [watch])
+    losses = trainer.run()
+    assert [(n, same) for n, overflow, same in watch.seen if overflow] == [(10, True)]  # skipped: no weight moved
+    assert all(not same for n, overflow, same in watch.seen if n > 10)  # and training went on
+    records = [json.loads(x) for x in (Path(recipe.lake) / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    scale = {r["step"]: r["loss_scale"] for r in records}
+    assert scale[9] == 256.0 and scale[10] == 128.0 and scale[16] == 128.0  # halved once, kept (window 1000)
+    events = _events(lake)
+    assert [e["step"] for e in events if e["event"] == "overflow"] == [10]
+    assert not [e for e in events if e["event"] in ("rollback", "spike")]
+    assert len(losses) == 16 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]

@@ -87,6 +87,11 @@ class SpikeGuardCallback(Callback):
 
     def on_step_end(self, trainer, step: Step) -> None:
         r = step.result
+        if r.overflow:  # fp16's loss scaler handled it (no update, a smaller scale): not a spike
+            step.metrics["guard"] = "overflow"
+            trainer.events(step.number, "overflow", step.chunk_id, f"fp16 gradients overflowed: no update, loss scale "
+                           f"now {r.loss_scale:g}")
+            return
         step.verdict = self.guard.observe(r.loss if r.finite else float("nan"), r.grad_norm, r.row_loss)
         step.metrics["guard"] = step.verdict
         if r.skipped:

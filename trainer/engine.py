@@ -82,6 +82,14 @@ def base_optimizer(engine) -> AdamW:
     return opt
 
 
+def loss_scale(engine) -> float | None:
+    """fp16's current dynamic loss scale (None without fp16)."""
+    if not engine.fp16_enabled():
+        return None
+    opt = engine.optimizer
+    return float(getattr(opt, "loss_scale", None) or getattr(opt, "cur_scale", 1.0))
+
+
 def skip_next_step(engine) -> None:
     """The engine's next optimizer step changes nothing (see ``AdamW``)."""
     base_optimizer(engine).skip_next = True
@@ -160,6 +168,8 @@ def build(cfg: TrainerCfg, stage: str, vocab_size: int, world: int) -> Built:
         "zero_optimization": {"stage": cfg.zero_stage},
         "zero_allow_untested_optimizer": True,  # trainer.engine.AdamW: torch's AdamW with a skippable step
         "bf16": {"enabled": cfg.bf16},
+        "fp16": {"enabled": cfg.fp16, "loss_scale": 0, "initial_scale_power": cfg.loss_scale_power,
+                 "loss_scale_window": cfg.loss_scale_window, "hysteresis": 1, "min_loss_scale": 1},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }

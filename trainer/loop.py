@@ -220,7 +220,8 @@ class Trainer:
                    "grad_norm": r.grad_norm, "tokens": self.state.tokens, "tokens_per_s": tokens_per_s,
                    "mfu": tokens_per_s * flops / (self.cfg.peak_flops * self.world),
                    "batch_sequences": len(take) * self.world, "loss_by_category": r.loss_by_category, "chunk": cid,
-                   **({"z_loss": r.z_loss} if r.z_loss is not None else {})}
+                   **({"z_loss": r.z_loss} if r.z_loss is not None else {}),
+                   **({"loss_scale": r.loss_scale} if r.loss_scale is not None else {})}
         return Step(self.state.step, cid, take, r, metrics)
 
     def rollback(self, cid: str, recent: list[list[int]], ids: np.ndarray, spans: list) -> str:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from trainer.engine import device_of, skip_next_step
+from trainer.engine import device_of, loss_scale, skip_next_step
 from trainer.model import row_layout, segment_buckets, token_losses
 
 
@@ -26,6 +26,8 @@ class StepResult:
     seq_len: int
     z_loss: float | None = None  # mean (log Σ exp logits)² per target token, where the recipe asks for the z-loss
     skipped: bool = False  # skip-step judged the step an outlier: no update
+    overflow: bool = False  # fp16: the scaled gradients overflowed; DeepSpeed skipped the update and halved the scale
+    loss_scale: float | None = None  # fp16: the loss scale after the step
     row_loss: list[float] = field(default_factory=list)  # per row of the step (this rank's, in order): its worst document's mean loss
 
 
@@ -88,6 +90,7 @@ def train_step(engine, ids_all: np.ndarray, spans_all: list, rows: list[int], mi
     cross-entropy; the z term is ``StepResult.z_loss``)."""
     started = time.perf_counter()
     device = device_of(engine)
+    scale = loss_scale(engine)  # fp16: the gradients are scaled by it until the step unscales them
     gas = math.ceil(len(rows) / micro)
     if gas != engine.gradient_accumulation_steps():
         engine.set_train_batch_size(micro * gas * torch.distributed.get_world_size())
@@ -122,7 +125,7 @@ def train_step(engine, ids_all: np.ndarray, spans_all: list, rows: list[int], mi
             norm_part = [own.double().reshape(1)] if own is not None else []
             host = torch.cat([totals, *norm_part, *per_row]).cpu().numpy()  # the step's one trip back to the host
             agg, rest = host[: totals.numel()], host[totals.numel() :]
-            own_norm, row_loss = (float(rest[0]), rest[1:]) if norm_part else (None, rest)
+            own_norm, row_loss = (float(rest[0]) / (scale or 1.0), rest[1:]) if norm_part else (None, rest)
             if agg[2] > 0:
                 skip_next_step(engine)
             elif skip is not None and skip(float(agg[0] / max(agg[1], 1)), own_norm):
@@ -130,16 +133,19 @@ def train_step(engine, ids_all: np.ndarray, spans_all: list, rows: list[int], mi
                 skipped = True
         engine.step()
     total_loss, total_tokens, finite = float(agg[0]), int(agg[1]), bool(agg[2] == 0)
+    # fp16: DeepSpeed found inf/nan in the scaled gradients, skipped the update and halved the scale
+    overflow = scale is not None and finite and not skipped and not engine.was_step_applied()
     per_cat, per_cat_n = agg[4 : 4 + k], agg[4 + k :]
-    norm = engine.get_global_grad_norm()
-    if norm is None and own_norm is not None:
+    norm = None if overflow else engine.get_global_grad_norm()
+    if norm is None and own_norm is not None and not overflow:
         norm = own_norm
     return StepResult(
         loss=total_loss / max(total_tokens, 1) if finite else float("nan"), tokens=total_tokens, finite=finite,
         grad_norm=float(norm) if norm is not None else None,
         loss_by_category={c: float(per_cat[i] / per_cat_n[i]) for i, c in enumerate(categories[:k]) if per_cat_n[i] > 0},
         seconds=time.perf_counter() - started, seq_len=ids_all.shape[1] - 1, row_loss=row_loss.tolist(),
-        z_loss=float(agg[3] / max(total_tokens, 1)) if z_loss > 0 else None, skipped=skipped)
+        z_loss=float(agg[3] / max(total_tokens, 1)) if z_loss > 0 else None, skipped=skipped, overflow=overflow,
+        loss_scale=loss_scale(engine))
 
 
 @torch.no_grad()
