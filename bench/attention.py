@@ -9,12 +9,14 @@
 
 Each (mode, sequence length) runs in a fresh process: one warm-up step, then ``--steps`` timed
 forward + backward + AdamW steps; the process's peak resident memory above its size after the model
-was built is its peak memory. Rounds alternate the modes so that drift hits all of them; medians
+was built is its peak memory. Then the same for attention alone (one call over every row's queries,
+keys and values, forward and backward), where the mask's O(seq²) memory is not hidden behind the
+model's activations and logits. Rounds alternate the modes so that drift hits all of them; medians
 and the spread are printed. The rows hold ``--tokens`` tokens per step at every length, in documents
 of log-normally distributed lengths (median ``--doc-median`` tokens).
 
     python bench/attention.py [--seq 2048 8192] [--steps 3] [--rounds 3] [--hidden 256] [--layers 4]
-                              [--checkpointing]
+                              [--checkpointing] [--compile]
 """
 
 from __future__ import annotations
@@ -50,6 +52,39 @@ def rows_of_documents(seq: int, tokens: int, doc_median: int, seed: int = 0):
     return rng.integers(3, 8000, (n_rows, seq + 1)), spans
 
 
+def attention_only(mode: str, seq: int, args) -> dict:
+    """In this process: forward + backward of one attention call (queries, keys, values of every row)."""
+    import torch
+
+    from trainer.model import dense_document_mask, row_layout, segment_attention, segment_buckets
+
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    ids, spans = rows_of_documents(seq, args.tokens, args.doc_median)
+    seg = row_layout(spans, ids.shape[1], ["en"])[2][:, :-1]
+    d = args.hidden // args.heads
+    q = torch.randn(len(ids), args.heads, seq, d, requires_grad=True)
+    k, v = (torch.randn(len(ids), args.kv_heads, seq, d, requires_grad=True) for _ in range(2))
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    for step in range(args.steps + 1):
+        started = time.perf_counter()
+        if mode == "dense":
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=dense_document_mask(torch.as_tensor(seg)), enable_gqa=True)
+        elif mode == "segments":
+            buckets = [tuple(torch.as_tensor(a) for a in b) for b in segment_buckets(seg)]
+            out, _ = segment_attention(None, q, k, v, None, doc_buckets=buckets)
+        else:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        out.sum().backward()
+        q.grad = k.grad = v.grad = None
+        if step:
+            times.append(time.perf_counter() - started)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"times": times, "peak_mib": (peak - base) / 1024, "rows": len(ids), "docs": sum(len(r) for r in spans)}
+
+
 def one(mode: str, seq: int, args) -> dict:
     """In this process: the steps' times and the peak memory of ``mode`` at ``seq``."""
     import torch
@@ -59,11 +94,12 @@ def one(mode: str, seq: int, args) -> dict:
 
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
-    cfg = ModelCfg(hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads, max_positions=seq + 1)
+    cfg = ModelCfg(hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
+                   max_positions=seq + 1, activation_checkpointing=args.checkpointing)
     model = build_model(cfg, 8192)
-    if args.checkpointing:
-        model.gradient_checkpointing_enable()
     model.train()
+    if args.compile:
+        model = torch.compile(model, dynamic=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids, spans = rows_of_documents(seq, args.tokens, args.doc_median)
     cat, pos, seg = row_layout(spans, ids.shape[1], ["en"])
@@ -97,36 +133,47 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing in every mode")
-    parser.add_argument("--one", nargs=2, metavar=("MODE", "SEQ"), help=argparse.SUPPRESS)
+    parser.add_argument("--compile", action="store_true", help="torch.compile (dynamic shapes) in every mode")
+    parser.add_argument("--one", nargs=3, metavar=("PART", "MODE", "SEQ"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one(args.one[0], int(args.one[1]), args)))
+        measure = one if args.one[0] == "step" else attention_only
+        print(json.dumps(measure(args.one[1], int(args.one[2]), args)))
         return
     passed = sys.argv[1:]
-    results: dict[tuple[str, int], dict] = {}
+    results: dict[tuple[str, str, int], dict] = {}
     for _ in range(args.rounds):
-        for seq in args.seq:
-            for mode in MODES:
-                out = subprocess.run([sys.executable, __file__, *passed, "--one", mode, str(seq)], capture_output=True,
-                                     text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-                if out.returncode:
-                    sys.exit(f"{mode} at {seq}: exit {out.returncode}\n{out.stderr[-3000:]}")
-                got = json.loads(out.stdout.strip().splitlines()[-1])
-                r = results.setdefault((mode, seq), {"times": [], "peaks": [], "rows": got["rows"], "docs": got["docs"]})
-                r["times"] += got["times"]
-                r["peaks"].append(got["peak_mib"])
+        for part in ("step", "attention"):
+            for seq in args.seq:
+                for mode in MODES:
+                    out = subprocess.run([sys.executable, __file__, *passed, "--one", part, mode, str(seq)],
+                                         capture_output=True, text=True, cwd=ROOT,
+                                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+                    if out.returncode:
+                        sys.exit(f"{part} {mode} at {seq}: exit {out.returncode}\n{out.stderr[-3000:]}")
+                    got = json.loads(out.stdout.strip().splitlines()[-1])
+                    r = results.setdefault((part, mode, seq), {"times": [], "peaks": [], "rows": got["rows"],
+                                                               "docs": got["docs"]})
+                    r["times"] += got["times"]
+                    r["peaks"].append(got["peak_mib"])
     print(f"model: hidden {args.hidden}, {args.layers} layers, {args.heads} heads ({args.kv_heads} kv); {args.tokens:,} "
           f"tokens per step in documents of median {args.doc_median} tokens; {args.rounds} rounds x {args.steps} steps "
-          f"per mode{'; activation checkpointing' if args.checkpointing else ''}; {os.cpu_count()} CPU threads")
-    print(f"{'':22} {'s/step (median)':>16} {'min-max':>14} {'peak MiB (median)':>18} {'vs dense':>9} {'vs causal':>10}")
-    for seq in args.seq:
-        dense, causal = (statistics.median(results[(m, seq)]["times"]) for m in ("dense", "causal"))
-        for mode in MODES:
-            r = results[(mode, seq)]
-            t, spread = statistics.median(r["times"]), f"{min(r['times']):.3f}-{max(r['times']):.3f}"
-            print(f"{f'{mode} @ {seq}':22} {t:16.3f} {spread:>14} "
-                  f"{statistics.median(r['peaks']):18,.0f} {dense / t:8.2f}x {t / causal:9.2f}x")
-        print(f"  {results[('dense', seq)]['rows']} rows of {seq} tokens, {results[('dense', seq)]['docs']} documents")
+          f"per mode{'; activation checkpointing' if args.checkpointing else ''}{'; torch.compile' if args.compile else ''}; "
+          f"{os.cpu_count()} CPU threads")
+    for part, title in (("step", "a whole training step (forward, backward, AdamW)"),
+                        ("attention", "attention alone (one call, forward + backward)")):
+        print(f"\n{title}")
+        print(f"{'':22} {'s (median)':>11} {'min-max':>14} {'peak MiB (median)':>18} {'dense / it':>11} "
+              f"{'it / causal':>12}")
+        for seq in args.seq:
+            dense, causal = (statistics.median(results[(part, m, seq)]["times"]) for m in ("dense", "causal"))
+            for mode in MODES:
+                r = results[(part, mode, seq)]
+                t, spread = statistics.median(r["times"]), f"{min(r['times']):.3f}-{max(r['times']):.3f}"
+                print(f"{f'{mode} @ {seq}':22} {t:11.3f} {spread:>14} "
+                      f"{statistics.median(r['peaks']):18,.0f} {dense / t:10.2f}x {t / causal:11.2f}x")
+            first = results[(part, "dense", seq)]
+            print(f"  {first['rows']} rows of {seq} tokens, {first['docs']} documents")
 
 
 if __name__ == "__main__":

@@ -262,6 +262,9 @@ class ModelCfg(_Section):
     tie_embeddings: bool = True
     doc_mask: bool = Field(default=False, description="reset positions and mask attention at document boundaries")
     init_from: str | None = Field(default=None, description="continued pretraining: a Hugging Face model folder")
+    activation_checkpointing: bool = Field(default=False, description="recompute each layer's activations in the "
+                                           "backward pass: less memory, about a third more compute")
+    compile: bool = Field(default=False, description="torch.compile the model (bench/attention measures it)")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ModelCfg":

@@ -241,3 +241,27 @@ def test_fp16_survives_an_overflow_the_step_is_skipped_the_scale_halved_and_trai
     assert [e["step"] for e in events if e["event"] == "overflow"] == [10]
     assert not [e for e in events if e["event"] in ("rollback", "spike")]
     assert len(losses) == 16 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+
+
+def test_activation_checkpointing_gives_the_same_losses_and_gradients():
+    import numpy as np
+    import torch
+
+    from lake.recipe import ModelCfg
+    from tests.test_trainer import _packed_rows
+    from trainer.model import build_model, row_layout, token_losses
+
+    ids, spans = _packed_rows(np.random.default_rng(2), 3, 40, ["en"])
+    cat, pos, seg = row_layout(spans, 40, ["en"])
+    out = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = build_model(ModelCfg(hidden=32, layers=2, heads=2, kv_heads=1, activation_checkpointing=checkpointing), 300)
+        model.train()
+        loss, target_cat = token_losses(model, torch.as_tensor(ids), cat, pos, seg, doc_mask=True)
+        loss[target_cat >= 0].sum().backward()
+        out.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    assert model.is_activation_checkpointing
+    assert torch.allclose(out[0][0], out[1][0], atol=1e-6)
+    for name, grad in out[0][1].items():
+        assert torch.allclose(out[1][1][name], grad, atol=1e-6), name

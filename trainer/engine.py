@@ -176,4 +176,6 @@ def build(cfg: TrainerCfg, stage: str, vocab_size: int, world: int) -> Built:
     n_params = parameter_count(model)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds_config)
+    if cfg.model.compile:
+        engine.compile(compile_kwargs={"dynamic": True})  # rows' document buckets vary from batch to batch
     return Built(engine, scheduler, n_params)

@@ -35,6 +35,8 @@ def build_model(cfg, vocab_size: int, rope_theta: float | None = None, rope_scal
         model = LlamaForCausalLM(config)
     _register_attention()
     model.set_attn_implementation(ATTENTION)
+    if cfg.activation_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if embedding_grad_scale < 1.0:
         a = embedding_grad_scale
         model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.detach() + a * (out - out.detach()))
@@ -134,13 +136,15 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
     b, heads, s, d = query.shape
     kv_heads = key.shape[1]
     q, k, v = (t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (query, key, value))
-    out = q.new_zeros(b * s, heads, d)
+    outputs, where = [], []
     for gather, keep, dest in doc_buckets:
         n, size = gather.shape
         qs, ks, vs = (t[gather].transpose(1, 2) for t in (q, k, v))  # [n, heads, L, dim]
         o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scaling,
                                                              enable_gqa=kv_heads != heads)
-        out = out.index_copy(0, dest, o.transpose(1, 2).reshape(n * size, heads, d)[keep])
+        outputs.append(o.transpose(1, 2).reshape(n * size, heads, d)[keep])
+        where.append(dest)
+    out = q.new_zeros(b * s, heads, d).index_copy(0, torch.cat(where), torch.cat(outputs))
     return out.reshape(b, s, heads, d), None
 
 
