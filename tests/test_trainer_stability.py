@@ -265,3 +265,29 @@ def test_activation_checkpointing_gives_the_same_losses_and_gradients():
     assert torch.allclose(out[0][0], out[1][0], atol=1e-6)
     for name, grad in out[0][1].items():
         assert torch.allclose(out[1][1][name], grad, atol=1e-6), name
+
+
+def test_the_daemon_trains_with_the_document_mask_as_the_dense_mask_would(tmp_path, monkeypatch):
+    """``doc_mask: true`` in the daemon: every micro-batch's losses through ``segment_attention`` (with
+    the buckets ``trainer.step`` makes from the spans) equal the dense mask's on the same weights."""
+    import torch
+
+    import trainer.step as step_module
+    from trainer.loop import Trainer
+
+    real, checked = step_module.token_losses, []
+
+    def compared(model, ids, cat, pos, seg, doc_mask, buckets=None, **kwargs):
+        loss, target_cat = real(model, ids, cat, pos, seg, doc_mask, buckets, **kwargs)
+        assert doc_mask and buckets is not None
+        with torch.no_grad():
+            dense, _ = real(model, ids, cat, pos, seg, doc_mask, dense=True)
+        valid = target_cat >= 0
+        checked.append(float((loss.detach()[valid] - dense[valid]).abs().max()))
+        return loss, target_cat
+
+    monkeypatch.setattr(step_module, "token_losses", compared)
+    recipe, _ = _setup(tmp_path, chunks=1, model={"doc_mask": True})
+    losses = Trainer(recipe, max_steps=10).run()
+    assert len(checked) >= 10 and max(checked) < 1e-4, checked
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # and it learns
