@@ -5,7 +5,9 @@
 Per document: remove boilerplate lines, compute every signal (kept in ``signals``), then decide with
 the recipe's thresholds for the document's script language (jobs/rules.py). A report of what each
 rule removed (alone and in total, per source, with samples) goes to
-``<lake>/reports/<run>/filter/report.{json,md}``. ``--dry-run`` writes only the report.
+``<lake>/reports/<run>/filter/report.{json,md}``. ``--dry-run`` writes only the report. A rule that
+removed more than ``filter.warn_share`` of a source is a shift warning (``jobs/shifts.py``) with
+samples; ``--strict`` fails the stage instead, before anything is committed.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ if __package__ in (None, ""):  # run as a script by spark-submit: make the proje
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from jobs.docstage import Outcome, commit_stage, kept_and_rejected, run_document_stage
@@ -27,7 +29,8 @@ from lake.recipe import Recipe, RecipeError
 from jobs.rules import (DEFAULT_DROP_LINE_PATTERNS, DEFAULT_TRUNCATE_PATTERNS, LineCleanup, Rule, build_rules,
                         clean_lines, compute_signals, failed_rules)
 from quality_models.language import script_lang
-from jobs.stages import FilterOptions, stage_main
+from jobs.shifts import Shift, shifts
+from jobs.stages import FilterOptions, StageError, stage_main
 
 STAGE = "filter"
 
@@ -89,6 +92,7 @@ class FilterReport:
     dry_run: bool
     seconds: float = 0.0
     version: int | None = None
+    shifts: list[Shift] = field(default_factory=list)
 
     def __str__(self) -> str:
         removed = self.documents_in - self.kept
@@ -101,8 +105,16 @@ class FilterReport:
         for r in self.rules:
             if r["flagged"]:
                 lines.append(f"  {r['rule']:<22} {r['removed']:>8} {r['alone']:>6} {r['flagged']:>8}")
+        for shift in self.shifts:
+            lines.append(f"  warning: {shift}")
+            lines += [f"    e.g. {d['doc_id']}: {d['text'][:120]!r}" for d in self.samples_of(shift)]
         lines.append(f"  report: {self.report_dir}/report.md")
         return "\n".join(lines)
+
+    def samples_of(self, shift: Shift) -> list[dict]:
+        """The report's samples of the shift's rule from its source (any source where it has none)."""
+        samples = next((r["samples"] for r in self.rules if r["rule"] == shift.key), [])
+        return [d for d in samples if d["source"] == shift.source] or samples
 
 
 def run(spark, recipe: Recipe, options: FilterOptions = FilterOptions()) -> FilterReport:
@@ -113,6 +125,11 @@ def run(spark, recipe: Recipe, options: FilterOptions = FilterOptions()) -> Filt
     processed = run_document_stage(lake, STAGE, "documents_raw", "documents_filtered", make_filter(recipe))
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     report = _report(processed, recipe, run_id, dry_run)
+    if options.strict and report.shifts:
+        processed.unpersist()
+        raise StageError("filter --strict: nothing committed, because " + "; ".join(map(str, report.shifts))
+                         + ". Look at the samples (tokenmill refine --stages filter --dry-run), then loosen those "
+                         "rules' thresholds or raise filter.warn_share")
     if not dry_run:
         kept, rejected = kept_and_rejected(processed, STAGE, "documents_filtered")
         report.version = commit_stage(lake, STAGE, "documents_filtered", kept, rejected)
@@ -157,7 +174,10 @@ def _report(processed, recipe: Recipe, run_id: str, dry_run: bool) -> FilterRepo
         rules[row["rule"]]["samples"].append(row.asDict())
     all_rules = [r.name for r in build_rules(recipe.filter.thresholds, recipe.filter.limits())]
     ordered = [rules.get(name, {"rule": name, "flagged": 0, "removed": 0, "alone": 0, "by_source": {}, "samples": []}) for name in all_rules]
+    inputs = {t["source"]: t["n"] for t in totals}
+    removed = {(r["rule"], source): n for r in ordered for source, n in r["by_source"].items()}
     return FilterReport(
+        shifts=shifts(inputs, removed, recipe.filter.warn_share),
         run_id=run_id,
         documents_in=sum(t["n"] for t in totals),
         kept=sum(t["kept"] for t in totals),
@@ -173,6 +193,8 @@ def _as_json(report: FilterReport) -> dict:
         "run_id": report.run_id, "stage": STAGE, "dry_run": report.dry_run, "documents_in": report.documents_in,
         "kept": report.kept, "removed": report.documents_in - report.kept, "by_source": report.by_source,
         "rules": report.rules,
+        "shifts": [{"rule": s.key, "source": s.source, "removed": s.removed, "of": s.of, "share": s.share}
+                   for s in report.shifts],
     }
 
 
@@ -190,6 +212,8 @@ def _markdown(report: FilterReport) -> str:
     ]
     for source, c in sorted(report.by_source.items()):
         out.append(f"| {source} | {c['in']} | {c['kept']} | {100 * c['kept'] / max(c['in'], 1):.1f} |")
+    for shift in report.shifts:
+        out.append(f"\n**Warning**: {shift}.")
     out += ["", "| rule | removed | alone | flagged | removed per source |", "|---|---:|---:|---:|---|"]
     for r in report.rules:
         per_source = ", ".join(f"{s}: {n}" for s, n in sorted(r["by_source"].items()) if n)

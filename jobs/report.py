@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 
 from jobs import report_charts as chart
 from jobs.card import numbers as card_numbers, write_page
+from jobs.shifts import shifts
 from jobs.stages import REFINE
 from lake.fs import exists, read_bytes
 from lake.recipe import Recipe
@@ -39,11 +40,15 @@ def figures(recipe: Recipe) -> dict:
     """Every number the page shows (and its samples), from the lake."""
     lake = Lake(recipe.lake)
     card = card_numbers(recipe, need_chunks=False)
-    scores, compression = _scores(lake), _compression(recipe)
+    scores, compression, rules = _scores(lake), _compression(recipe), _rules(lake)
+    removed = {(name, source): n for name, r in rules.items() for source, n in r["per_source"].items()}
+    found = shifts(card.stage_rows.get("documents_raw", {}), removed, recipe.filter.warn_share)
     return {"funnel": card.stage_rows, "volume": _volume(lake, compression, scores.get("main_category", {})),
             "in_chunks": card.documents, "held_out": card.held_out,
             "rejected": {s: dict(c) for s, c in card.rejected.items()},
-            "rules": _rules(lake), "line_cleanup": _line_cleanup(lake),
+            "rules": rules, "line_cleanup": _line_cleanup(lake),
+            "shifts": [{"rule": x.key, "source": x.source, "removed": x.removed, "of": x.of, "share": x.share,
+                        "text": str(x)} for x in found],
             "pii": card.pii, "scores": scores, "dedup": _dedup(lake),
             "chunks": _chunks(recipe, card.chunks, compression), "usage": _usage(lake),
             "training": _training(recipe, lake)}
@@ -193,7 +198,7 @@ table{{border-collapse:collapse;margin:8px 0 16px}}td,th{{border:1px solid #ddd;
 td.n{{text-align:right}}.pair{{display:grid;grid-template-columns:1fr 1fr;gap:8px}}
 .sample{{white-space:pre-wrap;font:12px/1.3 ui-monospace,monospace;background:#f6f6f6;padding:6px;max-height:180px;
 overflow:auto}}.kept{{border-left:4px solid #54a24b}}.gone{{border-left:4px solid #e45756}}h2{{margin-top:32px}}
-.empty{{color:#888}}</style></head><body>
+.empty{{color:#888}}.warn{{color:#a33;font-weight:600}}</style></head><body>
 <h1>tokenmill report</h1><p>Lake <code>{escape(recipe.lake)}</code>, recipe <code>{escape(recipe.origin)}</code>,
 made {made:%Y-%m-%d %H:%M} UTC.</p>
 {''.join(sections)}
@@ -235,6 +240,7 @@ def _rules_html(f: dict) -> str:
             for name, r in f["rules"].items()]
     out = ["<h2>Filter rules</h2><p>failed: documents the rule failed; alone: the only rule they failed; "
            "removed: documents whose first failed rule it was, per source.</p>",
+           *(f"<p class='warn'>⚠ {escape(x['text'])}</p>" for x in f["shifts"]),
            _table(["rule", "failed", "alone", "removed", "removed per source"], rows)]
     for name, r in f["rules"].items():
         if r["samples"]:

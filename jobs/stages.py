@@ -48,6 +48,7 @@ class NoOptions:
 @dataclass(frozen=True)
 class FilterOptions:
     dry_run: bool = _flag("compute signals and the report only; write no table")
+    strict: bool = _flag("fail, committing nothing, when a rule removes more than filter.warn_share of a source")
 
 
 @dataclass(frozen=True)

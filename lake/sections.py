@@ -51,6 +51,9 @@ class Filter(_Section):
     truncate_patterns: list[str] | None = Field(
         default=None, description="a matching heading in the second half ends the document; unset: jobs/rules.py's")
     report_samples: int = Field(default=5, ge=0, description="removed documents shown per rule in the report")
+    warn_share: float = Field(default=0.3, gt=0, le=1, description="a rule that removes more than this share of a "
+                              "source's documents is a warning with samples (and with --strict the stage fails "
+                              "before it commits)")
 
     @model_validator(mode="after")
     def _check(self) -> "Filter":

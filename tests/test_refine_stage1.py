@@ -140,6 +140,29 @@ def test_signals_are_kept_and_the_report_is_written(spark, refined):
     assert not dry_exists and dry.kept == report.kept and dry.dry_run
 
 
+def test_a_rule_removing_more_than_warn_share_of_a_source_warns_and_fails_under_strict(spark, refined):
+    from jobs.shifts import shifts
+    from jobs.stages import StageError
+
+    recipe, *_ = refined
+    touchy = recipe.model_copy(update={"filter": recipe.filter.model_copy(update={"warn_share": 0.005})})
+    report = filter_rules.run(spark, touchy, FilterOptions(dry_run=True))
+    inputs = {s: c["in"] for s, c in report.by_source.items()}
+    removed = {(r["rule"], s): n for r in report.rules for s, n in r["by_source"].items()}
+    want = [(k, s) for (k, s), n in removed.items() if n / inputs[s] > 0.005]
+    assert want and sorted((x.key, x.source) for x in report.shifts) == sorted(want)
+    assert [x.key for x in shifts(inputs, removed, 0.005)] == [x.key for x in report.shifts]  # the job's is the function's
+    shown = str(report)
+    assert all(f"warning: {x}" in shown for x in report.shifts) and "e.g. " in shown
+    assert json.loads(Path(report.report_dir, "report.json").read_text())["shifts"][0]["rule"] == report.shifts[0].key
+    assert not filter_rules.run(spark, recipe, FilterOptions(dry_run=True)).shifts  # at the default 30%: none here
+    lake = Lake(recipe.lake, spark)
+    before = {t: lake.delta(t).version() for t in ("documents_filtered", "documents_rejected")}
+    with pytest.raises(StageError, match=f"filter --strict: nothing committed, because {report.shifts[0].key} removed"):
+        filter_rules.run(spark, touchy, FilterOptions(strict=True))
+    assert {t: lake.delta(t).version() for t in before} == before
+
+
 @pytest.mark.slow
 def test_refine_cli_and_spark_submit(refined, tmp_path):
     recipe = refined[0]

@@ -409,6 +409,13 @@ def test_the_report_shows_the_lakes_numbers_and_opens_in_a_browser(loop, s3):
     by_rule = Counter(r["reason"] for r in rejected if r["stage"] == "filter")
     assert {k: v["removed"] for k, v in figures["rules"].items() if v["removed"]} == dict(by_rule)
     assert all(v["alone"] <= v["failed"] and len(v["samples"]) <= 3 for v in figures["rules"].values())
+    # shift warnings: a rule that removed more than filter.warn_share of a source's raw documents
+    raw = Counter(lake.read_arrow("documents_raw", ["source"]).column("source").to_pylist())
+    with_source = lake.read_arrow("documents_rejected", ["stage", "reason", "source"]).to_pylist()
+    removed = Counter((r["reason"], r["source"]) for r in with_source if r["stage"] == "filter")
+    assert {(x["rule"], x["source"]) for x in figures["shifts"]} == {
+        k for k, n in removed.items() if n / raw[k[1]] > recipe.filter.warn_share}
+    assert all(f"<p class='warn'>⚠ {x['text']}</p>" in html for x in figures["shifts"])
     pii = Counter()
     for r in lake.read_arrow("documents_clean", ["pii"]).to_pylist():
         pii.update({k: v for k, v in dict(r["pii"] or {}).items() if v})
