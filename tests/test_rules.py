@@ -170,3 +170,14 @@ def test_keyword_lists_and_recipe_thresholds_reach_the_filter_function(tmp_path)
     kept = check({"text": PROSE + "\nThe report was sent to the board with a summary of the costs.\n"
                           "It was published in the spring and read widely by the staff of the city."})
     assert kept.reject_reason is None and kept.columns["signals"]["n_lines"] == 3
+
+
+def test_shifts_are_the_rules_above_warn_share_of_a_source_largest_first():
+    from jobs.shifts import shifts
+
+    inputs = {"licences": 100, "news": 1000, "empty": 0}
+    removed = {("dup_line", "licences"): 55, ("dup_line", "news"): 20, ("too_short", "licences"): 30,
+               ("too_short", "news"): 301, ("x", "empty"): 0, ("y", "gone"): 3}
+    found = shifts(inputs, removed, 0.3)
+    assert [(x.key, x.source) for x in found] == [("dup_line", "licences"), ("too_short", "news")]  # 30% is not more
+    assert str(found[0]) == "dup_line removed 55 of 100 documents of licences (55%, more than warn_share 30%)"
