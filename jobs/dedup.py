@@ -42,7 +42,8 @@ from pyspark.sql.types import LongType, StructField, StructType
 
 from jobs.dedup_batches import SIGNATURE_DDL, line_keys, lsh_shape, sign_batch, similarity_batch, strip_batch
 from jobs.docstage import spread
-from jobs.stages import DedupOptions, stage_main
+from jobs.shifts import Shift, shifts
+from jobs.stages import DedupOptions, StageError, stage_main
 from lake.atomic import all_or_nothing
 from lake.recipe import Recipe
 from lake.sections import LineDedup
@@ -62,6 +63,7 @@ class DedupReport:
     lines_removed: int
     clusters: int
     removed_by_key: dict[str, int] = field(default_factory=dict)
+    shifts: list[tuple[Shift, list[str]]] = field(default_factory=list)  # (shift, samples)
     bands: int = 0
     rows: int = 0
     incremental: bool = False
@@ -79,6 +81,7 @@ class DedupReport:
             f"  removed by threshold key: {by}\n"
             f"  LSH {self.bands} bands x {self.rows} rows; {self.seconds:.1f} s "
             f"({self.documents_in / max(self.seconds, 1e-9):,.0f} docs/s); documents_dedup version {self.version}"
+            + "".join(f"\n  warning: {shift}; e.g. {', '.join(samples)}" for shift, samples in self.shifts)
         )
 
 
@@ -94,9 +97,17 @@ def run(spark, recipe: Recipe, options: DedupOptions = DedupOptions()) -> DedupR
     near_edges = candidate_pairs(representatives, signed, recipe.dedup.max_bucket_pairs, incremental)
     edges = near_edges if exact_edges is None else near_edges.unionByName(exact_edges)
     clusters = choose_survivors(connected_components(edges), signed)
+    found = shift_warnings(recipe, documents, clusters)
+    if options.strict and found:
+        for df in (documents, signed, clusters) + ((old_kept,) if incremental else ()):
+            df.unpersist()
+        raise StageError("dedup --strict: nothing committed, because " + "; ".join(str(s) for s, _ in found)
+                         + ". Look at the clusters (tokenmill report), then raise that key's threshold in "
+                         "dedup.thresholds or dedup.warn_share")
     kept, rejected = filter_documents(documents, clusters)
     version = write_tables(lake, kept, rejected, clusters, old_kept)
     report = _report(recipe, documents, clusters, kept, incremental, version)
+    report.shifts = found
     for df in (documents, signed, clusters) + ((old_kept,) if incremental else ()):
         df.unpersist()  # localCheckpoint data is released the same way
     report.seconds = time.perf_counter() - started
@@ -345,6 +356,22 @@ def write_tables(lake: Lake, kept, rejected, clusters, old_kept) -> int:
         lake.write("documents_rejected", rejected, mode="append", job=STAGE)
         lake.write("dedup_clusters", cluster_rows, mode="append", job=STAGE)
         return lake.write("documents_dedup", old.unionByName(kept), mode="overwrite", job=STAGE)
+
+
+def shift_warnings(recipe: Recipe, documents, clusters) -> list[tuple[Shift, list[str]]]:
+    """Each threshold key that removed more than ``dedup.warn_share`` of a source's documents, with up
+    to three of the removed documents as ``removed → kept`` (``jobs/shifts.py``)."""
+    inputs = {r["source"]: r["count"] for r in documents.groupBy("source").count().collect()}
+    removed = _removed(clusters).join(documents.select("doc_id", "source"), "doc_id")
+    counts = {(f"dedup key {r['category']}", r["source"]): r["count"]
+              for r in removed.groupBy("category", "source").count().collect()}
+    out = []
+    for shift in shifts(inputs, counts, recipe.dedup.warn_share):
+        key = shift.key.removeprefix("dedup key ")
+        rows = removed.where((F.col("category") == key) & (F.col("source") == shift.source)) \
+            .orderBy("doc_id").limit(3).collect()
+        out.append((shift, [f"{r['doc_id']} → {r['kept_doc_id']}" for r in rows]))
+    return out
 
 
 def _report(recipe: Recipe, documents, clusters, kept, incremental: bool, version: int) -> DedupReport:

@@ -43,6 +43,7 @@ def figures(recipe: Recipe) -> dict:
     scores, compression, rules = _scores(lake), _compression(recipe), _rules(lake)
     removed = {(name, source): n for name, r in rules.items() for source, n in r["per_source"].items()}
     found = shifts(card.stage_rows.get("documents_raw", {}), removed, recipe.filter.warn_share)
+    found += shifts(card.stage_rows.get("documents_scored", {}), _dedup_removed(lake), recipe.dedup.warn_share)
     return {"funnel": card.stage_rows, "volume": _volume(lake, compression, scores.get("main_category", {})),
             "in_chunks": card.documents, "held_out": card.held_out,
             "rejected": {s: dict(c) for s, c in card.rejected.items()},
@@ -141,6 +142,14 @@ def _dedup(lake: Lake) -> dict:
     return {"sizes": {str(k): v for k, v in sorted(Counter(sizes.values()).items())},
             "removed": {f"{category} ≥ {threshold}": n for (category, threshold), n in sorted(removed.items(), key=str)},
             "examples": examples}
+
+
+def _dedup_removed(lake: Lake) -> dict[tuple[str, str], int]:
+    """Documents dedup removed per (``dedup key <category>``, source): the shift warnings' counts."""
+    data = lake.sql("""SELECT 'dedup key ' || c.category AS key, r.source, count(*) AS n
+                       FROM dedup_clusters c JOIN documents_rejected r ON r.doc_id = c.doc_id AND r.stage = 'dedup'
+                       WHERE c.doc_id <> c.kept_doc_id GROUP BY ALL""", ["dedup_clusters", "documents_rejected"])
+    return dict(groups(data, ["key", "source"], "n"))
 
 
 def _chunks(recipe: Recipe, live: list[dict], compression: dict[str, float]) -> dict:

@@ -54,6 +54,7 @@ class FilterOptions:
 @dataclass(frozen=True)
 class DedupOptions:
     incremental: bool = _flag("only documents not seen before, against the documents kept earlier")
+    strict: bool = _flag("fail, committing nothing, when a threshold key removes more than dedup.warn_share of a source")
 
 
 @dataclass(frozen=True)

@@ -155,6 +155,9 @@ class Dedup(_Section):
         description="domain or category → Jaccard threshold; a pair across two uses the stricter (higher)",
     )
     default_threshold: float = Field(default=0.80, gt=0, lt=1)
+    warn_share: float = Field(default=0.3, gt=0, le=1, description="a threshold key that removes more than this "
+                              "share of a source's documents is a warning (with --strict the stage fails before "
+                              "it commits)")
     shingles: dict[str, Shingling] = Field(
         default_factory=lambda: {"zh": Shingling(unit="char", n=5)},
         description="lang → shingling; other languages use word 5-grams",

@@ -252,3 +252,28 @@ def test_spark_submit_runs_the_dedup_job(spark, tmp_path, corpus):
     assert f"dedup: {len(rows)} documents in" in out.stdout
     rejected = {r["doc_id"] for r in lake.read_arrow("documents_rejected").to_pylist() if r["stage"] == "dedup"}
     assert rejected == set(expect_removed)
+
+
+def test_a_threshold_key_removing_more_than_warn_share_warns_and_fails_under_strict(spark, tmp_path, corpus):
+    from jobs.stages import StageError
+
+    rows, expect_removed, _ = corpus
+    recipe, lake, report = _run(spark, tmp_path, rows, warn_share=0.01)
+    rejected = [r for r in lake.read_arrow("documents_rejected").to_pylist() if r["stage"] == "dedup"]
+    clusters = {r["doc_id"]: r for r in lake.read_arrow("dedup_clusters").to_pylist()}
+    per_source = {"test": len(rows)}  # scored_rows puts every row in source "test"
+    removed = {}
+    for r in rejected:
+        if r["doc_id"] in clusters:  # boilerplate-only documents belong to no cluster
+            key = (f"dedup key {clusters[r['doc_id']]['category']}", r["source"])
+            removed[key] = removed.get(key, 0) + 1
+    want = {k for k, n in removed.items() if n / per_source[k[1]] > 0.01}
+    assert want and {(s.key, s.source) for s, _ in report.shifts} == want
+    shown = str(report)
+    for shift, samples in report.shifts:
+        assert f"warning: {shift}; e.g. " in shown and samples and all(s.split(" → ")[0] in expect_removed for s in samples)
+    before = {t: lake.delta(t).version() for t in ("documents_dedup", "documents_rejected", "dedup_clusters")}
+    strict = recipe.model_copy(update={"dedup": recipe.dedup.model_copy(update={"warn_share": 0.01})})
+    with pytest.raises(StageError, match="dedup --strict: nothing committed, because dedup key "):
+        dedup.run(spark, strict, DedupOptions(strict=True))
+    assert {t: lake.delta(t).version() for t in before} == before

@@ -411,10 +411,16 @@ def test_the_report_shows_the_lakes_numbers_and_opens_in_a_browser(loop, s3):
     assert all(v["alone"] <= v["failed"] and len(v["samples"]) <= 3 for v in figures["rules"].values())
     # shift warnings: a rule that removed more than filter.warn_share of a source's raw documents
     raw = Counter(lake.read_arrow("documents_raw", ["source"]).column("source").to_pylist())
-    with_source = lake.read_arrow("documents_rejected", ["stage", "reason", "source"]).to_pylist()
+    with_source = lake.read_arrow("documents_rejected", ["doc_id", "stage", "reason", "source"]).to_pylist()
     removed = Counter((r["reason"], r["source"]) for r in with_source if r["stage"] == "filter")
+    scored = Counter(lake.read_arrow("documents_scored", ["source"]).column("source").to_pylist())
+    members = {r["doc_id"]: r for r in lake.read_arrow("dedup_clusters").to_pylist() if r["doc_id"] != r["kept_doc_id"]}
+    by_key = Counter((f"dedup key {members[r['doc_id']]['category']}", r["source"]) for r in with_source
+                     if r["stage"] == "dedup" and r["doc_id"] in members)
+    assert by_key  # the loop lake has near duplicates
     assert {(x["rule"], x["source"]) for x in figures["shifts"]} == {
-        k for k, n in removed.items() if n / raw[k[1]] > recipe.filter.warn_share}
+        k for k, n in removed.items() if n / raw[k[1]] > recipe.filter.warn_share} | {
+        k for k, n in by_key.items() if n / scored[k[1]] > recipe.dedup.warn_share}
     assert all(f"<p class='warn'>⚠ {x['text']}</p>" in html for x in figures["shifts"])
     pii = Counter()
     for r in lake.read_arrow("documents_clean", ["pii"]).to_pylist():
