@@ -1,8 +1,10 @@
 """Shift warnings: a rule that removes most of one source turns the corpus into a different corpus.
 
 After the filter has judged every document, each (rule, source) whose removals exceed
-``filter.warn_share`` of that source's documents is a shift: printed as a warning with samples,
-listed in the stage's report, and with ``--strict`` the stage fails before it commits anything.
+``filter.warn_share`` of that source's documents is a shift; so is each (dedup threshold key,
+source) above ``dedup.warn_share`` once dedup has chosen its survivors. A shift is printed as a
+warning with samples and listed in the stage's report and in ``tokenmill report``; with ``--strict``
+the stage fails before it commits anything.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Shift:
-    key: str  # the rule
+    key: str  # the rule, or ``dedup key <threshold key>``
     source: str
     removed: int
     of: int  # the source's documents in
