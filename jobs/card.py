@@ -159,6 +159,16 @@ def _refinery(recipe: Recipe, n: Numbers) -> list[str]:
              *[_limit(r.threshold(lang)) for lang in langs]] for r in rules if r.default is not None or any(
                  v is not None for v in r.per_lang.values())]
     out += _table(["rule", "signal", "default", *langs], rows)
+    for source, overrides in recipe.filter.source_thresholds.items():
+        out.append(f"- source `{source}` has its own thresholds: "
+                   + ", ".join(f"`{name}` {value}" for name, value in overrides.items()))
+    decon = recipe.filter.decontaminate
+    if decon.sets:
+        out.append(f"- decontaminated ({decon.action}) against evaluation sets by shared {decon.n}-grams: "
+                   + ", ".join(f"`{name}`" for name in decon.sets))
+    block = recipe.filter.url_blocklist
+    if block.domains or block.words:
+        out.append(f"- URL blocklists: {len(block.domains)} domain list(s), {len(block.words)} banned-word list(s)")
     from jobs.pii import BUILTIN_DETECTORS
 
     kinds = [k for k, _ in BUILTIN_DETECTORS] + sorted(recipe.pii.patterns) + sorted(recipe.pii.word_lists)

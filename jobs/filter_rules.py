@@ -23,7 +23,9 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+from jobs.decontam import EvalSet, build_eval_set, contamination, eval_texts, read_eval_records, url_block
 from jobs.docstage import Outcome, commit_stage, kept_and_rejected, run_document_stage
+from lake.fs import read_list
 from lake.tables import Lake
 from lake.recipe import Recipe, RecipeError
 from jobs.rules import (DEFAULT_DROP_LINE_PATTERNS, DEFAULT_TRUNCATE_PATTERNS, LineCleanup, Rule, build_rules,
@@ -35,26 +37,45 @@ from jobs.stages import FilterOptions, StageError, stage_main
 STAGE = "filter"
 
 
-def read_word_list(path: str) -> list[str]:
-    words = [w.strip() for w in Path(path).read_text(encoding="utf-8").splitlines()]
-    return [w for w in words if w and not w.startswith("#")]
-
-
 def check_recipe(recipe: Recipe) -> None:
     """Unknown rule names in ``filter.thresholds`` fail before any Spark work, listing the real ones."""
     try:
-        build_rules(recipe.filter.thresholds, recipe.filter.limits())
+        rules_per_source(recipe)
     except ValueError as err:
-        raise RecipeError(f"recipe {recipe.origin} is not valid:\n  filter.thresholds: {err}") from None
+        raise RecipeError(f"recipe {recipe.origin} is not valid:\n  {err}") from None
+
+
+def rules_per_source(recipe: Recipe) -> dict[str | None, list[Rule]]:
+    """The rules for each source with its own thresholds (``filter.source_thresholds``), and under
+    None those of every other source."""
+    cfg = recipe.filter
+    out: dict[str | None, list[Rule]] = {None: build_rules(cfg.thresholds, cfg.limits())}
+    for source, overrides in cfg.source_thresholds.items():
+        merged = dict(cfg.thresholds)
+        for name, value in overrides.items():
+            base = merged.get(name)
+            if isinstance(value, dict) and base is not None:  # per-language values on top of the global ones
+                value = {**(base if isinstance(base, dict) else {"default": base}), **value}
+            merged[name] = value
+        try:
+            out[source] = build_rules(merged, cfg.limits())
+        except ValueError as err:
+            raise ValueError(f"filter.source_thresholds.{source}: {err}") from None
+    return out
 
 
 def make_filter(recipe: Recipe):
     """A factory (called once per Spark task) of the per-document filter function."""
     cfg = recipe.filter
-    rules = build_rules(cfg.thresholds, cfg.limits())
-    keywords = {name: frozenset(w.lower() for w in read_word_list(path)) for name, path in cfg.keyword_lists.items()}
+    rules = rules_per_source(recipe)
+    keywords = {name: frozenset(w.lower() for w in read_list(path)) for name, path in cfg.keyword_lists.items()}
     drop = list(DEFAULT_DROP_LINE_PATTERNS if cfg.drop_line_patterns is None else cfg.drop_line_patterns)
     truncate = list(DEFAULT_TRUNCATE_PATTERNS if cfg.truncate_patterns is None else cfg.truncate_patterns)
+
+    decon = cfg.decontaminate
+    eval_sets = eval_sets_of(recipe)
+    domains = frozenset(d.lower().rstrip('.') for path in cfg.url_blocklist.domains for d in read_list(path))
+    url_words = frozenset(w.lower() for path in cfg.url_blocklist.words for w in read_list(path))
 
     def make():
         cleanup = LineCleanup.compile(drop, truncate)
@@ -65,11 +86,20 @@ def make_filter(recipe: Recipe):
             signals["lines_removed"] = float(removed_lines)
             lang = script_lang(text)
             columns = {"text": text, "signals": signals}
-            failed = failed_rules(signals, lang, rules)
+            # (rule name, why): the URL blocklist and contamination first, so the report credits them
+            failed: list[tuple[str, str]] = []
+            blocked = url_block(doc.get("url"), domains, url_words) if domains or url_words else None
+            if blocked:
+                failed.append(("url_blocklist", blocked))
+            for found in contamination(text, eval_sets, decon.n) if eval_sets else ():
+                signals[f"decontam_{found.eval_set}"] = float(found.matched)
+                if decon.action == "remove":
+                    failed.append((f"decontam_{found.eval_set}", str(found)))
+            failed += [(rule.name, _explain(rule, signals, lang)) for rule in failed_rules(signals, lang, rules.get(doc.get("source"), rules[None]))]
             if not failed:
                 return Outcome(columns)
-            detail = "; ".join(_explain(rule, signals, lang) for rule in failed)
-            return Outcome(columns, failed[0].name, detail, tuple(r.name for r in failed))
+            detail = "; ".join(f"{name}: {why}" for name, why in failed)
+            return Outcome(columns, failed[0][0], detail, tuple(name for name, _ in failed))
 
         return filter_document
 
@@ -78,7 +108,29 @@ def make_filter(recipe: Recipe):
 
 def _explain(rule: Rule, signals: dict[str, float], lang: str) -> str:
     op = "<" if rule.bound == "min" else ">"
-    return f"{rule.name}: {rule.signal}={signals[rule.signal]:.4g} {op} {rule.threshold(lang):g} ({lang})"
+    return f"{rule.signal}={signals[rule.signal]:.4g} {op} {rule.threshold(lang):g} ({lang})"
+
+
+def eval_sets_of(recipe: Recipe) -> list[EvalSet]:
+    """The recipe's evaluation sets, read and hashed (on the driver; the tasks get the arrays)."""
+    decon = recipe.filter.decontaminate
+    sets = []
+    for name, spec in decon.sets.items():
+        try:
+            texts = eval_texts(read_eval_records(spec.path), spec.fields, spec.path)
+        except (OSError, ValueError) as err:
+            raise RecipeError(f"recipe {recipe.origin}: filter.decontaminate.sets.{name}: {err}") from None
+        sets.append(build_eval_set(name, texts, decon.n))
+    return sets
+
+
+def rule_names(recipe: Recipe) -> list[str]:
+    """Every name a filter rejection can carry, in the report's order."""
+    cfg = recipe.filter
+    names = ["url_blocklist"] if cfg.url_blocklist.domains or cfg.url_blocklist.words else []
+    if cfg.decontaminate.action == "remove":
+        names += [f"decontam_{name}" for name in cfg.decontaminate.sets]
+    return names + [r.name for r in build_rules(cfg.thresholds, cfg.limits())]
 
 
 @dataclass
@@ -93,6 +145,8 @@ class FilterReport:
     seconds: float = 0.0
     version: int | None = None
     shifts: list[Shift] = field(default_factory=list)
+    decontamination: dict[str, dict[str, int]] = field(default_factory=dict)  # set → source → documents matched
+    decontam_action: str = "remove"
 
     def __str__(self) -> str:
         removed = self.documents_in - self.kept
@@ -105,6 +159,10 @@ class FilterReport:
         for r in self.rules:
             if r["flagged"]:
                 lines.append(f"  {r['rule']:<22} {r['removed']:>8} {r['alone']:>6} {r['flagged']:>8}")
+        for name, by_source in self.decontamination.items():
+            verb = "removed" if self.decontam_action == "remove" else "flagged"
+            lines.append(f"  decontamination: {sum(by_source.values())} documents share an n-gram with {name} "
+                         f"({verb}: {', '.join(f'{s} {n}' for s, n in sorted(by_source.items())) or 'none'})")
         for shift in self.shifts:
             lines.append(f"  warning: {shift}")
             lines += [f"    e.g. {d['doc_id']}: {d['text'][:120]!r}" for d in self.samples_of(shift)]
@@ -172,8 +230,12 @@ def _report(processed, recipe: Recipe, run_id: str, dry_run: bool) -> FilterRepo
         r["by_source"][row["source"]] = row["removed"]
     for row in samples:
         rules[row["rule"]]["samples"].append(row.asDict())
-    all_rules = [r.name for r in build_rules(recipe.filter.thresholds, recipe.filter.limits())]
+    all_rules = rule_names(recipe)
     ordered = [rules.get(name, {"rule": name, "flagged": 0, "removed": 0, "alone": 0, "by_source": {}, "samples": []}) for name in all_rules]
+    sets = list(recipe.filter.decontaminate.sets)
+    matched = processed.groupBy("source").agg(*(
+        F.sum(F.when(F.col("signals")[f"decontam_{name}"] > 0, 1).otherwise(0)).alias(name) for name in sets
+    )).collect() if sets else []
     inputs = {t["source"]: t["n"] for t in totals}
     removed = {(r["rule"], source): n for r in ordered for source, n in r["by_source"].items()}
     return FilterReport(
@@ -185,6 +247,8 @@ def _report(processed, recipe: Recipe, run_id: str, dry_run: bool) -> FilterRepo
         by_source={t["source"]: {"in": t["n"], "kept": t["kept"]} for t in totals},
         report_dir="",
         dry_run=dry_run,
+        decontamination={name: {row["source"]: row[name] for row in matched if row[name]} for name in sets},
+        decontam_action=recipe.filter.decontaminate.action,
     )
 
 
@@ -193,6 +257,7 @@ def _as_json(report: FilterReport) -> dict:
         "run_id": report.run_id, "stage": STAGE, "dry_run": report.dry_run, "documents_in": report.documents_in,
         "kept": report.kept, "removed": report.documents_in - report.kept, "by_source": report.by_source,
         "rules": report.rules,
+        "decontamination": {"action": report.decontam_action, "matched": report.decontamination},
         "shifts": [{"rule": s.key, "source": s.source, "removed": s.removed, "of": s.of, "share": s.share}
                    for s in report.shifts],
     }
@@ -212,6 +277,9 @@ def _markdown(report: FilterReport) -> str:
     ]
     for source, c in sorted(report.by_source.items()):
         out.append(f"| {source} | {c['in']} | {c['kept']} | {100 * c['kept'] / max(c['in'], 1):.1f} |")
+    for name, by_source in report.decontamination.items():
+        out.append(f"\nDecontamination ({report.decontam_action}): {sum(by_source.values())} documents share an "
+                   f"n-gram with **{name}**" + "".join(f"; {s} {n}" for s, n in sorted(by_source.items())) + ".")
     for shift in report.shifts:
         out.append(f"\n**Warning**: {shift}.")
     out += ["", "| rule | removed | alone | flagged | removed per source |", "|---|---:|---:|---:|---|"]

@@ -68,31 +68,27 @@ def _fmix64(h: np.ndarray) -> np.ndarray:
     return h ^ (h >> np.uint64(33))
 
 
-@lru_cache(maxsize=1)
-def _inverse_base() -> int:
-    return pow(int(_TOKEN_BASE), -1, 1 << 64)
+_POWERS: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
 
-_POW = np.ones(1, np.uint64)
-_INV_POW = np.ones(1, np.uint64)
-
-
-def _powers(length: int) -> tuple[np.ndarray, np.ndarray]:
-    """B**k and B**-k modulo 2**64 for k < length (grown and kept per process)."""
-    global _POW, _INV_POW
-    if len(_POW) < length:
-        size = max(length, 2 * len(_POW))
+def _powers(length: int, base: np.uint64 = _TOKEN_BASE) -> tuple[np.ndarray, np.ndarray]:
+    """base**k and base**-k modulo 2**64 for k < length (an odd base is invertible; grown and kept per
+    process)."""
+    pw, inv = _POWERS.get(int(base), (np.ones(0, np.uint64), np.ones(0, np.uint64)))
+    if len(pw) < length:
+        size = max(length, 2 * len(pw), 64)
         with np.errstate(over="ignore"):
-            base = np.full(size, _TOKEN_BASE, np.uint64)
-            base[0] = 1
-            _POW = np.cumprod(base, dtype=np.uint64)
-            base = np.full(size, np.uint64(_inverse_base()), np.uint64)
-            base[0] = 1
-            _INV_POW = np.cumprod(base, dtype=np.uint64)
-    return _POW[:length], _INV_POW[:length]
+            steps = np.full(size, base, np.uint64)
+            steps[0] = 1
+            pw = np.cumprod(steps, dtype=np.uint64)
+            steps = np.full(size, np.uint64(pow(int(base), -1, 1 << 64)), np.uint64)
+            steps[0] = 1
+            inv = np.cumprod(steps, dtype=np.uint64)
+        _POWERS[int(base)] = pw, inv
+    return pw[:length], inv[:length]
 
 
-def _word_token_hashes(text: str) -> np.ndarray:
+def word_token_hashes(text: str) -> np.ndarray:
     """Polynomial hash of each space-separated word's UTF-8 bytes: sum byte[k] * B**k, modulo 2**64."""
     data = np.frombuffer(text.encode("utf-8"), np.uint8)
     if len(data) == 0:
@@ -102,10 +98,16 @@ def _word_token_hashes(text: str) -> np.ndarray:
     next_space = np.concatenate([is_space[1:], [True]])
     starts = np.nonzero(~is_space & prev_space)[0]
     ends = np.nonzero(~is_space & next_space)[0] + 1
-    pw, inv = _powers(len(data) + 1)
+    return span_hashes(data, starts, ends)
+
+
+def span_hashes(values: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Polynomial hash of each span ``values[start:end]``: sum value[k] * B**k, modulo 2**64, from one
+    prefix sum (a span's hash does not depend on where it sits)."""
+    pw, inv = _powers(len(values) + 1)
     with np.errstate(over="ignore"):
-        prefix = np.zeros(len(data) + 1, np.uint64)
-        np.cumsum(data.astype(np.uint64) * pw[: len(data)], dtype=np.uint64, out=prefix[1:])
+        prefix = np.zeros(len(values) + 1, np.uint64)
+        np.cumsum(values.astype(np.uint64) * pw[: len(values)], dtype=np.uint64, out=prefix[1:])
         return (prefix[ends] - prefix[starts]) * inv[starts]
 
 
@@ -113,23 +115,32 @@ def _char_token_hashes(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le"), np.uint32).astype(np.uint64)
 
 
+def ngram_hashes64(tokens: np.ndarray, n: int) -> np.ndarray:
+    """One 64-bit hash per n-gram of token hashes (none when there are fewer than n tokens): the
+    polynomial sum_k tokens[i+k] * C**(n-1-k) plus n, finished by fmix64. Computed from one prefix sum
+    of tokens[j] * C**-j, so the cost does not grow with n."""
+    count = len(tokens)
+    if count < n or n < 1:
+        return np.zeros(0, np.uint64)
+    pw, inv = _powers(count + n, _NGRAM_BASE)
+    with np.errstate(over="ignore"):
+        prefix = np.zeros(count + 1, np.uint64)
+        np.cumsum(tokens * inv[:count], dtype=np.uint64, out=prefix[1:])
+        first = np.arange(count - n + 1)
+        acc = (prefix[first + n] - prefix[first]) * pw[first + n - 1]
+        return _fmix64(acc + np.uint64(n))
+
+
 def _combine(tokens: np.ndarray, n: int) -> np.ndarray:
     """One 32-bit hash per n-gram of token hashes (one shingle of all tokens when fewer than n)."""
-    count = len(tokens)
-    if count == 0:
+    if len(tokens) == 0:
         return np.zeros(0, np.uint32)
-    n = min(n, count)
-    with np.errstate(over="ignore"):
-        acc = tokens[: count - n + 1].copy()
-        for j in range(1, n):
-            acc = acc * _NGRAM_BASE + tokens[j : count - n + 1 + j]
-        acc = acc + np.uint64(n)
-        return (_fmix64(acc) >> np.uint64(32)).astype(np.uint32)
+    return (ngram_hashes64(tokens, min(n, len(tokens))) >> np.uint64(32)).astype(np.uint32)
 
 
 def shingle_hashes(normalized: str, spec: ShingleSpec) -> np.ndarray:
     """The 32-bit hashes of a normalised text's shingles (duplicates kept; MinHash ignores them)."""
-    tokens = _word_token_hashes(normalized) if spec.unit == "word" else _char_token_hashes(normalized)
+    tokens = word_token_hashes(normalized) if spec.unit == "word" else _char_token_hashes(normalized)
     return _combine(tokens, spec.n)
 
 

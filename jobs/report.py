@@ -50,6 +50,7 @@ def figures(recipe: Recipe) -> dict:
             "rules": rules, "line_cleanup": _line_cleanup(lake),
             "shifts": [{"rule": x.key, "source": x.source, "removed": x.removed, "of": x.of, "share": x.share,
                         "text": str(x)} for x in found],
+            "decontamination": _decontamination(recipe, lake),
             "pii": card.pii, "scores": scores, "dedup": _dedup(lake),
             "chunks": _chunks(recipe, card.chunks, compression), "usage": _usage(lake),
             "training": _training(recipe, lake)}
@@ -97,6 +98,22 @@ def _rules(lake: Lake) -> dict:
                    "per_source": per_source.get(name, {}),
                    "samples": [{"doc_id": d, "text": texts.get(d, "")} for d in samples.get(name, [])]}
             for name in sorted(failed, key=lambda n: (-failed[n], n))}
+
+
+def _decontamination(recipe: Recipe, lake: Lake) -> dict:
+    """Per evaluation set: documents removed for sharing an n-gram with it, and those kept but flagged
+    (``filter.decontaminate.action: flag``), per source."""
+    sets = recipe.filter.decontaminate.sets
+    if not sets or not lake.exists("documents_filtered"):
+        return {}
+    removed = lake.counts("documents_rejected", ["reason", "source"],
+                          where="stage = 'filter' AND starts_with(reason, 'decontam_')")
+    flagged = groups(lake.sql("""SELECT key, source, count(*) AS n
+                                 FROM (SELECT source, unnest(map_keys(signals)) AS key FROM documents_filtered)
+                                 WHERE starts_with(key, 'decontam_') GROUP BY key, source""",
+                              ["documents_filtered"]), ["key", "source"], "n")
+    return {name: {kind: {s: n for (k, s), n in sorted(found.items()) if k == f"decontam_{name}"}
+                   for kind, found in (("removed", removed), ("flagged", flagged))} for name in sets}
 
 
 def _line_cleanup(lake: Lake) -> list[dict]:
@@ -256,6 +273,12 @@ def _rules_html(f: dict) -> str:
             out.append(f"<h4>{escape(name)}</h4><div class='pair'>" + "".join(
                 f"<div class='sample gone' title='{escape(s['doc_id'])}'>{escape(s['text'])}</div>" for s in r["samples"])
                 + "</div>")
+    if f["decontamination"]:
+        out += ["<h3>Decontamination</h3><p>documents sharing an n-gram with an evaluation set: removed, or kept "
+                "and flagged.</p>", _table(["evaluation set", "removed", "flagged", "per source"], [
+                    [name, sum(d["removed"].values()), sum(d["flagged"].values()),
+                     ", ".join(f"{s} {n}" for s, n in sorted((d["removed"] | d["flagged"]).items()))]
+                    for name, d in f["decontamination"].items()])]
     if f["line_cleanup"]:
         out.append("<h3>Line clean-up: before and after</h3>")
         for s in f["line_cleanup"]:

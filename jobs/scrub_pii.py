@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 
 from jobs.docstage import Outcome, commit_stage, kept_and_rejected, run_document_stage
-from jobs.filter_rules import read_word_list
+from lake.fs import read_list
 from lake.tables import Lake
 from jobs.pii import Scrubber
 from lake.recipe import Recipe
@@ -32,7 +32,7 @@ STAGE = "pii"
 def make_scrubber(recipe: Recipe):
     """A factory (called once per Spark task) of the per-document scrub function."""
     patterns = dict(recipe.pii.patterns)
-    word_lists = {name: read_word_list(path) for name, path in recipe.pii.word_lists.items()}
+    word_lists = {name: read_list(path) for name, path in recipe.pii.word_lists.items()}
     max_fraction = recipe.pii.max_pii_fraction
 
     def make():

@@ -152,6 +152,12 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
+def read_list(uri: str) -> list[str]:
+    """A list file (keywords, domains, words): one entry per line, stripped; blank lines and ``#`` comments skipped."""
+    entries = (line.strip() for line in read_bytes(uri).decode("utf-8").splitlines())
+    return [e for e in entries if e and not e.startswith("#")]
+
+
 def write_bytes(uri: str, payload: bytes) -> None:
     fs, path = filesystem(uri)
     with fs.open_output_stream(path) as f:

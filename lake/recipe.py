@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from lake.sections import (Cascade, Curriculum, Dedup, Feed, FeedStage, Filter, Ingest, LineDedup, ModelCfg,  # noqa: F401
                            ModelPin, Pii, Score, Shingling, Source, Spark, SpikeCfg, TokenizerCfg, TrainerCfg,
@@ -53,6 +53,14 @@ class Recipe(_Section):
                 raise ValueError(f"source name {src.name!r} is used twice; names must be unique")
             seen.add(src.name)
         return sources
+
+    @model_validator(mode="after")
+    def _known_sources(self) -> "Recipe":
+        unknown = set(self.filter.source_thresholds) - {s.name for s in self.sources}
+        if unknown:
+            raise ValueError(f"filter.source_thresholds names source(s) the recipe does not have: {sorted(unknown)} "
+                             f"(sources: {', '.join(s.name for s in self.sources)})")
+        return self
 
     def source(self, name: str) -> Source:
         for src in self.sources:
@@ -138,6 +146,19 @@ def parse_recipe(raw: dict[str, Any], base_dir: Path, origin: str = "<memory>") 
         files = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
         if isinstance(files, dict):
             raw[section] = {**raw[section], key: {k: resolve_path(v, base_dir) if isinstance(v, str) else v for k, v in files.items()}}
+    filt = raw.get("filter")
+    if isinstance(filt, dict):
+        decon = filt.get("decontaminate")
+        if isinstance(decon, dict) and isinstance(decon.get("sets"), dict):
+            sets = {k: {**v, "path": resolve_path(v["path"], base_dir)} if isinstance(v, dict) and isinstance(v.get("path"), str) else v
+                    for k, v in decon["sets"].items()}
+            filt = {**filt, "decontaminate": {**decon, "sets": sets}}
+        block = filt.get("url_blocklist")
+        if isinstance(block, dict):
+            filt = {**filt, "url_blocklist": {k: [resolve_path(p, base_dir) if isinstance(p, str) else p for p in v]
+                                              if k in ("domains", "words") and isinstance(v, list) else v
+                                              for k, v in block.items()}}
+        raw["filter"] = filt
     tok = raw.get("tokenizer")
     if isinstance(tok, dict) and isinstance(tok.get("domain_tokens_file"), str):
         raw["tokenizer"] = {**tok, "domain_tokens_file": resolve_path(tok["domain_tokens_file"], base_dir)}

@@ -34,11 +34,58 @@ class Ingest(_Section):
     )
 
 
+class EvalSet(_Section):
+    path: str = Field(description="a JSON Lines or Parquet file of the evaluation set (local path or URI)")
+    fields: list[str] | None = Field(default=None, description="the text fields (strings or lists of strings); "
+                                                               "unset: every string field")
+
+
+class Decontaminate(_Section):
+    sets: dict[str, EvalSet] = Field(default_factory=dict, description="evaluation set name → its file and fields")
+    n: int = Field(default=13, ge=3, description="tokens per n-gram (words; a Han character is one token)")
+    action: Literal["remove", "flag"] = Field(
+        default="remove", description="remove: a contaminated document is rejected naming the set and the n-gram; "
+                                      "flag: kept, with signal decontam_<set> = its matching n-grams")
+
+    @field_validator("sets")
+    @classmethod
+    def _names(cls, sets: dict[str, EvalSet]) -> dict[str, EvalSet]:
+        for name, eval_set in sets.items():
+            if not re.fullmatch(r"[a-z0-9_]+", name):
+                raise ValueError(f"evaluation set name {name!r}: use lower-case letters, digits and '_' (it names "
+                                 f"the rule decontam_{name})")
+            _check_file(eval_set.path, f"evaluation set {name!r}")
+        return sets
+
+
+class UrlBlocklist(_Section):
+    domains: list[str] = Field(default_factory=list, description="files of blocked domains, one per line; a domain "
+                                                                 "blocks its subdomains too")
+    words: list[str] = Field(default_factory=list, description="files of banned words: a URL containing one as an "
+                                                               "alphanumeric part is blocked")
+
+    @model_validator(mode="after")
+    def _check(self) -> "UrlBlocklist":
+        for path in [*self.domains, *self.words]:
+            _check_file(path, "url_blocklist")
+        return self
+
+
+def _check_file(path: str, what: str) -> None:
+    if "://" not in path and not Path(path).is_file():
+        raise ValueError(f"{what}: file {path} does not exist")
+
+
 class Filter(_Section):
     thresholds: dict[str, float | None | dict[str, float | None]] = Field(
         default_factory=dict,
         description="rule name → threshold, or {default: x, zh: y, en: z, code: w}; null disables (jobs/rules.py; "
                     "the filter stage checks the names before any Spark work)",
+    )
+    source_thresholds: dict[str, dict[str, float | None | dict[str, float | None]]] = Field(
+        default_factory=dict,
+        description="source name → thresholds in the same form, applied on top of `thresholds` to that source's "
+                    "documents (a licence collection may repeat more than news)",
     )
     keyword_lists: dict[str, str] = Field(
         default_factory=dict, description="list name → file with one keyword or phrase per line"
@@ -51,6 +98,9 @@ class Filter(_Section):
     truncate_patterns: list[str] | None = Field(
         default=None, description="a matching heading in the second half ends the document; unset: jobs/rules.py's")
     report_samples: int = Field(default=5, ge=0, description="removed documents shown per rule in the report")
+    decontaminate: Decontaminate = Field(default_factory=Decontaminate, description="documents sharing an n-gram "
+                                         "with an evaluation set (jobs/decontam.py)")
+    url_blocklist: UrlBlocklist = Field(default_factory=UrlBlocklist, description="blocked domains and URL words")
     warn_share: float = Field(default=0.3, gt=0, le=1, description="a rule that removes more than this share of a "
                               "source's documents is a warning with samples (and with --strict the stage fails "
                               "before it commits)")
@@ -60,8 +110,7 @@ class Filter(_Section):
         for pattern in [*(self.drop_line_patterns or []), *(self.truncate_patterns or [])]:
             re.compile(pattern)
         for name, path in self.keyword_lists.items():
-            if not Path(path).is_file():
-                raise ValueError(f"keyword list {name!r}: file {path} does not exist")
+            _check_file(path, f"keyword list {name!r}")
         unknown = set(self.keyword_limits) - set(self.keyword_lists)
         if unknown:
             raise ValueError(f"keyword_limits names lists that keyword_lists does not define: {sorted(unknown)}")

@@ -172,6 +172,29 @@ def test_keyword_lists_and_recipe_thresholds_reach_the_filter_function(tmp_path)
     assert kept.reject_reason is None and kept.columns["signals"]["n_lines"] == 3
 
 
+def test_a_source_with_its_own_thresholds_is_judged_by_them_and_the_others_are_not(tmp_path):
+    from jobs.filter_rules import make_filter, rules_per_source
+    from lake.recipe import RecipeError, parse_recipe
+
+    sources = [{"name": "licences", "path": "x"}, {"name": "news", "path": "y"}]
+    recipe = parse_recipe({"lake": "lake", "sources": sources, "filter": {
+        "thresholds": {"dup_lines": {"default": 0.3, "zh": 0.2}},
+        "source_thresholds": {"licences": {"dup_lines": {"default": 0.9}, **{r.name: None for r in DEFAULT_RULES
+                                                                              if r.name.startswith("dup_") and r.name != "dup_lines"}}}}},
+        base_dir=tmp_path)
+    dup_lines = {s: next(r for r in rs if r.name == "dup_lines") for s, rs in rules_per_source(recipe).items()}
+    assert (dup_lines[None].default, dup_lines[None].per_lang["zh"]) == (0.3, 0.2)
+    assert (dup_lines["licences"].default, dup_lines["licences"].per_lang["zh"]) == (0.9, 0.2)  # zh stays
+    check = make_filter(recipe)()
+    boilerplate = "\n\n".join([PROSE + "Permission is granted to copy and modify this file."] * 3 + [PROSE[:80] + " Signed."])
+    assert check({"text": boilerplate, "source": "news"}).reject_reason == "dup_lines"
+    assert check({"text": boilerplate, "source": "licences"}).reject_reason is None
+    assert "dup_lines: dup_line_frac=0.5 > 0.3 (en)" in check({"text": boilerplate, "source": "news"}).reject_detail
+    with pytest.raises(RecipeError, match=r"filter.source_thresholds names source\(s\) the recipe does not have: \['licenses'\]"):
+        parse_recipe({"lake": "lake", "sources": sources, "filter": {"source_thresholds": {"licenses": {"dup_lines": 0.9}}}},
+                     base_dir=tmp_path)
+
+
 def test_shifts_are_the_rules_above_warn_share_of_a_source_largest_first():
     from jobs.shifts import shifts
 
