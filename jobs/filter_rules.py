@@ -30,7 +30,7 @@ from lake.tables import Lake
 from lake.recipe import Recipe, RecipeError
 from jobs.rules import (DEFAULT_DROP_LINE_PATTERNS, DEFAULT_TRUNCATE_PATTERNS, LineCleanup, Rule, build_rules,
                         clean_lines, compute_signals, failed_rules)
-from quality_models.language import script_lang
+from quality_models.language import is_data_file, name_of, script_lang
 from jobs.shifts import Shift, shifts
 from jobs.stages import FilterOptions, StageError, stage_main
 
@@ -84,7 +84,11 @@ def make_filter(recipe: Recipe):
             text, removed_lines = clean_lines(doc["text"], cleanup)
             signals = compute_signals(text, keywords)
             signals["lines_removed"] = float(removed_lines)
-            lang = script_lang(text)
+            name = name_of(doc.get("url"), doc.get("meta"))
+            lang = script_lang(text, name)
+            signals[f"lang_{lang}"] = 1.0  # the language the rules judged by; scoring reads it
+            if is_data_file(name):
+                signals["data_file"] = 1.0
             columns = {"text": text, "signals": signals}
             # (rule name, why): the URL blocklist and contamination first, so the report credits them
             failed: list[tuple[str, str]] = []

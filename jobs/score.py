@@ -4,7 +4,8 @@
 
 The models the recipe pins (``score.quality``, ``score.domain``, optionally ``score.cascade``) are
 loaded once per executor process and run on Arrow batches; BERT heads share one encoder pass.
-``lang`` is zh / en / code / other from script statistics; ``category`` (what mixing and dedup use)
+``lang`` is the language the filter judged the document by (zh / en / code / other from script
+statistics and the file name; ``lang_<x>`` in its signals), else from script statistics; ``category`` (what mixing and dedup use)
 comes from the domain, else the language, by the recipe's maps. Every document is scored: none is
 dropped here.
 """
@@ -63,16 +64,17 @@ SCORES = pa.struct([f.with_nullable(True) for f in table("documents_scored").sch
                     if f.name not in table("documents_clean").columns])
 
 
-def score_texts(texts, recipe: Recipe) -> pa.StructArray:
+def score_texts(texts, recipe: Recipe, signals=None) -> pa.StructArray:
     """``quality``, ``domain``, ``lang`` and ``category`` of each text (a list or Arrow string array),
-    with the recipe's models loaded once per process."""
+    with the recipe's models loaded once per process. ``lang`` is the one the filter judged the
+    document by (``lang_*`` in its ``signals``, a parallel map array), else from script statistics."""
     import numpy as np
 
     from quality_models.train import score_batch
 
     models = _models(recipe)
     cascade = recipe.score.cascade
-    langs = script_langs(texts)
+    langs = langs_of(texts, signals)
     quality, domains, _ = score_batch(models, texts, *((cascade.low, cascade.high) if cascade else ()))
     # category of each distinct (language, domain) pair, not of each document
     pairs: dict[tuple[str, str], str] = {}
@@ -86,6 +88,22 @@ def score_texts(texts, recipe: Recipe) -> pa.StructArray:
          pa.array(categories, pa.string())], fields=list(SCORES))
 
 
+def langs_of(texts, signals=None) -> list[str]:
+    """Each document's language: the one the filter judged it by (its largest ``lang_<x>`` signal),
+    else (a lake filtered before the filter recorded it) from script statistics."""
+    rows = [] if signals is None else signals.to_pylist() if hasattr(signals, "to_pylist") else list(signals)
+    judged = [_judged_lang(row) for row in rows] or [None] * len(texts)
+    if None in judged:
+        judged = [j or s for j, s in zip(judged, script_langs(texts))]
+    return judged
+
+
+def _judged_lang(signals) -> str | None:
+    pairs = signals.items() if isinstance(signals, dict) else signals or ()
+    langs = [(v, k[5:]) for k, v in pairs if k.startswith("lang_")]
+    return max(langs)[1] if langs else None
+
+
 def scored(documents, recipe: Recipe):
     """documents_clean rows + their scores: only ``text`` travels to Python (an Arrow UDF), the
     other columns stay in the JVM."""
@@ -94,11 +112,11 @@ def scored(documents, recipe: Recipe):
     from schemas.spark import spark_type
 
     @F.arrow_udf(spark_type(SCORES))
-    def scores(text: pa.Array) -> pa.Array:
-        return score_texts(text, recipe)
+    def scores(text: pa.Array, signals: pa.Array) -> pa.Array:
+        return score_texts(text, recipe, signals)
 
     columns = table("documents_scored").columns
-    with_scores = documents.select("*", scores("text").alias("_scores"))
+    with_scores = documents.select("*", scores("text", "signals").alias("_scores"))
     return with_scores.select(*[F.col(f"_scores.{c}") if c in SCORES.names else F.col(c) for c in columns])
 
 

@@ -7,6 +7,7 @@ for Han); a batch is measured with Arrow kernels over all its documents and line
 
 from __future__ import annotations
 
+import json
 import re
 from itertools import islice
 from typing import Literal
@@ -52,7 +53,30 @@ def _script_table() -> np.ndarray:
     return _SCRIPT_TABLE
 
 
-def script_langs(texts) -> list[Lang]:
+def script_langs(texts, names=None) -> list[Lang]:
+    """``_script_langs``, then code by file name and by a second look at likely code.
+
+    A document whose file name (``names``, parallel to ``texts``; see ``name_of``) has a code (or
+    data-file) extension is code. One judged prose but with at least 10% of its lines shaped like code is
+    measured again without docstrings and comments (``code_share_without_comments``), so that
+    docstring-heavy source is code, not English.
+    """
+    langs, share = _script_langs(texts)
+    for i in np.flatnonzero(share >= _RECHECK_SHARE):
+        if langs[i] in ("en", "other") and code_share_without_comments(_text_at(texts, i)) >= 0.35:
+            langs[i] = "code"
+    for i, name in enumerate(names or ()):
+        if langs[i] != "code" and extension_of(name) in CODE_EXTENSIONS | DATA_EXTENSIONS:
+            langs[i] = "code"
+    return langs
+
+
+def _text_at(texts, i: int) -> str:
+    value = texts[int(i)]
+    return (value.as_py() if hasattr(value, "as_py") else value) or ""
+
+
+def _script_langs(texts) -> tuple[list[Lang], np.ndarray]:
     """zh / en / code / other per document, from script statistics alone (no model).
 
     zh when Han characters are at least 30% of the letters; code when at least 35% of the first 400
@@ -63,7 +87,7 @@ def script_langs(texts) -> list[Lang]:
     """
     n = len(texts)
     if n == 0:
-        return []
+        return [], np.zeros(0)
     if n <= 4 and isinstance(texts, list):  # Arrow's per-call costs outweigh a handful of documents
         table = _packed_script_table()
         counts = np.array([table[np.frombuffer((t or "")[:_SCRIPT_SAMPLE].encode("utf-32-le"), np.uint32)].sum()
@@ -72,7 +96,7 @@ def script_langs(texts) -> list[Lang]:
                  for t in texts]
         nonblank = np.array([bool(h) for h in heads])
         share = np.array([sum(CODE_LINE.search(ln) is not None for ln in h) / max(len(h), 1) for h in heads])
-        return _decide(counts, share, nonblank, np.arange(n))
+        return _decide(counts, share, nonblank, np.arange(n)), share
     import pyarrow.compute as pc
 
     arr = pc.fill_null(as_large_strings(texts), "")
@@ -87,7 +111,10 @@ def script_langs(texts) -> list[Lang]:
         counts[~ascii] = segment_sums(np.take(_packed_script_table(), points), char_offsets)
     rest = np.flatnonzero(~_is_zh(counts))  # only these need the line statistics
     share, nonblank = _code_line_share(arr if len(rest) == n else arr.take(rest)) if len(rest) else (None, None)
-    return _decide(counts, share, nonblank, rest)
+    shares = np.zeros(n)
+    if len(rest):
+        shares[rest] = share
+    return _decide(counts, share, nonblank, rest), shares
 
 
 def _is_zh(counts: np.ndarray) -> np.ndarray:
@@ -143,6 +170,65 @@ def _code_line_share(arr) -> tuple[np.ndarray, np.ndarray]:
     return segment_sums(is_code, head_offsets) / np.maximum(per_doc, 1), per_doc > 0
 
 
-def script_lang(text: str) -> Lang:
+def script_lang(text: str, name: str | None = None) -> Lang:
     """``script_langs`` of one document."""
-    return script_langs([text])[0]
+    return script_langs([text], [name])[0]
+
+
+# -- code -----------------------------------------------------------------------------------------
+
+CODE_EXTENSIONS = frozenset(
+    "py pyi pyx ipynb c h cc cpp cxx hpp hh cu cuh java kt kts scala groovy go rs swift m mm cs fs vb js jsx mjs "
+    "cjs ts tsx vue svelte php rb pl pm lua r jl dart hs ml mli clj ex exs erl elm zig nim sh bash zsh fish ps1 "
+    "bat sql proto thrift graphql cmake mk gradle tf asm s v sv vhd f f90 pas lisp scm rkt sol".split())
+# files of data, not code (The Stack keeps them apart): judged as code, removed by ``code_data_file``
+DATA_EXTENSIONS = frozenset("json jsonl ndjson csv tsv xml yaml yml toml lock dat svg geojson min.js".split())
+# the first field of a source record's meta that names the file, where the URL does not
+NAME_FIELDS = ("path", "file_path", "filepath", "filename", "file_name", "max_stars_repo_path", "repo_path")
+_STRING_BLOCK = re.compile(r'"""[\s\S]*?(?:"""|$)|\'\'\'[\s\S]*?(?:\'\'\'|$)|/\*[\s\S]*?(?:\*/|$)')
+_COMMENT_LINE = re.compile(r"^\s*(#|//|\*|--|;;|%)")
+_TRAILING_COMMENT = re.compile(r"\s+(#|//)[^'\"]*$")
+# a line that is only a literal (a string, a number, a key: value pair of them), as in tables of data in code
+_LITERAL_LINE = re.compile(r"""^\s*(?:[rbuf]{0,2}(['"]).*\1|-?(?:0x[0-9a-fA-F]+|\d[\d_.eE+-]*))"""
+                           r"""(?:\s*:\s*(?:[rbuf]{0,2}(['"]).*\2|-?(?:0x[0-9a-fA-F]+|\d[\d_.eE+-]*)))?\s*,?\s*$""")
+_RECHECK_SHARE = 0.1  # documents this much code-shaped are checked again without their comments
+
+
+def extension_of(name: str | None) -> str:
+    """The file extension of a path or URL, lower-cased ('' without one; ``min.js`` for minified)."""
+    if not name:
+        return ""
+    base = name.split("?", 1)[0].split("#", 1)[0].rstrip("/").rsplit("/", 1)[-1].lower()
+    if base.endswith(".min.js"):
+        return "min.js"
+    return base.rsplit(".", 1)[1] if "." in base.strip(".") else ""
+
+
+def is_data_file(name: str | None) -> bool:
+    return extension_of(name) in DATA_EXTENSIONS
+
+
+def name_of(url: str | None, meta: str | None) -> str | None:
+    """The document's file name: its URL where that has an extension, else a path field of its meta."""
+    if extension_of(url):
+        return url
+    if meta and any(f'"{field}"' in meta for field in NAME_FIELDS):
+        try:
+            record = json.loads(meta)
+        except ValueError:
+            return url
+        for field in NAME_FIELDS:
+            if isinstance(record.get(field), str):
+                return record[field]
+    return url
+
+
+def code_share_without_comments(text: str) -> float:
+    """The share of non-blank lines shaped like code once docstrings, block comments, comment lines
+    and trailing comments are gone (docstring-heavy source is mostly prose lines otherwise)."""
+    head = "\n".join(islice(text.split("\n"), 4 * _HEAD_LINES))
+    lines = [_TRAILING_COMMENT.sub("", ln) for ln in _STRING_BLOCK.sub("\n", head).split("\n")
+             if ln.strip() and not _COMMENT_LINE.match(ln)]
+    if len(lines) < 3:
+        return 0.0
+    return sum(CODE_LINE.search(ln) is not None or _LITERAL_LINE.match(ln) is not None for ln in lines) / len(lines)
