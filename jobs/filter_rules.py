@@ -28,9 +28,11 @@ from jobs.docstage import Outcome, commit_stage, kept_and_rejected, run_document
 from lake.fs import read_list
 from lake.tables import Lake
 from lake.recipe import Recipe, RecipeError
-from jobs.rules import (DEFAULT_DROP_LINE_PATTERNS, DEFAULT_TRUNCATE_PATTERNS, LineCleanup, Rule, build_rules,
+from jobs.rules import (DEFAULT_DROP_LINE_PATTERNS, DEFAULT_TRUNCATE_PATTERNS, LineCleanup, Rule, build_rules, code_signals,
                         clean_lines, compute_signals, failed_rules)
+from lake.sections import Language
 from quality_models.language import is_data_file, name_of, script_lang
+from quality_models.lid import LanguageId, LidMissing, cached_model, model_path
 from jobs.shifts import Shift, shifts
 from jobs.stages import FilterOptions, StageError, stage_main
 
@@ -38,11 +40,16 @@ STAGE = "filter"
 
 
 def check_recipe(recipe: Recipe) -> None:
-    """Unknown rule names in ``filter.thresholds`` fail before any Spark work, listing the real ones."""
+    """Unknown rule names in ``filter.thresholds`` (or ``source_thresholds``) fail before any Spark work,
+    listing the real ones; so does a language-ID model that is not there."""
     try:
         rules_per_source(recipe)
+        if recipe.filter.language.model is not None:
+            model_path(recipe.filter.language.model)
     except ValueError as err:
         raise RecipeError(f"recipe {recipe.origin} is not valid:\n  {err}") from None
+    except LidMissing as err:
+        raise RecipeError(f"recipe {recipe.origin}: {err}") from None
 
 
 def rules_per_source(recipe: Recipe) -> dict[str | None, list[Rule]]:
@@ -77,21 +84,25 @@ def make_filter(recipe: Recipe):
     domains = frozenset(d.lower().rstrip('.') for path in cfg.url_blocklist.domains for d in read_list(path))
     url_words = frozenset(w.lower() for path in cfg.url_blocklist.words for w in read_list(path))
 
+    lid_model = lid_model_bytes(recipe)
+
     def make():
         cleanup = LineCleanup.compile(drop, truncate)
+        lid = LanguageId.load(cached_model(lid_model)) if lid_model else None
 
         def filter_document(doc: dict) -> Outcome:
             text, removed_lines = clean_lines(doc["text"], cleanup)
             signals = compute_signals(text, keywords)
             signals["lines_removed"] = float(removed_lines)
             name = name_of(doc.get("url"), doc.get("meta"))
-            lang = script_lang(text, name)
-            signals[f"lang_{lang}"] = 1.0  # the language the rules judged by; scoring reads it
             if is_data_file(name):
                 signals["data_file"] = 1.0
+            lang, refused = language_of(text, name, signals, lid, cfg.language)
+            if lang == "code":
+                signals.update(code_signals(text))
             columns = {"text": text, "signals": signals}
-            # (rule name, why): the URL blocklist and contamination first, so the report credits them
-            failed: list[tuple[str, str]] = []
+            # (rule name, why): the language, the URL blocklist and contamination first, so the report credits them
+            failed: list[tuple[str, str]] = [refused] if refused else []
             blocked = url_block(doc.get("url"), domains, url_words) if domains or url_words else None
             if blocked:
                 failed.append(("url_blocklist", blocked))
@@ -110,9 +121,46 @@ def make_filter(recipe: Recipe):
     return make
 
 
-def _explain(rule: Rule, signals: dict[str, float], lang: str) -> str:
+def _explain(rule: Rule, signals: dict[str, float], lang: str | tuple[str, ...]) -> str:
     op = "<" if rule.bound == "min" else ">"
-    return f"{rule.signal}={signals[rule.signal]:.4g} {op} {rule.threshold(lang):g} ({lang})"
+    shown = lang if isinstance(lang, str) else "/".join(dict.fromkeys(lang))
+    return f"{rule.signal}={signals[rule.signal]:.4g} {op} {rule.threshold(lang):g} ({shown})"
+
+
+def language_of(text: str, name: str | None, signals: dict[str, float], lid: LanguageId | None,
+                cfg: Language) -> tuple[str | tuple[str, str], tuple[str, str] | None]:
+    """The language the rules judge a document by, and its ``language`` rejection where
+    ``filter.language.keep`` excludes it. Code (by name or line shapes) is code; otherwise lid.176's
+    language where it is confident, and for rules that do not name it, ``other``'s limits (zh and en
+    are their own), so that English word rules never judge French; the script's language where lid.176
+    is not confident.
+    Recorded in ``signals`` as ``lang_<x>`` (the share of the text per language) and ``lid_confidence``."""
+    script = script_lang(text, name)
+    if lid is not None and script != "code":
+        found = lid.identify(text, signals["han_frac"], signals["latin_frac"])
+        signals["lid_confidence"] = found.confidence
+        if found.confidence >= cfg.min_confidence:
+            signals.update({f"lang_{k}": v for k, v in found.shares.items()})
+            refused = None
+            if cfg.keep is not None and found.lang not in cfg.keep:
+                refused = ("language", f"{found.lang} ({found.confidence:.2f}) is not one of filter.language.keep "
+                                       f"[{', '.join(cfg.keep)}]")
+            # a language the defaults do not name is judged as "other" (not by English word rules)
+            return (found.lang, found.lang if found.lang in ("zh", "en") else "other"), refused
+    signals[f"lang_{script}"] = 1.0
+    return script, None
+
+
+def lid_model_bytes(recipe: Recipe) -> bytes | None:
+    """The language-ID model the recipe asks for, read on the driver (the tasks get the bytes, so an
+    executor needs no copy of the file); None for script statistics only."""
+    setting = recipe.filter.language.model
+    if setting is None:
+        return None
+    try:
+        return model_path(setting).read_bytes()
+    except LidMissing as err:
+        raise RecipeError(f"recipe {recipe.origin}: {err}") from None
 
 
 def eval_sets_of(recipe: Recipe) -> list[EvalSet]:
@@ -131,7 +179,8 @@ def eval_sets_of(recipe: Recipe) -> list[EvalSet]:
 def rule_names(recipe: Recipe) -> list[str]:
     """Every name a filter rejection can carry, in the report's order."""
     cfg = recipe.filter
-    names = ["url_blocklist"] if cfg.url_blocklist.domains or cfg.url_blocklist.words else []
+    names = ["language"] if cfg.language.keep is not None else []
+    names += ["url_blocklist"] if cfg.url_blocklist.domains or cfg.url_blocklist.words else []
     if cfg.decontaminate.action == "remove":
         names += [f"decontam_{name}" for name in cfg.decontaminate.sets]
     return names + [r.name for r in build_rules(cfg.thresholds, cfg.limits())]

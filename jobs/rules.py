@@ -77,8 +77,11 @@ _ENCODED = re.compile(r"[A-Za-z0-9+/\n]{64,}={0,2}|(?:0x)?[0-9a-fA-F]{64,}|(?:\\
 _ENCODED_MIN = 1024  # a run shorter than this is not a blob
 
 
-def _code_signals(text: str, lines: list[str], alnum: int) -> dict[str, float]:
+def code_signals(text: str) -> dict[str, float]:
+    """The signals only the code rules read (computed for code only: the filter asks once it knows)."""
+    lines = text.split("\n")
     n = len(text) or 1
+    alnum = _char_classes(text)["alnum"]
     blobs = sum(len(m) for m in _ENCODED.findall(text) if len(m) >= _ENCODED_MIN)
     return {
         "max_line_len": float(max(map(len, lines), default=0)),
@@ -228,7 +231,6 @@ def compute_signals(text: str, keyword_lists: dict[str, frozenset[str]] | None =
         "nonprintable_frac": classes["nonprintable"] / n_chars,
         "blank_line_frac": (len(lines) - len(nonblank)) / (len(lines) or 1),
         **_ngram_signals(token_ids, token_lens),
-        **_code_signals(text, lines, classes["alnum"]),
     }
     lowered = text.lower()
     for name, words_list in (keyword_lists or {}).items():
@@ -250,10 +252,15 @@ class Rule:
     default: float | None
     per_lang: dict[str, float | None] = field(default_factory=dict)
 
-    def threshold(self, lang: str) -> float | None:
-        return self.per_lang[lang] if lang in self.per_lang else self.default
+    def threshold(self, lang: str | tuple[str, ...]) -> float | None:
+        """The limit for a language, or for the first of several (the identified language, then the
+        script's) that the rule names; else the default."""
+        for key in (lang,) if isinstance(lang, str) else lang:
+            if key in self.per_lang:
+                return self.per_lang[key]
+        return self.default
 
-    def fails(self, signals: dict[str, float], lang: str) -> bool:
+    def fails(self, signals: dict[str, float], lang: str | tuple[str, ...]) -> bool:
         limit = self.threshold(lang)
         if limit is None or self.signal not in signals:
             return False
@@ -333,5 +340,5 @@ def build_rules(overrides: dict[str, float | None | dict[str, float | None]], ke
     return rules
 
 
-def failed_rules(signals: dict[str, float], lang: str, rules: list[Rule]) -> list[Rule]:
+def failed_rules(signals: dict[str, float], lang: str | tuple[str, ...], rules: list[Rule]) -> list[Rule]:
     return [r for r in rules if r.fails(signals, lang)]

@@ -32,8 +32,9 @@ def user_errors() -> tuple[type[Exception], ...]:
     """The errors a user can act on: shown as one line and exit code 2, not a traceback."""
     from jobs.sources import SourceError
     from lake.errors import LakeError
+    from quality_models.lid import LidError
 
-    return RecipeError, LakeError, SourceError, StageError
+    return RecipeError, LakeError, SourceError, StageError, LidError
 
 
 def _flag(help: str) -> Any:

@@ -153,6 +153,9 @@ def parse_recipe(raw: dict[str, Any], base_dir: Path, origin: str = "<memory>") 
             sets = {k: {**v, "path": resolve_path(v["path"], base_dir)} if isinstance(v, dict) and isinstance(v.get("path"), str) else v
                     for k, v in decon["sets"].items()}
             filt = {**filt, "decontaminate": {**decon, "sets": sets}}
+        lid = filt.get("language")
+        if isinstance(lid, dict) and isinstance(lid.get("model"), str) and lid["model"] != "lid176":
+            filt = {**filt, "language": {**lid, "model": resolve_path(lid["model"], base_dir)}}
         block = filt.get("url_blocklist")
         if isinstance(block, dict):
             filt = {**filt, "url_blocklist": {k: [resolve_path(p, base_dir) if isinstance(p, str) else p for p in v]

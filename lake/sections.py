@@ -76,6 +76,16 @@ def _check_file(path: str, what: str) -> None:
         raise ValueError(f"{what}: file {path} does not exist")
 
 
+class Language(_Section):
+    model: str | None = Field(default=None, description="null: script statistics only; 'lid176': fastText's lid.176 "
+                                                        "(fetched once by `tokenmill models fetch-lid`); or a path to "
+                                                        "a fastText language-ID model")
+    min_confidence: float = Field(default=0.5, ge=0, le=1, description="below it, the script statistics decide")
+    keep: list[str] | None = Field(default=None, description="languages to keep (ISO 639 codes, e.g. [zh, en]): a "
+                                                             "document confidently in another is rejected as "
+                                                             "`language`; code never is")
+
+
 class Filter(_Section):
     thresholds: dict[str, float | None | dict[str, float | None]] = Field(
         default_factory=dict,
@@ -98,6 +108,7 @@ class Filter(_Section):
     truncate_patterns: list[str] | None = Field(
         default=None, description="a matching heading in the second half ends the document; unset: jobs/rules.py's")
     report_samples: int = Field(default=5, ge=0, description="removed documents shown per rule in the report")
+    language: Language = Field(default_factory=Language, description="language identification (quality_models/lid.py)")
     decontaminate: Decontaminate = Field(default_factory=Decontaminate, description="documents sharing an n-gram "
                                          "with an evaluation set (jobs/decontam.py)")
     url_blocklist: UrlBlocklist = Field(default_factory=UrlBlocklist, description="blocked domains and URL words")

@@ -14,7 +14,6 @@ import unicodedata
 from jobs.decontam import Tokens, build_eval_set, contamination, eval_texts, url_block
 from quality_models.arrowtext import HAN_RANGES
 from jobs.demo_corpus import build_demo_corpus
-from jobs.stages import FilterOptions
 from lake.recipe import RecipeError
 from lake.tables import Lake
 

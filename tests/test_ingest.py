@@ -156,7 +156,7 @@ def test_every_entry_point_runs_the_same_job(tmp_path, launcher):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(5)) + "{broken\n")
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"lake: lake\nsources: [{{name: s, path: d.jsonl}}]\nspark: {{master: 'local[2]'}}\n")
+    recipe.write_text("lake: lake\nsources: [{name: s, path: d.jsonl}]\nspark: {master: 'local[2]'}\n")
     bindir = os.path.dirname(sys.executable)
     cmd = {
         "python -m": [sys.executable, "-m", "jobs.ingest"],

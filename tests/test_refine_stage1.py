@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs import cli, filter_rules, ingest, scrub_pii
+from jobs import filter_rules, ingest, scrub_pii
 from jobs.stages import FilterOptions
 from jobs.demo_corpus import build_demo_corpus
 from lake.tables import Lake

@@ -228,8 +228,14 @@ def test_docstring_heavy_source_is_code_and_kept_by_default():
     assert sum(lang == "code" for lang in langs) >= 0.97 * len(texts)
     assert script_langs(texts, [str(f) for f in files]) == ["code"] * len(texts)  # by file name: all
     assert [script_lang(t) for t in texts[:40]] == langs[:40]  # one by one as in a batch
-    removed = [f.name for f, t, lang in zip(files, texts, langs) if failed_rules(compute_signals(t), lang, RULES)]
+    from jobs.filter_rules import make_filter
+    from lake.recipe import parse_recipe
+
+    check = make_filter(parse_recipe({"lake": "lake", "sources": [{"name": "s", "path": "x"}]}, base_dir=files[0].parent))()
+    outcomes = [check({"text": t}) for t in texts]
+    removed = [(f.name, o.reject_reason) for f, o in zip(files, outcomes) if o.reject_reason]
     assert len(removed) <= 0.03 * len(texts), removed
+    assert sum("max_line_len" in o.columns["signals"] for o in outcomes) >= 0.97 * len(texts)  # code rules ran
 
 
 def test_code_rules_judge_code_and_never_prose(tmp_path):
