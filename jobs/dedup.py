@@ -16,7 +16,9 @@ The phases, in the order ``run`` calls them:
 6. ``choose_survivors``: the survivor of each cluster is the highest ``quality``, then the longer text,
    then the smaller ``doc_id``; every member is a ``dedup_clusters`` row;
 7. ``filter_documents`` and ``write_tables``: survivors and unclustered documents to
-   ``documents_dedup``, every removed one to ``documents_rejected``, naming the kept one.
+   ``documents_dedup``, every removed one to ``documents_rejected``, naming the kept one;
+8. optionally (``dedup.semantic``, full runs), before the write: ``semantic_duplicates``
+   (``jobs/semantic_dedup.py``) removes paraphrases among the kept documents by embedding cosine.
 
 ``--incremental`` dedups documents not seen by an earlier run against the documents that run kept,
 without clustering the old corpus again: old kept documents are never removed (``read_documents``
@@ -42,6 +44,7 @@ from pyspark.sql.types import LongType, StructField, StructType
 
 from jobs.dedup_batches import SIGNATURE_DDL, line_keys, lsh_shape, sign_batch, similarity_batch, strip_batch
 from jobs.docstage import spread
+from jobs.semantic_dedup import merged_lineage, semantic_duplicates
 from jobs.shifts import Shift, shifts
 from jobs.stages import DedupOptions, StageError, stage_main
 from lake.atomic import all_or_nothing
@@ -69,6 +72,9 @@ class DedupReport:
     incremental: bool = False
     seconds: float = 0.0
     version: int = 0
+    semantic_removed: int | None = None  # semantic dedup: documents removed, and the k-means clusters
+    kmeans: int = 0
+    semantic_skipped: bool = False  # enabled, but an incremental run leaves it out
 
     def __str__(self) -> str:
         by = ", ".join(f"{k} {v}" for k, v in sorted(self.removed_by_key.items(), key=lambda kv: -kv[1])) or "none"
@@ -81,6 +87,10 @@ class DedupReport:
             f"  removed by threshold key: {by}\n"
             f"  LSH {self.bands} bands x {self.rows} rows; {self.seconds:.1f} s "
             f"({self.documents_in / max(self.seconds, 1e-9):,.0f} docs/s); documents_dedup version {self.version}"
+            + (f"\n  semantic dedup: {self.semantic_removed} removed ({self.kmeans} k-means clusters)"
+               if self.semantic_removed is not None else "")
+            + ("\n  semantic dedup left out: it runs on full runs only (run without --incremental)"
+               if self.semantic_skipped else "")
             + "".join(f"\n  warning: {shift}; e.g. {', '.join(samples)}" for shift, samples in self.shifts)
         )
 
@@ -105,9 +115,20 @@ def run(spark, recipe: Recipe, options: DedupOptions = DedupOptions()) -> DedupR
                          + ". Look at the clusters (tokenmill report), then raise that key's threshold in "
                          "dedup.thresholds or dedup.warn_share")
     kept, rejected = filter_documents(documents, clusters)
-    version = write_tables(lake, kept, rejected, clusters, old_kept)
+    lineage = clusters.select(*table("dedup_clusters").columns)
+    semantic = None
+    if recipe.dedup.semantic.enabled and not incremental:
+        kept, semantic_rejected, semantic_lineage, k = semantic_duplicates(kept, recipe)
+        rejected = rejected.unionByName(semantic_rejected)
+        lineage = merged_lineage(lineage, semantic_lineage)
+        semantic = (semantic_rejected.count(), k)
+    version = write_tables(lake, kept, rejected, lineage, clusters, old_kept)
     report = _report(recipe, documents, clusters, kept, incremental, version)
     report.shifts = found
+    if semantic:
+        report.semantic_removed, report.kmeans = semantic
+    elif recipe.dedup.semantic.enabled:
+        report.semantic_skipped = True
     for df in (documents, signed, clusters) + ((old_kept,) if incremental else ()):
         df.unpersist()  # localCheckpoint data is released the same way
     report.seconds = time.perf_counter() - started
@@ -334,7 +355,7 @@ def filter_documents(documents, clusters):
     return kept, rejected
 
 
-def write_tables(lake: Lake, kept, rejected, clusters, old_kept) -> int:
+def write_tables(lake: Lake, kept, rejected, cluster_rows, clusters, old_kept) -> int:
     """Write documents_rejected, dedup_clusters, then documents_dedup; returns documents_dedup's version.
 
     Two tables cannot change in one Delta commit; the audit trail goes first so that documents_dedup
@@ -343,7 +364,6 @@ def write_tables(lake: Lake, kept, rejected, clusters, old_kept) -> int:
     rewrites documents_dedup as the old kept documents plus the new: an old one that now heads a
     cluster gets its cluster id.
     """
-    cluster_rows = clusters.select(*table("dedup_clusters").columns)
     with all_or_nothing(lake, STAGE, ("documents_rejected", "dedup_clusters", "documents_dedup")):
         if old_kept is None:
             lake.write("documents_rejected", rejected, mode="overwrite", replace_where={"stage": STAGE}, job=STAGE)

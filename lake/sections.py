@@ -206,6 +206,18 @@ class LineDedup(_Section):
     min_chars: int = Field(default=10, ge=0, description="shorter lines are never removed")
 
 
+class SemanticDedup(_Section):
+    enabled: bool = Field(default=False, description="after near-dedup, remove semantic duplicates (SemDeDup)")
+    threshold: float = Field(default=0.85, gt=0, le=1, description="cosine of the encoder's embeddings at or above "
+                             "which the lower-ranked document goes (all-MiniLM-L6-v2: rewritten paraphrases score "
+                             "about 0.75-0.8, light edits 0.9 and more)")
+    cluster_size: int = Field(default=1000, ge=2, description="k-means clusters of about this many documents "
+                              "(k = ceil(n / cluster_size)); pairs are compared inside a cluster only")
+    max_tokens: int = Field(default=128, ge=8, description="tokens of each document the encoder reads")
+    backbone: str | None = Field(default=None, description="a local Hugging Face encoder folder; unset: the packaged "
+                                                           "all-MiniLM-L6-v2")
+
+
 class Dedup(_Section):
     exact: bool = Field(default=True, description="drop copies of the same normalised text first")
     num_perm: int = Field(default=256, ge=16, le=1024, description="MinHash permutations (signature length)")
@@ -231,6 +243,7 @@ class Dedup(_Section):
         default=100, gt=0, description="in an LSH bucket, each document is paired with at most this many next ones"
     )
     line_dedup: LineDedup | None = None
+    semantic: SemanticDedup = Field(default_factory=SemanticDedup, description="semantic dedup (jobs/semantic_dedup.py)")
 
     @field_validator("thresholds")
     @classmethod
