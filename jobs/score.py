@@ -6,8 +6,10 @@ The models the recipe pins (``score.quality``, ``score.domain``, optionally ``sc
 loaded once per executor process and run on Arrow batches; BERT heads share one encoder pass.
 ``lang`` is the language the filter judged the document by (zh / en / code / other from script
 statistics and the file name; ``lang_<x>`` in its signals), else from script statistics; ``category`` (what mixing and dedup use)
-comes from the domain, else the language, by the recipe's maps. Every document is scored: none is
-dropped here.
+comes from the domain, else the language, by the recipe's maps. Every document is scored; none is
+dropped unless ``score.perplexity`` asks: then the documents whose perplexity under a small language
+model (``quality_models/perplexity.py``) is above their category's percentile are rejected, as CCNet
+keeps the low-perplexity part of each language.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ if __package__ in (None, ""):  # run as a script by spark-submit: make the proje
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import pyarrow as pa
 
-from jobs.docstage import spread
+from jobs.docstage import commit_stage, spread
 from lake.tables import Lake
 from lake.recipe import Recipe
 from quality_models.language import script_langs
@@ -135,6 +138,8 @@ class ScoreReport:
     mean_quality: float
     seconds: float
     version: int
+    perplexity_removed: int = 0
+    perplexity_cutoffs: dict[str, tuple[float, float]] = field(default_factory=dict)  # category → (percentile, cut-off)
 
     def __str__(self) -> str:
         cats = ", ".join(f"{k} {v}" for k, v in sorted(self.by_category.items(), key=lambda kv: -kv[1]))
@@ -144,6 +149,9 @@ class ScoreReport:
             f"score: {self.documents} documents in {self.seconds:.1f} s ({self.documents / max(self.seconds, 1e-9):,.0f} docs/s); "
             f"documents_scored version {self.version}\n  models: {models}\n  category: {cats}\n  domain: {doms}\n"
             f"  mean quality {self.mean_quality:.3f}"
+            + (f"\n  perplexity: {self.perplexity_removed} removed above "
+               + ", ".join(f"{c} {v:.1f} (p{p:g})" for c, (p, v) in sorted(self.perplexity_cutoffs.items()))
+               if self.perplexity_cutoffs else "")
         )
 
 
@@ -155,7 +163,9 @@ def check_recipe(recipe: Recipe) -> None:
 
 
 def run(spark, recipe: Recipe, options: NoOptions = NoOptions()) -> ScoreReport:
-    """Score documents_clean with the pinned quality and domain models into documents_scored."""
+    """Score documents_clean with the pinned quality and domain models into documents_scored (with
+    ``score.perplexity``, the documents above their category's perplexity percentile go to
+    documents_rejected instead)."""
     from pyspark.sql import functions as F
 
     started = time.perf_counter()
@@ -163,8 +173,17 @@ def run(spark, recipe: Recipe, options: NoOptions = NoOptions()) -> ScoreReport:
 
     versions = check_pinned(recipe)  # the versions the report names
     lake = Lake(recipe.lake, spark)
+    perplexity: dict[str, tuple[float, float]] = {}
+    removed = 0
     with scoring_batches(spark):
-        version = lake.write("documents_scored", scored(spread(lake.read("documents_clean")), recipe), mode="overwrite", job=STAGE)
+        documents = scored(spread(lake.read("documents_clean")), recipe)
+        if recipe.score.perplexity is not None:
+            version, removed, perplexity = _perplexity_filtered(lake, documents, recipe)
+        elif _has_rejections(lake):  # an earlier run filtered by perplexity: its rejections go with it
+            version = commit_stage(lake, STAGE, "documents_scored", documents,
+                                   lake.read("documents_rejected").where(F.lit(False)))
+        else:
+            version = lake.write("documents_scored", documents, mode="overwrite", job=STAGE)
     written = lake.read("documents_scored")
     stats = written.groupBy("category", "domain").agg(F.count("*").alias("n"), F.sum("quality").alias("q")).collect()
     by_category: dict[str, int] = {}
@@ -174,7 +193,61 @@ def run(spark, recipe: Recipe, options: NoOptions = NoOptions()) -> ScoreReport:
         by_domain[row["domain"]] = by_domain.get(row["domain"], 0) + row["n"]
     n = sum(by_category.values())
     return ScoreReport(n, by_category, by_domain, versions, sum(r["q"] or 0 for r in stats) / max(n, 1),
-                       time.perf_counter() - started, version)
+                       time.perf_counter() - started, version, removed, perplexity)
+
+
+def _has_rejections(lake: Lake) -> bool:
+    from pyspark.sql import functions as F
+
+    return lake.exists("documents_rejected") and \
+        lake.read("documents_rejected").where(F.col("stage") == STAGE).limit(1).count() > 0
+
+
+def _perplexity_filtered(lake: Lake, documents, recipe: Recipe) -> tuple[int, int, dict[str, tuple[float, float]]]:
+    """Write documents_scored without the documents whose perplexity is above their category's
+    percentile, and those to documents_rejected (all or nothing); each kept document's perplexity in
+    its signals. Returns (version, removed, category → (percentile, cut-off))."""
+    from pyspark.sql import functions as F
+
+    from quality_models.perplexity import PerplexityModel
+
+    cfg = recipe.score.perplexity
+
+    @F.arrow_udf("double")
+    def perplexity(text: pa.Array) -> pa.Array:
+        model = PerplexityModel.load(cfg.model, cfg.max_tokens, cfg.batch_size)
+        return pa.array(model.perplexity(text.to_pylist()), pa.float64(), from_pandas=True)  # NaN: none
+
+    measured = documents.withColumn("_ppl", perplexity("text")).persist()
+    categories = [r["category"] for r in measured.select("category").distinct().collect()]
+    wanted = {c: cfg.percentile.get(c, cfg.percentile.get("default")) for c in categories}
+    levels = sorted({p for p in wanted.values() if p is not None})
+    cutoffs: dict[str, tuple[float, float]] = {}
+    if levels:
+        for row in measured.groupBy("category").agg(F.percentile_approx(
+                "_ppl", F.array(*[F.lit(p / 100) for p in levels]), 10_000).alias("q")).collect():
+            p = wanted[row["category"]]
+            if p is not None and row["q"] is not None:
+                cutoffs[row["category"]] = (p, row["q"][levels.index(p)])
+    limit = F.create_map(*[x for c, (_, v) in cutoffs.items() for x in (F.lit(c), F.lit(v))])[F.col("category")] \
+        if cutoffs else F.lit(None).cast("double")
+    level = F.create_map(*[x for c, (p, _) in cutoffs.items() for x in (F.lit(c), F.lit(p))])[F.col("category")] \
+        if cutoffs else F.lit(None).cast("double")
+    marked = measured.withColumn("_limit", limit).withColumn("_level", level).withColumn("signals", F.map_concat(
+        F.coalesce("signals", F.create_map().cast("map<string,double>")),
+        F.create_map(F.lit("perplexity"), F.col("_ppl"))))
+    gone = F.coalesce(F.col("_ppl") > F.col("_limit"), F.lit(False))
+    kept = marked.where(~gone).select(*table("documents_scored").columns)
+    now = datetime.now(timezone.utc)
+    rejected = marked.where(gone).select(
+        "doc_id", "source", F.lit(STAGE).alias("stage"), F.lit("perplexity").alias("reason"),
+        F.format_string("perplexity %.1f > %.1f, the %.0fth percentile of %s", "_ppl", "_limit", "_level",
+                        "category").alias("detail"),
+        "text", F.lit(now).cast("timestamp").alias("rejected_at"))
+    version = commit_stage(lake, STAGE, "documents_scored", kept, rejected)
+    removed = lake.read("documents_rejected").where(F.col("stage") == STAGE).count()
+    measured.unpersist()
+    return version, removed, cutoffs
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -162,6 +162,9 @@ def parse_recipe(raw: dict[str, Any], base_dir: Path, origin: str = "<memory>") 
                                               if k in ("domains", "words") and isinstance(v, list) else v
                                               for k, v in block.items()}}
         raw["filter"] = filt
+    sc = raw.get("score")
+    if isinstance(sc, dict) and isinstance(sc.get("perplexity"), dict) and isinstance(sc["perplexity"].get("model"), str):
+        raw["score"] = {**sc, "perplexity": {**sc["perplexity"], "model": resolve_path(sc["perplexity"]["model"], base_dir)}}
     tok = raw.get("tokenizer")
     if isinstance(tok, dict) and isinstance(tok.get("domain_tokens_file"), str):
         raw["tokenizer"] = {**tok, "domain_tokens_file": resolve_path(tok["domain_tokens_file"], base_dir)}

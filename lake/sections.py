@@ -171,7 +171,27 @@ class WeakLabels(_Section):
     )
 
 
+class PerplexityFilter(_Section):
+    model: str = Field(description="a local Hugging Face causal LM folder with its tokenizer (tokenmill train --export)")
+    max_tokens: int = Field(default=256, ge=2, description="tokens of each document the model reads")
+    batch_size: int = Field(default=16, gt=0)
+    percentile: dict[str, float | None] = Field(
+        default_factory=lambda: {"default": 95.0},
+        description="category → percentile of its documents' perplexity above which a document is removed (null: "
+                    "the category is kept whole); 'default' for categories not named")
+
+    @field_validator("percentile")
+    @classmethod
+    def _in_range(cls, value: dict[str, float | None]) -> dict[str, float | None]:
+        for key, p in value.items():
+            if p is not None and not 0 < p < 100:
+                raise ValueError(f"percentile.{key} = {p}: a percentile lies strictly between 0 and 100")
+        return value
+
+
 class Score(_Section):
+    perplexity: PerplexityFilter | None = Field(default=None, description="CCNet-style perplexity filter "
+                                                "(quality_models/perplexity.py); unset: off")
     quality: ModelPin = ModelPin()
     domain: ModelPin = ModelPin()
     cascade: Cascade | None = None

@@ -200,6 +200,72 @@ def test_bert_heads_share_one_encoder_and_the_cascade_uses_them(spark, scored, t
     score.run(spark, recipe)  # back to fastText only, for the tests after this one
 
 
+def _tiny_language_model(folder: Path, texts: list[str], steps: int = 150) -> Path:
+    """A 2-layer Llama with a byte-level BPE tokenizer, trained for a few steps on ``texts``: the small
+    model from curated sources the perplexity filter reads (a Hugging Face folder, as an export is)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from jobs.train_tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    tok = PreTrainedTokenizerFast(tokenizer_object=build_tokenizer(texts, 512, ["<|endoftext|>", "<|pad|>"], []),
+                                  eos_token="<|endoftext|>", pad_token="<|pad|>")
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                         max_position_embeddings=128))
+    ids = torch.tensor([i for t in texts for i in tok(t)["input_ids"] + [tok.eos_token_id]])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - 65, (16,), generator=rng)
+        batch = torch.stack([ids[s: s + 64] for s in starts])
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_the_perplexity_filter_removes_each_categorys_least_likely_documents(spark, scored, tmp_path):
+    import numpy as np
+
+    from quality_models.perplexity import PerplexityModel
+
+    recipe, *_ = scored
+    lake = Lake(recipe.lake, spark)
+    before = {r["doc_id"]: r for r in lake.read("documents_scored").collect()}
+    curated = [r["text"] for r in before.values() if r["source"] in ("en_docs", "zh_news")]
+    folder = _tiny_language_model(tmp_path / "lm", curated)
+    measured = dict(zip(before, PerplexityModel(str(folder), 128).perplexity([r["text"] for r in before.values()])))
+    by_source = {s: np.median([measured[d] for d, r in before.items() if r["source"] == s]) for s in ("en_docs", "zh_reviews")}
+    assert by_source["en_docs"] < by_source["zh_reviews"]  # text like its training data is more likely
+    raw = recipe.model_dump(exclude={"origin"})
+    raw["score"]["perplexity"] = {"model": str(folder), "max_tokens": 128, "percentile": {"default": 80, "code": None}}
+    job = parse_recipe(raw, Path(recipe.lake))
+    report = score.run(spark, job)
+    rejected = {r["doc_id"]: r for r in lake.read("documents_rejected").where("stage = 'score'").collect()}
+    kept = {r["doc_id"]: r for r in lake.read("documents_scored").collect()}
+    assert set(kept) | set(rejected) == set(before) and not set(kept) & set(rejected)  # in = kept + rejected
+    assert rejected and report.perplexity_removed == len(rejected)
+    assert not any(before[d]["category"] == "code" for d in rejected)  # null: the category is kept whole
+    for category, (p, cutoff) in report.perplexity_cutoffs.items():
+        members = [d for d, r in before.items() if r["category"] == category]
+        assert {d for d in members if measured[d] > cutoff * (1 + 1e-4)} <= set(rejected)  # (float32 vs the job's)
+        assert {d for d in members if measured[d] < cutoff * (1 - 1e-4)}.isdisjoint(rejected)
+        assert abs(sum(d in rejected for d in members) / len(members) - (1 - p / 100)) < 0.1
+    some = next(iter(rejected.values()))
+    assert some["reason"] == "perplexity" and "the 80th percentile of" in some["detail"]
+    assert all(abs(r["signals"]["perplexity"] - measured[d]) < 1e-3 * measured[d] for d, r in kept.items()
+               if r["signals"] and "perplexity" in r["signals"] and not np.isnan(measured[d]))
+    assert "perplexity: " in str(report)
+    score.run(spark, recipe)  # back without the filter: its rejections go with it
+    assert lake.read("documents_rejected").where("stage = 'score'").count() == 0
+    assert lake.read("documents_scored").count() == len(before)
+
+
 def _devices() -> list[str]:
     import torch
 
