@@ -31,6 +31,7 @@ from lake.recipe import Recipe, RecipeError
 from jobs.rules import (DEFAULT_DROP_LINE_PATTERNS, DEFAULT_TRUNCATE_PATTERNS, LineCleanup, Rule, build_rules, code_signals,
                         clean_lines, compute_signals, failed_rules)
 from lake.sections import Language
+from quality_models.labels import weak_domain
 from quality_models.language import is_data_file, name_of, script_lang
 from quality_models.lid import LanguageId, LidMissing, cached_model, model_path
 from jobs.shifts import Shift, shifts
@@ -40,10 +41,10 @@ STAGE = "filter"
 
 
 def check_recipe(recipe: Recipe) -> None:
-    """Unknown rule names in ``filter.thresholds`` (or ``source_thresholds``) fail before any Spark work,
+    """Unknown rule names in ``filter.thresholds`` (or ``domain_thresholds``, ``source_thresholds``) fail before any Spark work,
     listing the real ones; so does a language-ID model that is not there."""
     try:
-        rules_per_source(recipe)
+        RuleSets(recipe).check()
         if recipe.filter.language.model is not None:
             model_path(recipe.filter.language.model)
     except ValueError as err:
@@ -52,29 +53,51 @@ def check_recipe(recipe: Recipe) -> None:
         raise RecipeError(f"recipe {recipe.origin}: {err}") from None
 
 
-def rules_per_source(recipe: Recipe) -> dict[str | None, list[Rule]]:
-    """The rules for each source with its own thresholds (``filter.source_thresholds``), and under
-    None those of every other source."""
-    cfg = recipe.filter
-    out: dict[str | None, list[Rule]] = {None: build_rules(cfg.thresholds, cfg.limits())}
-    for source, overrides in cfg.source_thresholds.items():
-        merged = dict(cfg.thresholds)
-        for name, value in overrides.items():
-            base = merged.get(name)
-            if isinstance(value, dict) and base is not None:  # per-language values on top of the global ones
-                value = {**(base if isinstance(base, dict) else {"default": base}), **value}
-            merged[name] = value
-        try:
-            out[source] = build_rules(merged, cfg.limits())
-        except ValueError as err:
-            raise ValueError(f"filter.source_thresholds.{source}: {err}") from None
-    return out
+class RuleSets:
+    """The rules a document is judged by: ``thresholds``, then its domain's (``domain_thresholds``;
+    the domain the weak labels give: the source's in ``score.weak_labels.source_domains``, else URL
+    patterns, else ``code`` for code, since the classifier runs later), then its source's
+    (``source_thresholds``): each overrides the one before, rule by rule."""
+
+    def __init__(self, recipe: Recipe):
+        self.cfg = recipe.filter
+        self.source_domains = recipe.score.weak_labels.source_domains
+        self._built: dict[tuple[str | None, str | None], list[Rule]] = {}
+
+    def domain_of(self, source: str | None, url: str | None, lang: str) -> str | None:
+        if not self.cfg.domain_thresholds:
+            return None
+        return weak_domain(source or "", url, "", self.source_domains, is_code=lang == "code")
+
+    def rules(self, source: str | None = None, domain: str | None = None) -> list[Rule]:
+        key = (source if source in self.cfg.source_thresholds else None,
+               domain if domain in self.cfg.domain_thresholds else None)
+        if key not in self._built:
+            merged = dict(self.cfg.thresholds)
+            for where, overrides in ((f"domain_thresholds.{key[1]}", self.cfg.domain_thresholds.get(key[1], {})),
+                                     (f"source_thresholds.{key[0]}", self.cfg.source_thresholds.get(key[0], {}))):
+                for name, value in overrides.items():
+                    base = merged.get(name)
+                    if isinstance(value, dict) and base is not None:  # per-language values on top of the others
+                        value = {**(base if isinstance(base, dict) else {"default": base}), **value}
+                    merged[name] = value
+                try:
+                    self._built[key] = build_rules(merged, self.cfg.limits())
+                except ValueError as err:
+                    raise ValueError(f"filter.{where if overrides else 'thresholds'}: {err}") from None
+        return self._built[key]
+
+    def check(self) -> None:
+        """Build every combination once: an unknown rule name fails here, naming its key."""
+        for source in [None, *self.cfg.source_thresholds]:
+            for domain in [None, *self.cfg.domain_thresholds]:
+                self.rules(source, domain)
 
 
 def make_filter(recipe: Recipe):
     """A factory (called once per Spark task) of the per-document filter function."""
     cfg = recipe.filter
-    rules = rules_per_source(recipe)
+    rule_sets = RuleSets(recipe)
     keywords = {name: frozenset(w.lower() for w in read_list(path)) for name, path in cfg.keyword_lists.items()}
     drop = list(DEFAULT_DROP_LINE_PATTERNS if cfg.drop_line_patterns is None else cfg.drop_line_patterns)
     truncate = list(DEFAULT_TRUNCATE_PATTERNS if cfg.truncate_patterns is None else cfg.truncate_patterns)
@@ -110,7 +133,8 @@ def make_filter(recipe: Recipe):
                 signals[f"decontam_{found.eval_set}"] = float(found.matched)
                 if decon.action == "remove":
                     failed.append((f"decontam_{found.eval_set}", str(found)))
-            failed += [(rule.name, _explain(rule, signals, lang)) for rule in failed_rules(signals, lang, rules.get(doc.get("source"), rules[None]))]
+            failed += [(rule.name, _explain(rule, signals, lang)) for rule in failed_rules(signals, lang, rule_sets.rules(
+                doc.get("source"), rule_sets.domain_of(doc.get("source"), doc.get("url"), lang if isinstance(lang, str) else "")))]
             if not failed:
                 return Outcome(columns)
             detail = "; ".join(f"{name}: {why}" for name, why in failed)

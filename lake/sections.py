@@ -92,10 +92,15 @@ class Filter(_Section):
         description="rule name → threshold, or {default: x, zh: y, en: z, code: w}; null disables (jobs/rules.py; "
                     "the filter stage checks the names before any Spark work)",
     )
+    domain_thresholds: dict[str, dict[str, float | None | dict[str, float | None]]] = Field(
+        default_factory=dict,
+        description="domain → thresholds in the same form, on top of `thresholds`, for documents of that domain as "
+                    "the weak labels see it (score.weak_labels.source_domains, then URL patterns, then code)",
+    )
     source_thresholds: dict[str, dict[str, float | None | dict[str, float | None]]] = Field(
         default_factory=dict,
-        description="source name → thresholds in the same form, applied on top of `thresholds` to that source's "
-                    "documents (a licence collection may repeat more than news)",
+        description="source name → thresholds in the same form, on top of `thresholds` and `domain_thresholds`, for "
+                    "that source's documents (a licence collection may repeat more than news)",
     )
     keyword_lists: dict[str, str] = Field(
         default_factory=dict, description="list name → file with one keyword or phrase per line"

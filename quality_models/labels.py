@@ -25,14 +25,15 @@ DEFAULT_URL_DOMAINS = [
 
 
 def weak_domain(source: str, url: str | None, text: str, source_domains: dict[str, str],
-                url_domains: list[tuple[str, str]] = DEFAULT_URL_DOMAINS) -> str | None:
+                url_domains: list[tuple[str, str]] = DEFAULT_URL_DOMAINS, is_code: bool | None = None) -> str | None:
+    """The source's domain, else the URL's, else ``code`` for code (``is_code`` where the caller knows)."""
     if source in source_domains:
         return source_domains[source]
     if url:
         for pattern, domain in url_domains:
             if re.search(pattern, url, re.IGNORECASE):
                 return domain
-    if script_lang(text) == "code":
+    if is_code if is_code is not None else script_lang(text) == "code":
         return "code"
     return None
 

@@ -5,6 +5,7 @@ import pytest
 from jobs.demo_corpus import build_demo_corpus
 from jobs.rules import (DEFAULT_DROP_LINE_PATTERNS, DEFAULT_RULES, DEFAULT_TRUNCATE_PATTERNS, LineCleanup, build_rules,
                         clean_lines, compute_signals, failed_rules)
+from jobs.filter_rules import check_recipe
 from quality_models.language import script_lang
 
 RULES = build_rules({}, {})
@@ -173,7 +174,7 @@ def test_keyword_lists_and_recipe_thresholds_reach_the_filter_function(tmp_path)
 
 
 def test_a_source_with_its_own_thresholds_is_judged_by_them_and_the_others_are_not(tmp_path):
-    from jobs.filter_rules import make_filter, rules_per_source
+    from jobs.filter_rules import RuleSets, make_filter
     from lake.recipe import RecipeError, parse_recipe
 
     sources = [{"name": "licences", "path": "x"}, {"name": "news", "path": "y"}]
@@ -182,7 +183,7 @@ def test_a_source_with_its_own_thresholds_is_judged_by_them_and_the_others_are_n
         "source_thresholds": {"licences": {"dup_lines": {"default": 0.9}, **{r.name: None for r in DEFAULT_RULES
                                                                               if r.name.startswith("dup_") and r.name != "dup_lines"}}}}},
         base_dir=tmp_path)
-    dup_lines = {s: next(r for r in rs if r.name == "dup_lines") for s, rs in rules_per_source(recipe).items()}
+    dup_lines = {s: next(r for r in RuleSets(recipe).rules(s) if r.name == "dup_lines") for s in (None, "licences")}
     assert (dup_lines[None].default, dup_lines[None].per_lang["zh"]) == (0.3, 0.2)
     assert (dup_lines["licences"].default, dup_lines["licences"].per_lang["zh"]) == (0.9, 0.2)  # zh stays
     check = make_filter(recipe)()
@@ -193,6 +194,28 @@ def test_a_source_with_its_own_thresholds_is_judged_by_them_and_the_others_are_n
     with pytest.raises(RecipeError, match=r"filter.source_thresholds names source\(s\) the recipe does not have: \['licenses'\]"):
         parse_recipe({"lake": "lake", "sources": sources, "filter": {"source_thresholds": {"licenses": {"dup_lines": 0.9}}}},
                      base_dir=tmp_path)
+
+
+def test_a_domain_with_its_own_thresholds_and_a_source_over_it(tmp_path):
+    from jobs.filter_rules import make_filter
+    from lake.recipe import RecipeError, parse_recipe
+
+    sources = [{"name": "wire", "path": "x"}, {"name": "web", "path": "y"}, {"name": "wire_b", "path": "z"}]
+    raw = {"lake": "lake", "sources": sources, "score": {"weak_labels": {"source_domains": {"wire": "news", "wire_b": "news"}}},
+           "filter": {"domain_thresholds": {"news": {"too_few_words": 80}, "forum": {"too_few_words": 5}},
+                      "source_thresholds": {"wire_b": {"too_few_words": 10}}}}
+    check = make_filter(parse_recipe(raw, base_dir=tmp_path))()
+    short = (PROSE + "\nThe report was sent to the board with a summary of the costs and the schedule.\n"
+             "It was published in the spring and read widely by the staff of the city.")  # 49 words
+    assert check({"text": short, "source": "wire"}).reject_reason == "too_few_words"  # news: by its source's domain
+    assert check({"text": short, "source": "web", "url": "https://news.example.org/a"}).reject_reason == "too_few_words"
+    assert check({"text": short, "source": "web"}).reject_reason is None  # no domain: the global 20
+    assert check({"text": short, "source": "wire_b"}).reject_reason is None  # its source's 10 wins over news' 80
+    assert "too_few_words" not in check({"text": "The five of us met there and then.", "source": "web",
+                                         "url": "https://bbs.example.cn/t/1"}).flags  # forum: 5
+    raw["filter"]["domain_thresholds"]["news"] = {"too_few_wordz": 80}
+    with pytest.raises(RecipeError, match=r"filter.domain_thresholds.news: .*unknown rule\(s\) \['too_few_wordz'\]"):
+        check_recipe(parse_recipe(raw, base_dir=tmp_path))
 
 
 def test_shifts_are_the_rules_above_warn_share_of_a_source_largest_first():
