@@ -160,8 +160,14 @@ SHOWN_SIGNALS = ("n_chars", "n_words", "n_lines", "han_frac", "latin_frac", "sym
 def _filtered(lake: Lake, previous: dict, row: dict) -> str:
     signals = dict(row.get("signals") or {})
     shown = ", ".join(f"{k} {_number(signals[k])}" for k in SHOWN_SIGNALS if k in signals)
+    langs = ", ".join(f"{k[5:]} {_number(v)}" for k, v in sorted(signals.items(), key=lambda kv: -kv[1])
+                      if k.startswith("lang_"))
+    judged = f"judged as {langs}" + (f" (lid.176 confidence {_number(signals['lid_confidence'])})"
+                                     if "lid_confidence" in signals else "") + "; " if langs else ""
+    flagged = "".join(f"; shares {_number(v)} n-grams with evaluation set {k[9:]} (flagged)"
+                      for k, v in signals.items() if k.startswith("decontam_"))
     return (_length_change(previous, row, "line clean-up")
-            + f"passed every rule; {shown} ({len(signals)} signals: --json shows them all)")
+            + f"{judged}passed every rule; {shown}{flagged} ({len(signals)} signals: --json shows them all)")
 
 
 def _scrubbed(lake: Lake, previous: dict, row: dict) -> str:

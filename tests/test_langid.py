@@ -130,3 +130,10 @@ def test_the_filter_job_identifies_languages_in_spark(spark, lid_model, texts, t
     assert sorted(max((v, k) for k, v in r["signals"].items() if k.startswith("lang_"))[1] for r in kept) == \
         ["lang_en"] * 3 + ["lang_zh"] * 3
     assert next(r for r in report.rules if r["rule"] == "language")["removed"] == 2
+    from jobs.trace import render, trace
+    from jobs.records import make_doc_id
+
+    [journey] = trace(recipe, make_doc_id("mix", "zh0", ""))
+    shown = render(journey)
+    assert "judged as zh 1 (lid.176 confidence " in shown and "passed every rule" in shown
+    assert "language: fr (" in render(trace(recipe, make_doc_id("mix", "fr", ""))[0])
