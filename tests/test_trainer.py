@@ -341,6 +341,11 @@ def test_export_loads_in_transformers_and_generates(tmp_path):
     state = torch.load(sorted((Path(recipe.lake) / "runs" / "tiny" / "checkpoints").glob("step-*"))[-1]
                        / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     assert torch.equal(state["model.embed_tokens.weight"], model.model.embed_tokens.weight)
+    # the export is what the perplexity filter reads (score.perplexity.model)
+    from quality_models.perplexity import PerplexityModel
+
+    ppl = PerplexityModel(out, max_tokens=64).perplexity(["the river runs past the old mill and on to the sea", ""])
+    assert 1 < ppl[0] < 10 * len(tok) and np.isnan(ppl[1])  # an empty document has none
 
 
 def test_two_trainers_never_claim_the_same_chunk(tmp_path):
