@@ -114,6 +114,9 @@ def eval_texts(records: list[dict], fields: list[str] | None, origin: str) -> li
                 raise ValueError(f"{origin}: record {i + 1} has no field {name!r} (it has {sorted(record)}); "
                                  f"fix decontaminate.sets' fields")
             value = record[name]
+            if value is not None and not isinstance(value, (str, list)):
+                raise ValueError(f"{origin}: record {i + 1}: field {name!r} is {type(value).__name__}, not text; "
+                                 f"name only text fields in decontaminate.sets' fields")
             texts += [value] if isinstance(value, str) else [v for v in value or [] if isinstance(v, str)]
     return texts
 
@@ -164,8 +167,10 @@ def url_block(url: str | None, domains: frozenset[str], words: frozenset[str]) -
     """Why the URL is blocked (its listed domain, or its banned word), or None."""
     if not url:
         return None
-    parts = urlsplit(url if "//" in url else "//" + url)
-    host = (parts.hostname or "").rstrip(".")
+    try:
+        host = (urlsplit(url if "//" in url else "//" + url).hostname or "").rstrip(".")
+    except ValueError:  # not a URL one can split (an unclosed IPv6 bracket): its words still count
+        host = ""
     labels = host.split(".")
     for i in range(len(labels)):
         if ".".join(labels[i:]) in domains:

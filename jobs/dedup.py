@@ -42,13 +42,14 @@ from pyspark.sql import Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import LongType, StructField, StructType
 
-from jobs.dedup_batches import SIGNATURE_DDL, line_keys, lsh_shape, sign_batch, similarity_batch, strip_batch
+from jobs.dedup_batches import (SIGNATURE_DDL, line_keys, lsh_shape, sign_batch, similarity_batch, strip_batch,
+                                 survivor_order)
 from jobs.docstage import spread
 from jobs.semantic_dedup import merged_lineage, semantic_duplicates
 from jobs.shifts import Shift, shifts
 from jobs.stages import DedupOptions, StageError, stage_main
 from lake.atomic import all_or_nothing
-from lake.recipe import Recipe
+from lake.recipe import Recipe, RecipeError
 from lake.sections import LineDedup
 from lake.tables import Lake
 from schemas import table
@@ -304,8 +305,7 @@ def choose_survivors(components, signed):
     member itself, not against the neighbour that joined it to the cluster.
     """
     members = components.join(signed.withColumnRenamed("doc_id", "node"), "node")
-    best = Window.partitionBy("root").orderBy(F.col("is_old").desc(), F.col("quality").desc(),
-                                              F.col("length").desc(), F.col("node").asc())
+    best = Window.partitionBy("root").orderBy(F.col("is_old").desc(), *survivor_order(doc_id="node"))
     members = members.withColumn("kept_doc_id", F.first("node").over(best)).persist()
     kept_side = members.where(F.col("node") == F.col("kept_doc_id")).select(
         F.col("node").alias("kept_doc_id"), F.col("sig").alias("sig_b"), F.col("text_key").alias("kept_text_key"),
@@ -435,6 +435,14 @@ def _removed(clusters):
 def _cluster_heads(clusters):
     """(doc_id, _cluster) of each cluster's kept member."""
     return clusters.where(F.col("doc_id") == F.col("kept_doc_id")).select("doc_id", F.col("cluster_id").alias("_cluster"))
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """A semantic-dedup encoder folder that is not there fails before any Spark work."""
+    backbone = recipe.dedup.semantic.backbone
+    if recipe.dedup.semantic.enabled and backbone is not None and not Path(backbone).is_dir():
+        raise RecipeError(f"recipe {recipe.origin}: dedup.semantic.backbone: {backbone} is not a folder (a local "
+                          f"Hugging Face encoder; unset, the packaged all-MiniLM-L6-v2)")
 
 
 def main(argv: list[str] | None = None) -> int:

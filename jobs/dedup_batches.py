@@ -19,6 +19,15 @@ SIGNATURE_DDL = ("doc_id string, text_key long, dkey string, threshold double, q
                  "sig binary, bands array<long>")
 
 
+def survivor_order(quality: str = "quality", length: str = "length", doc_id: str = "doc_id") -> list:
+    """The order of a cluster's members, best first: the highest quality (missing or NaN ranks as -1),
+    then the longer text, then the smaller doc_id; one total order for near and semantic dedup."""
+    from pyspark.sql import functions as F
+
+    score = F.coalesce(F.nanvl(F.col(quality), F.lit(-1.0)), F.lit(-1.0))
+    return [score.desc(), F.col(length).desc(), F.col(doc_id).asc()]
+
+
 def lsh_shape(recipe: Recipe) -> tuple[int, int, float]:
     """(bands, rows, loosest threshold): the banding every document gets."""
     cfg = recipe.dedup

@@ -31,13 +31,15 @@ from lake.recipe import Recipe, RecipeError
 from jobs.rules import (DEFAULT_DROP_LINE_PATTERNS, DEFAULT_TRUNCATE_PATTERNS, LineCleanup, Rule, build_rules, code_signals,
                         clean_lines, compute_signals, failed_rules)
 from lake.sections import Language
-from quality_models.labels import weak_domain
+from quality_models.labels import DEFAULT_URL_DOMAINS, weak_domain
 from quality_models.language import is_data_file, name_of, script_lang
 from quality_models.lid import LanguageId, LidMissing, cached_model, model_path
 from jobs.shifts import Shift, shifts
 from jobs.stages import FilterOptions, StageError, stage_main
 
 STAGE = "filter"
+# lid.176's Chinese languages, judged and recorded as zh (character-level rules, character shingles in dedup)
+CHINESE = {code: "zh" for code in ("yue", "wuu", "gan", "hak", "nan", "cdo", "lzh", "min")}
 
 
 def check_recipe(recipe: Recipe) -> None:
@@ -45,8 +47,17 @@ def check_recipe(recipe: Recipe) -> None:
     listing the real ones; so does a language-ID model that is not there."""
     try:
         RuleSets(recipe).check()
+        known = {d for _, d in DEFAULT_URL_DOMAINS} | set(recipe.score.weak_labels.source_domains.values()) | {"code"}
+        unknown = sorted(set(recipe.filter.domain_thresholds) - known)
+        if unknown:
+            raise ValueError(f"filter.domain_thresholds: no document gets domain(s) {unknown} at the filter; the "
+                             f"weak labels give {sorted(known)} (score.weak_labels.source_domains adds more)")
         if recipe.filter.language.model is not None:
-            model_path(recipe.filter.language.model)
+            labels = LanguageId.load(model_path(recipe.filter.language.model)).labels()
+            odd = sorted(set(recipe.filter.language.keep or ()) - labels - {"zh"})
+            if odd:
+                raise ValueError(f"filter.language.keep: {odd} are not languages the model knows (ISO 639 codes "
+                                 f"such as zh, en, fr, de, ja)")
     except ValueError as err:
         raise RecipeError(f"recipe {recipe.origin} is not valid:\n  {err}") from None
     except LidMissing as err:
@@ -84,7 +95,8 @@ class RuleSets:
                 try:
                     self._built[key] = build_rules(merged, self.cfg.limits())
                 except ValueError as err:
-                    raise ValueError(f"filter.{where if overrides else 'thresholds'}: {err}") from None
+                    why = str(err).removeprefix("filter.thresholds: ")
+                    raise ValueError(f"filter.{where if overrides else 'thresholds'}: {why}") from None
         return self._built[key]
 
     def check(self) -> None:
@@ -155,22 +167,28 @@ def language_of(text: str, name: str | None, signals: dict[str, float], lid: Lan
                 cfg: Language) -> tuple[str | tuple[str, str], tuple[str, str] | None]:
     """The language the rules judge a document by, and its ``language`` rejection where
     ``filter.language.keep`` excludes it. Code (by name or line shapes) is code; otherwise lid.176's
-    language where it is confident, and for rules that do not name it, ``other``'s limits (zh and en
-    are their own), so that English word rules never judge French; the script's language where lid.176
-    is not confident.
+    language where it is confident (Chinese languages such as Cantonese and Wu as zh), and for rules
+    that do not name it zh's limits for Han text, else ``other``'s, so that English word rules never
+    judge French; the script's language where lid.176 is not confident.
     Recorded in ``signals`` as ``lang_<x>`` (the share of the text per language) and ``lid_confidence``."""
     script = script_lang(text, name)
     if lid is not None and script != "code":
         found = lid.identify(text, signals["han_frac"], signals["latin_frac"])
         signals["lid_confidence"] = found.confidence
-        if found.confidence >= cfg.min_confidence:
-            signals.update({f"lang_{k}": v for k, v in found.shares.items()})
+        lang = CHINESE.get(found.lang, found.lang)
+        # a Han-script page (not a mixed one) lid.176 calls a language not written in Han (it says Rusyn for
+        # some Cantonese) is the script's; so is any page it is not confident about
+        if found.confidence >= cfg.min_confidence and (script != "zh" or lang in ("zh", "ja", "ko")
+                                                       or len(found.shares) > 1):
+            for key, share in found.shares.items():
+                signals[f"lang_{CHINESE.get(key, key)}"] = signals.get(f"lang_{CHINESE.get(key, key)}", 0.0) + share
             refused = None
-            if cfg.keep is not None and found.lang not in cfg.keep:
-                refused = ("language", f"{found.lang} ({found.confidence:.2f}) is not one of filter.language.keep "
+            if cfg.keep is not None and lang not in cfg.keep:
+                refused = ("language", f"{lang} ({found.confidence:.2f}) is not one of filter.language.keep "
                                        f"[{', '.join(cfg.keep)}]")
-            # a language the defaults do not name is judged as "other" (not by English word rules)
-            return (found.lang, found.lang if found.lang in ("zh", "en") else "other"), refused
+            # a language the defaults do not name: Chinese limits for Han text (Japanese kanji pages), else
+            # other's (never English word rules for French)
+            return (lang, lang if lang in ("zh", "en") else "zh" if script == "zh" else "other"), refused
     signals[f"lang_{script}"] = 1.0
     return script, None
 

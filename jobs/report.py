@@ -106,8 +106,9 @@ def _decontamination(recipe: Recipe, lake: Lake) -> dict:
     sets = recipe.filter.decontaminate.sets
     if not sets or not lake.exists("documents_filtered"):
         return {}
-    removed = lake.counts("documents_rejected", ["reason", "source"],
-                          where="stage = 'filter' AND starts_with(reason, 'decontam_')")
+    removed = groups(lake.sql(f"""SELECT rule AS reason, source, count(*) AS n FROM ({_FAILED_RULES})
+                                  WHERE starts_with(rule, 'decontam_') GROUP BY rule, source""",
+                              ["documents_rejected"]), ["reason", "source"], "n")  # every set it matched
     flagged = groups(lake.sql("""SELECT key, source, count(*) AS n
                                  FROM (SELECT source, unnest(map_keys(signals)) AS key FROM documents_filtered)
                                  WHERE starts_with(key, 'decontam_') GROUP BY key, source""",

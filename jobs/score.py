@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from jobs.docstage import commit_stage, spread
 from lake.tables import Lake
-from lake.recipe import Recipe
+from lake.recipe import Recipe, RecipeError
 from quality_models.language import script_langs
 from jobs.spark import session_conf
 from jobs.stages import NoOptions, stage_main
@@ -159,6 +159,10 @@ def check_recipe(recipe: Recipe) -> None:
     """Every pinned model exists and matches its pin: fails before any Spark work, naming the command to run."""
     from quality_models.train import check_pinned
 
+    ppl = recipe.score.perplexity
+    if ppl is not None and not (Path(ppl.model) / "config.json").is_file():
+        raise RecipeError(f"recipe {recipe.origin}: score.perplexity.model: {ppl.model} is not a Hugging Face model "
+                          f"folder (no config.json); export one with `tokenmill train --recipe R --export DIR`")
     check_pinned(recipe)
 
 
@@ -220,7 +224,7 @@ def _perplexity_filtered(lake: Lake, documents, recipe: Recipe) -> tuple[int, in
 
     measured = documents.withColumn("_ppl", perplexity("text")).persist()
     categories = [r["category"] for r in measured.select("category").distinct().collect()]
-    wanted = {c: cfg.percentile.get(c, cfg.percentile.get("default")) for c in categories}
+    wanted = {c: cfg.percentile.get(c, cfg.percentile.get("default", 95.0)) for c in categories}
     levels = sorted({p for p in wanted.values() if p is not None})
     cutoffs: dict[str, tuple[float, float]] = {}
     if levels:

@@ -4,7 +4,7 @@ Near-dedup finds copies that share shingles; a paraphrase shares few. Here the d
 kept are embedded by the BERT-family encoder (``quality_models.bert_backend``, all-MiniLM-L6-v2 by
 default, normalised mean-pooled vectors), grouped by Spark ML's k-means (cosine distance, about
 ``cluster_size`` documents per cluster), and inside each cluster every pair is compared: ranked by
-quality, then length, then doc_id, a document whose cosine with a higher-ranked kept one is at least
+``survivor_order`` (as near-dedup ranks), a document whose cosine with a higher-ranked kept one is at least
 ``threshold`` is removed, naming that one (``survivors``, a plain function). Pairs in different
 k-means clusters are never compared: the price of not comparing all n² pairs (``bench/semantic_dedup.py``
 measures the recall against exact all-pairs cosine).
@@ -18,11 +18,13 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
+from jobs.dedup_batches import survivor_order
 from lake.recipe import Recipe
 
 STAGE = "dedup"
 REASON = "semantic_duplicate"
 CATEGORY = "semantic"  # dedup_clusters.category of a semantic pair
+_ENCODERS: dict[tuple[str, int], object] = {}
 
 
 def survivors(embeddings: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
@@ -51,7 +53,10 @@ def _embed_batches(recipe: Recipe):
     def embed(batches):
         from quality_models.bert_backend import Encoder, default_backbone
 
-        encoder = Encoder(cfg.backbone or default_backbone(), max_tokens=cfg.max_tokens)
+        key = (cfg.backbone or default_backbone(), cfg.max_tokens)
+        if key not in _ENCODERS:  # once per Python worker process, not per partition
+            _ENCODERS[key] = Encoder(key[0], max_tokens=cfg.max_tokens)
+        encoder = _ENCODERS[key]
         for batch in batches:
             vectors = encoder.embed(batch.column("text").to_pylist())
             yield pa.RecordBatch.from_arrays(
@@ -62,8 +67,8 @@ def _embed_batches(recipe: Recipe):
 
 def _pairs_in_cluster(threshold: float):
     def pairs(table: pa.Table) -> pa.Table:
-        ids, quality, length = (table[c].to_pylist() for c in ("doc_id", "quality", "length"))
-        order = sorted(range(table.num_rows), key=lambda i: (-(quality[i] or 0.0), -length[i], ids[i]))
+        ids, rank = table["doc_id"].to_pylist(), table["_rank"].to_pylist()
+        order = sorted(range(table.num_rows), key=rank.__getitem__)  # survivor_order, ranked in Spark
         vectors = np.array(table["embedding"].to_pylist(), np.float32)[order] if order else np.zeros((0, 1), np.float32)
         kept_for, similarity = survivors(vectors, threshold)
         gone = np.flatnonzero(kept_for >= 0)
@@ -81,6 +86,7 @@ def semantic_duplicates(kept, recipe: Recipe):
     ``kept`` (documents_dedup rows); the new ones materialised."""
     from pyspark.ml.clustering import KMeans
     from pyspark.ml.functions import array_to_vector
+    from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     cfg = recipe.dedup.semantic
@@ -96,7 +102,9 @@ def semantic_duplicates(kept, recipe: Recipe):
         grouped = model.transform(vectors).select("doc_id", "embedding", F.col("kmeans").cast("int"))
     else:
         grouped = vectors.select("doc_id", "embedding", F.lit(0).cast("int").alias("kmeans"))
-    ranked = grouped.join(kept.select("doc_id", "quality", F.length("text").alias("length")), "doc_id")
+    ranked = grouped.join(kept.select("doc_id", "quality", F.length("text").alias("length")), "doc_id") \
+        .withColumn("_rank", F.row_number().over(Window.partitionBy("kmeans").orderBy(*survivor_order()))) \
+        .select("doc_id", "embedding", "kmeans", "_rank")
     removed = ranked.groupBy("kmeans").applyInArrow(
         _pairs_in_cluster(cfg.threshold), "doc_id string, kept_doc_id string, similarity double, kmeans int") \
         .localCheckpoint(eager=True)

@@ -162,6 +162,9 @@ def parse_recipe(raw: dict[str, Any], base_dir: Path, origin: str = "<memory>") 
                                               if k in ("domains", "words") and isinstance(v, list) else v
                                               for k, v in block.items()}}
         raw["filter"] = filt
+    dd = raw.get("dedup")
+    if isinstance(dd, dict) and isinstance(dd.get("semantic"), dict) and isinstance(dd["semantic"].get("backbone"), str):
+        raw["dedup"] = {**dd, "semantic": {**dd["semantic"], "backbone": resolve_path(dd["semantic"]["backbone"], base_dir)}}
     sc = raw.get("score")
     if isinstance(sc, dict) and isinstance(sc.get("perplexity"), dict) and isinstance(sc["perplexity"].get("model"), str):
         raw["score"] = {**sc, "perplexity": {**sc["perplexity"], "model": resolve_path(sc["perplexity"]["model"], base_dir)}}

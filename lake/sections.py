@@ -85,6 +85,13 @@ class Language(_Section):
                                                              "document confidently in another is rejected as "
                                                              "`language`; code never is")
 
+    @model_validator(mode="after")
+    def _keep_needs_a_model(self) -> "Language":
+        if self.keep is not None and self.model is None:
+            raise ValueError("keep needs a language-ID model: set filter.language.model (lid176, after "
+                             "`tokenmill models fetch-lid`)")
+        return self
+
 
 class Filter(_Section):
     thresholds: dict[str, float | None | dict[str, float | None]] = Field(
@@ -183,7 +190,7 @@ class PerplexityFilter(_Section):
     percentile: dict[str, float | None] = Field(
         default_factory=lambda: {"default": 95.0},
         description="category → percentile of its documents' perplexity above which a document is removed (null: "
-                    "the category is kept whole); 'default' for categories not named")
+                    "the category is kept whole); 'default' (95 unless given) for categories not named")
 
     @field_validator("percentile")
     @classmethod

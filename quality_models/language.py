@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from itertools import islice
+from urllib.parse import urlsplit
 from typing import Literal
 
 import numpy as np
@@ -194,11 +195,23 @@ _LITERAL_LINE = re.compile(r"""^\s*(?:[rbuf]{0,2}(['"]).*\1|-?(?:0x[0-9a-fA-F]+|
 _RECHECK_SHARE = 0.1  # documents this much code-shaped are checked again without their comments
 
 
+# hosts whose URLs name source files (a web page's URL names a page, whatever it ends in: .php, .pl, a .rs host)
+CODE_HOSTS = ("github.com", "raw.githubusercontent.com", "gist.github.com", "gitlab.com", "bitbucket.org",
+              "gitee.com", "codeberg.org", "sourceforge.net", "googlesource.com")
+
+
 def extension_of(name: str | None) -> str:
-    """The file extension of a path or URL, lower-cased ('' without one; ``min.js`` for minified)."""
+    """The file extension of a path (of a URL: of its path, never its host), lower-cased ('' without
+    one; ``min.js`` for minified)."""
     if not name:
         return ""
-    base = name.split("?", 1)[0].split("#", 1)[0].rstrip("/").rsplit("/", 1)[-1].lower()
+    path = name
+    if "://" in name:
+        try:
+            path = urlsplit(name).path
+        except ValueError:
+            return ""
+    base = path.split("?", 1)[0].split("#", 1)[0].rstrip("/").rsplit("/", 1)[-1].lower()
     if base.endswith(".min.js"):
         return "min.js"
     return base.rsplit(".", 1)[1] if "." in base.strip(".") else ""
@@ -209,18 +222,24 @@ def is_data_file(name: str | None) -> bool:
 
 
 def name_of(url: str | None, meta: str | None) -> str | None:
-    """The document's file name: its URL where that has an extension, else a path field of its meta."""
-    if extension_of(url):
-        return url
+    """The document's file name: a path field of its source record (``NAME_FIELDS``), else its URL
+    where that names a file: a path or ``file://`` URL, or a URL on a code host (``CODE_HOSTS``); a web
+    page's URL names no file."""
     if meta and any(f'"{field}"' in meta for field in NAME_FIELDS):
         try:
             record = json.loads(meta)
         except ValueError:
-            return url
+            record = {}
         for field in NAME_FIELDS:
             if isinstance(record.get(field), str):
                 return record[field]
-    return url
+    if not url or "://" not in url or url.startswith("file://"):
+        return url
+    try:
+        host = (urlsplit(url).hostname or "").lower()
+    except ValueError:
+        return None
+    return url if any(host == h or host.endswith("." + h) for h in CODE_HOSTS) else None
 
 
 def code_share_without_comments(text: str) -> float:

@@ -145,6 +145,10 @@ class LanguageId:
             cls._loaded[key] = cls(fasttext.load_model(key))
         return cls._loaded[key]
 
+    def labels(self) -> set[str]:
+        """The languages the model knows."""
+        return {label.removeprefix("__label__") for label in self.model.get_labels()}
+
     def predict(self, texts: list[str]) -> list[tuple[str, float]]:
         """(language, probability) of each text (its first ``MAX_CHARS`` characters); a list in one call
         (fastText reads one line each)."""

@@ -95,6 +95,8 @@ def test_evaluation_records_give_their_named_fields_or_every_string_field():
     assert eval_texts(records, None, "x.jsonl") == ["q one", "a", "b", "q two"]
     with pytest.raises(ValueError, match=r"x.jsonl: record 1 has no field 'prompt'"):
         eval_texts(records, ["prompt"], "x.jsonl")
+    with pytest.raises(ValueError, match=r"x.jsonl: record 1: field 'answer' is int, not text"):
+        eval_texts(records, ["question", "answer"], "x.jsonl")
 
 
 def test_url_blocklist_blocks_domains_with_their_subdomains_and_banned_words():
@@ -106,6 +108,7 @@ def test_url_blocklist_blocks_domains_with_their_subdomains_and_banned_words():
     assert url_block("https://blog.org/best-casino-online", domains, words) == "banned word 'casino' in the URL"
     assert url_block("https://blog.org/occasionally", domains, words) is None
     assert url_block(None, domains, words) is None and url_block("", domains, words) is None
+    assert url_block("http://[::1/casino", domains, words) == "banned word 'casino' in the URL"  # unsplittable: words
 
 
 @pytest.fixture(scope="module")

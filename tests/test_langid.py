@@ -69,10 +69,18 @@ def test_the_filter_keeps_chosen_languages_and_judges_each_by_its_own_thresholds
     english = check({"text": texts["en_docs"][0]})
     assert english.reject_reason is None and english.columns["signals"]["lang_en"] == 1.0
     assert english.columns["signals"]["lid_confidence"] > 0.5
-    code = check({"text": texts["code"][0], "url": "https://example.org/x.py"})
+    code = check({"text": texts["code"][0], "url": "https://github.com/o/r/blob/main/x.py"})
     assert code.reject_reason is None and code.columns["signals"]["lang_code"] == 1.0  # code is never a language
     mixed = check({"text": texts["zh_news"][0][:400] + "\n\n" + texts["en_docs"][1][:600]})
     assert {"lang_zh", "lang_en"} <= set(mixed.columns["signals"])
+    cantonese = check({"text": "我哋今日去咗飲茶，啲點心好好食。佢話聽日唔得閒，下個禮拜先至再約過。你有冇興趣一齊嚟？"
+                               "阿媽話要早啲返屋企食飯，唔好成日喺出面蕩來蕩去，記得帶遮呀。"})
+    assert "too_few_words" not in cantonese.flags and cantonese.columns["signals"]["lang_zh"] == 1.0  # yue: as zh
+    assert check({"text": "我哋今日去咗飲茶，啲點心好好食。佢話聽日唔得閒，下個禮拜先至再約過。你有冇興趣一齊嚟？" * 2}
+                 ).columns["signals"].get("lang_zh") == 1.0  # lid.176 says Rusyn here: Han script says zh
+    japanese = make_filter(_recipe(tmp_path))()({"text": "今日は天気がいいので、公園に散歩に行きました。" * 2
+                                                      + "桜の花がとてもきれいで、写真をたくさん撮りました。"})
+    assert japanese.columns["signals"]["lang_ja"] == 1.0 and "too_few_words" not in japanese.flags  # zh's limits
     strict_de = parse_recipe({"lake": "lake", "sources": [{"name": "s", "path": "x"}], "filter": {
         "language": {"model": "lid176"}, "thresholds": {"too_few_words": {"de": 500}}}}, base_dir=tmp_path)
     judge = make_filter(strict_de)()
@@ -97,10 +105,16 @@ def test_nothing_is_fetched_while_the_filter_runs(lid_model, texts, tmp_path, mo
     assert check({"text": texts["zh_news"][1]}).columns["signals"]["lang_zh"] == 1.0
 
 
-def test_a_missing_model_fails_before_any_work_naming_the_command(tmp_path, monkeypatch):
+def test_a_missing_model_or_a_bad_setting_fails_before_any_work(lid_model, tmp_path, monkeypatch):
     monkeypatch.setenv("TOKENMILL_MODELS", str(tmp_path / "empty"))
     with pytest.raises(RecipeError, match="run `tokenmill models fetch-lid` once"):
         check_recipe(_recipe(tmp_path))
+    monkeypatch.delenv("TOKENMILL_MODELS")
+    with pytest.raises(RecipeError, match=r"filter.language.keep: \['english'\] are not languages the model knows"):
+        check_recipe(_recipe(tmp_path, keep=["zh", "english"]))
+    with pytest.raises(RecipeError, match="keep needs a language-ID model"):
+        parse_recipe({"lake": "lake", "sources": [{"name": "s", "path": "x"}], "filter": {"language": {"keep": ["zh"]}}},
+                     base_dir=tmp_path)
     with pytest.raises(RecipeError, match="nope.ftz is not a file"):
         check_recipe(parse_recipe({"lake": "lake", "sources": [{"name": "s", "path": "x"}],
                                    "filter": {"language": {"model": "nope.ftz"}}}, base_dir=tmp_path))

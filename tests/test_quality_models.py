@@ -229,6 +229,15 @@ def _tiny_language_model(folder: Path, texts: list[str], steps: int = 150) -> Pa
     return folder
 
 
+def test_a_perplexity_model_that_is_not_there_fails_before_any_work(tmp_path):
+    from lake.recipe import RecipeError
+
+    recipe = parse_recipe({"lake": "lake", "sources": [{"name": "s", "path": "x"}],
+                           "score": {"perplexity": {"model": "lm"}}}, tmp_path)
+    with pytest.raises(RecipeError, match=r"score.perplexity.model: .*lm is not a Hugging Face model folder"):
+        score.check_recipe(recipe)
+
+
 def test_the_perplexity_filter_removes_each_categorys_least_likely_documents(spark, scored, tmp_path):
     import numpy as np
 

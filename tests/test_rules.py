@@ -214,7 +214,10 @@ def test_a_domain_with_its_own_thresholds_and_a_source_over_it(tmp_path):
     assert "too_few_words" not in check({"text": "The five of us met there and then.", "source": "web",
                                          "url": "https://bbs.example.cn/t/1"}).flags  # forum: 5
     raw["filter"]["domain_thresholds"]["news"] = {"too_few_wordz": 80}
-    with pytest.raises(RecipeError, match=r"filter.domain_thresholds.news: .*unknown rule\(s\) \['too_few_wordz'\]"):
+    with pytest.raises(RecipeError, match=r"filter.domain_thresholds.news: unknown rule\(s\) \['too_few_wordz'\]"):
+        check_recipe(parse_recipe(raw, base_dir=tmp_path))
+    raw["filter"]["domain_thresholds"] = {"forums": {"too_few_words": 5}}
+    with pytest.raises(RecipeError, match=r"filter.domain_thresholds: no document gets domain\(s\) \['forums'\]"):
         check_recipe(parse_recipe(raw, base_dir=tmp_path))
 
 
@@ -276,9 +279,11 @@ def test_code_rules_judge_code_and_never_prose(tmp_path):
                                                     for i in range(60))),
     }
     for rule, (name, text) in cases.items():
-        outcome = check({"text": text, "url": f"https://example.org/repo/{name}"})
+        outcome = check({"text": text, "url": f"https://github.com/org/repo/blob/main/{name}"})
         assert outcome.reject_reason == rule, (rule, outcome.reject_detail)
         assert outcome.columns["signals"]["lang_code"] == 1.0
-    assert check({"text": body, "url": "https://example.org/repo/ok.py"}).reject_reason is None
+    assert check({"text": body, "url": "https://github.com/org/repo/blob/main/ok.py"}).reject_reason is None
+    web = check({"text": body, "url": "https://news.example.pl/page.php"})  # a web page's URL names no file
+    assert "data_file" not in web.columns["signals"]
     prose = (PROSE * 3 + "\n") * 2 + "QUJD" * 600  # a prose page with a blob is not judged by code rules
     assert not {r for r in check({"text": prose}).flags if r.startswith("code_")}
