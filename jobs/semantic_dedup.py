@@ -36,13 +36,16 @@ def survivors(embeddings: np.ndarray, threshold: float) -> tuple[np.ndarray, np.
     similarity = np.zeros(n)
     kept: list[int] = []
     sims = embeddings @ embeddings.T if n <= 4096 else None
+    rows = None if sims is not None else np.empty_like(embeddings)  # the kept rows, in order (no copy per row)
     for i in range(n):
         if kept:
-            row = sims[i, kept] if sims is not None else embeddings[kept] @ embeddings[i]
+            row = sims[i, kept] if sims is not None else rows[: len(kept)] @ embeddings[i]
             j = int(np.argmax(row))
             if row[j] >= threshold:
                 kept_for[i], similarity[i] = kept[j], float(row[j])
                 continue
+        if rows is not None:
+            rows[len(kept)] = embeddings[i]
         kept.append(i)
     return kept_for, similarity
 

@@ -51,6 +51,12 @@ def test_survivors_keep_the_best_ranked_and_compare_with_kept_documents_only():
     assert kept_for.tolist() == [-1, 0, -1, -1]  # b goes for a; c is near only b, which is gone: c stays
     assert abs(similarity[1] - 0.9) < 1e-6
     assert survivors(vectors, 0.5)[0].tolist() == [-1, 0, 0, -1]
+    rng = np.random.default_rng(0)  # a cluster too large for one similarity matrix: the same answer row by row
+    many = rng.normal(size=(4200, 8)).astype(np.float32)
+    many /= np.linalg.norm(many, axis=1, keepdims=True)
+    big, big_sim = survivors(many, 0.97)
+    small, small_sim = survivors(many[:4000], 0.97)
+    assert (big[:4000] == small).all() and np.allclose(big_sim[:4000], small_sim) and (big >= 0).sum() > 20
 
 
 def _real_english(tmp_path, n):
