@@ -50,6 +50,13 @@ def _child(name: str, args: list[str], env: dict) -> subprocess.Popen:
     return proc
 
 
+def corpus_folder(recipe: Recipe) -> Path:
+    """Where the recipe's sources read the demo corpus (``<folder>/<source>/<files>``), whatever lake
+    ``--lake`` names; next to the lake for a recipe whose sources do not share one folder."""
+    folders = {Path(s.path).parent.parent for s in recipe.sources}
+    return folders.pop() if len(folders) == 1 else Path(recipe.lake).parent / "demo_corpus"
+
+
 def run_demo(recipe: Recipe, steps: int = 300) -> None:
     from jobs.demo_corpus import build_demo_corpus
     from jobs.stages import run_stages
@@ -58,7 +65,7 @@ def run_demo(recipe: Recipe, steps: int = 300) -> None:
 
     started = time.perf_counter()
     _fresh_lake(recipe)
-    corpus = Path(recipe.lake).parent / "demo_corpus"
+    corpus = corpus_folder(recipe)
     _say(f"building the demo corpus in {corpus}")
     for built in build_demo_corpus(corpus):
         print(f"  {built.name:<12} {built.documents:>6} documents", flush=True)

@@ -1,12 +1,13 @@
 import json
 import re
+from pathlib import Path
 
 import pytest
 
 from jobs import cli, ingest
 from jobs.demo_corpus import MESSY_LINES, build_demo_corpus
 
-from conftest import make_recipe, write_jsonl
+from conftest import ROOT, make_recipe, write_jsonl
 
 HAN = re.compile(r"[\u4e00-\u9fff]")
 
@@ -146,3 +147,14 @@ def test_vacuum_lists_then_removes_only_a_write_folder_no_commit_names(tmp_path,
     assert not dead.exists() and sorted(p.name for p in table.iterdir() if p.name != "_delta_log") == [
         n for n in committed if n != dead.name]
     assert lake.read_arrow("documents_dedup").num_rows == 120
+
+
+def test_the_demo_builds_its_corpus_where_the_recipe_reads_it_whatever_lake_is_given(tmp_path):
+    from jobs.cli import DEMO_RECIPE
+    from jobs.demo import corpus_folder
+    from lake.recipe import load_recipe
+
+    recipe = load_recipe(str(DEMO_RECIPE), {"lake": str(tmp_path / "elsewhere" / "lake")})
+    folder = corpus_folder(recipe)
+    assert folder == ROOT / ".tokenmill" / "demo_corpus"
+    assert all(Path(s.path).parent == folder / s.name for s in recipe.sources)
