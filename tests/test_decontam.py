@@ -172,6 +172,10 @@ def test_contaminated_and_blocked_documents_are_removed_and_named(spark, contami
     assert "decontamination: 1 documents share an n-gram with mmlu (removed: mix 1)" in str(report)
     assert _report_figure(recipe) == {"mmlu": {"removed": {"mix": 1}, "flagged": {}},
                                       "gaokao": {"removed": {"mix": 1}, "flagged": {}}}
+    from jobs.report import _rules_html
+
+    shown = _rules_html({"rules": {}, "shifts": [], "line_cleanup": [], "decontamination": _report_figure(recipe)})
+    assert "<h3>Decontamination</h3>" in shown and "<td>mmlu</td><td class='n'>1</td><td class='n'>0</td>" in shown
 
 
 def test_flag_mode_keeps_contaminated_documents_with_their_matches_as_signals(spark, contaminated):
