@@ -219,7 +219,7 @@ def _perplexity_filtered(lake: Lake, documents, recipe: Recipe) -> tuple[int, in
 
     @F.arrow_udf("double")
     def perplexity(text: pa.Array) -> pa.Array:
-        model = PerplexityModel.load(cfg.model, cfg.max_tokens, cfg.batch_size)
+        model = PerplexityModel.load(cfg.model, cfg.max_tokens, cfg.batch_size, cfg.gpu_batch_size)
         return pa.array(model.perplexity(text.to_pylist()), pa.float64(), from_pandas=True)  # NaN: none
 
     measured = documents.withColumn("_ppl", perplexity("text")).persist()

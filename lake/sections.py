@@ -186,7 +186,9 @@ class WeakLabels(_Section):
 class PerplexityFilter(_Section):
     model: str = Field(description="a local Hugging Face causal LM folder with its tokenizer (tokenmill train --export)")
     max_tokens: int = Field(default=256, ge=2, description="tokens of each document the model reads")
-    batch_size: int = Field(default=16, gt=0)
+    batch_size: int = Field(default=1, gt=0, description="documents per forward pass on a CPU (1 is fastest there: "
+                                                        "bench/perplexity.py)")
+    gpu_batch_size: int = Field(default=64, gt=0, description="documents per forward pass on a GPU")
     percentile: dict[str, float | None] = Field(
         default_factory=lambda: {"default": 95.0},
         description="category → percentile of its documents' perplexity above which a document is removed (null: "
