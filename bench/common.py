@@ -8,6 +8,13 @@ import threading
 from pathlib import Path
 
 
+def demo_texts(folder: Path) -> list[str]:
+    """The demo corpus's texts, built under ``folder``: every source but ``messy`` (broken on purpose)."""
+    from jobs.demo_corpus import build_demo_corpus
+
+    return [t for built in build_demo_corpus(folder) if built.name != "messy" for t in built.texts()]
+
+
 def kilobyte_pieces(texts: list[str], size: int = 1000, minimum: int = 300) -> list[str]:
     """Texts cut at line ends into pieces of about ``size`` UTF-8 bytes (tails under ``minimum`` dropped)."""
     pieces: list[str] = []

@@ -16,7 +16,6 @@ commits, the report): on this 2-core machine 10k documents gave 1.1x, 40k docume
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import shutil
 import sys
@@ -26,22 +25,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import demo_texts  # noqa: E402
 from jobs import filter_rules, ingest, scrub_pii  # noqa: E402
-from jobs.demo_corpus import build_demo_corpus  # noqa: E402
 from lake.recipe import parse_recipe  # noqa: E402
 from jobs.spark import get_spark  # noqa: E402
 from lake.fs import end_process  # noqa: E402
 
 
 def corpus(work: Path, copies: int) -> tuple[Path, list[str]]:
-    texts = []
-    for built in build_demo_corpus(work / "demo"):
-        if built.name == "messy":
-            continue
-        raw = built.path.read_bytes()
-        raw = gzip.decompress(raw) if built.path.suffix == ".gz" else raw
-        texts.extend(json.loads(line)["text"] for line in raw.decode().splitlines())
-    texts = texts * copies
+    texts = demo_texts(work / "demo") * copies
     path = work / "in" / "part-0.jsonl"
     path.parent.mkdir(parents=True)
     path.write_text("".join(json.dumps({"id": i, "text": t}, ensure_ascii=False) + "\n" for i, t in enumerate(texts)))

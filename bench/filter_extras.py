@@ -24,7 +24,6 @@ Needs lid.176 (``tokenmill models fetch-lid``).
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import random
 import statistics
@@ -35,10 +34,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import kilobyte_pieces  # noqa: E402
+from bench.common import demo_texts, kilobyte_pieces  # noqa: E402
 from jobs import filter_rules  # noqa: E402
 from jobs.decontam import Tokens, build_eval_set, contamination  # noqa: E402
-from jobs.demo_corpus import build_demo_corpus  # noqa: E402
 from lake.fs import end_process  # noqa: E402
 from lake.recipe import parse_recipe  # noqa: E402
 from jobs.rules import compute_signals  # noqa: E402
@@ -48,14 +46,7 @@ N = 13
 
 
 def corpus(work: Path, docs: int, eval_items: int) -> tuple[list[str], list[str], set[int]]:
-    texts = []
-    for built in build_demo_corpus(work / "demo"):
-        if built.name == "messy":  # broken records on purpose
-            continue
-        raw = built.path.read_bytes()
-        raw = gzip.decompress(raw) if built.path.suffix == ".gz" else raw
-        texts += [json.loads(line)["text"] for line in raw.decode().splitlines()]
-    pieces = kilobyte_pieces(texts)
+    pieces = kilobyte_pieces(demo_texts(work / "demo"))
     rnd = random.Random(0)
     rnd.shuffle(pieces)
     held, pieces = pieces[: len(pieces) // 10], pieces[len(pieces) // 10:]  # evaluation items come from these

@@ -14,8 +14,6 @@ the sides; medians and the spread of ``--rounds`` are printed.
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import statistics
 import sys
 import tempfile
@@ -26,8 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import kilobyte_pieces  # noqa: E402
-from jobs.demo_corpus import build_demo_corpus  # noqa: E402
+from bench.common import demo_texts, kilobyte_pieces  # noqa: E402
 from jobs.train_tokenizer import build_tokenizer  # noqa: E402
 from quality_models.perplexity import PerplexityModel  # noqa: E402
 
@@ -48,14 +45,8 @@ def main() -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="tokenmill-bench-perplexity-") as tmp:
         work = Path(tmp)
-        texts = []
-        for built in build_demo_corpus(work / "demo"):
-            if built.name == "messy":
-                continue
-            raw = built.path.read_bytes()
-            raw = gzip.decompress(raw) if built.path.suffix == ".gz" else raw
-            texts += [json.loads(line)["text"] for line in raw.decode().splitlines()]
-        pieces = kilobyte_pieces(texts)[:: max(1, len(kilobyte_pieces(texts)) // args.docs)][: args.docs]
+        every = kilobyte_pieces(demo_texts(work / "demo"))
+        pieces = every[:: max(1, len(every) // args.docs)][: args.docs]
         tok = PreTrainedTokenizerFast(tokenizer_object=build_tokenizer(pieces, 4096, ["<|endoftext|>", "<|pad|>"], []),
                                       eos_token="<|endoftext|>", pad_token="<|pad|>")
         model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=args.hidden,

@@ -15,8 +15,6 @@ remove, and the times (median and min-max of ``--rounds``).
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import random
 import statistics
 import sys
@@ -28,21 +26,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import kilobyte_pieces  # noqa: E402
-from jobs.demo_corpus import build_demo_corpus  # noqa: E402
+from bench.common import demo_texts, kilobyte_pieces  # noqa: E402
 from jobs.semantic_dedup import survivors  # noqa: E402
 from lake.fs import end_process  # noqa: E402
 
 
 def corpus(work: Path, docs: int) -> list[str]:
-    texts = []
-    for built in build_demo_corpus(work / "demo"):
-        if built.name in ("messy",):
-            continue
-        raw = built.path.read_bytes()
-        raw = gzip.decompress(raw) if built.path.suffix == ".gz" else raw
-        texts += [json.loads(line)["text"] for line in raw.decode().splitlines()]
-    pieces = list(dict.fromkeys(kilobyte_pieces(texts)))
+    pieces = list(dict.fromkeys(kilobyte_pieces(demo_texts(work / "demo"))))
     rnd = random.Random(0)
     rnd.shuffle(pieces)
     out = pieces[: docs - docs // 10]

@@ -29,6 +29,17 @@ class BuiltSource:
     path: Path
     documents: int
 
+    def records(self) -> list[dict]:
+        """The source's records, read back (gzip-compressed files too); not for ``messy``, whose broken
+        lines are the point of it."""
+
+        raw = self.path.read_bytes()
+        raw = gzip.decompress(raw) if self.path.suffix == ".gz" else raw
+        return [json.loads(line) for line in raw.decode().splitlines()]
+
+    def texts(self) -> list[str]:
+        return [r["text"] for r in self.records()]
+
 
 def build_demo_corpus(out_dir: str | Path, docs: dict[str, int] | None = None) -> list[BuiltSource]:
     """Write one folder per source under ``out_dir``; returns what was written."""

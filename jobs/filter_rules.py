@@ -85,18 +85,20 @@ class RuleSets:
                domain if domain in self.cfg.domain_thresholds else None)
         if key not in self._built:
             merged = dict(self.cfg.thresholds)
-            for where, overrides in ((f"domain_thresholds.{key[1]}", self.cfg.domain_thresholds.get(key[1], {})),
-                                     (f"source_thresholds.{key[0]}", self.cfg.source_thresholds.get(key[0], {}))):
+            layers = [(f"domain_thresholds.{key[1]}", self.cfg.domain_thresholds.get(key[1], {})),
+                      (f"source_thresholds.{key[0]}", self.cfg.source_thresholds.get(key[0], {}))]
+            for _, overrides in layers:
                 for name, value in overrides.items():
                     base = merged.get(name)
                     if isinstance(value, dict) and base is not None:  # per-language values on top of the others
                         value = {**(base if isinstance(base, dict) else {"default": base}), **value}
                     merged[name] = value
-                try:
-                    self._built[key] = build_rules(merged, self.cfg.limits())
-                except ValueError as err:
-                    why = str(err).removeprefix("filter.thresholds: ")
-                    raise ValueError(f"filter.{where if overrides else 'thresholds'}: {why}") from None
+            try:
+                self._built[key] = build_rules(merged, self.cfg.limits())
+            except ValueError as err:  # name the layer that brought the unknown rule
+                known = {r.name for r in build_rules({}, self.cfg.limits())}
+                where = next((w for w, o in reversed(layers) if set(o) - known), "thresholds")
+                raise ValueError(f"filter.{where}: {str(err).removeprefix('filter.thresholds: ')}") from None
         return self._built[key]
 
     def check(self) -> None:

@@ -67,7 +67,7 @@ def script_langs(texts, names=None) -> list[Lang]:
         if langs[i] in ("en", "other") and code_share_without_comments(_text_at(texts, i)) >= 0.35:
             langs[i] = "code"
     for i, name in enumerate(names or ()):
-        if langs[i] != "code" and extension_of(name) in CODE_EXTENSIONS | DATA_EXTENSIONS:
+        if langs[i] != "code" and extension_of(name) in _CODE_OR_DATA:
             langs[i] = "code"
     return langs
 
@@ -184,6 +184,7 @@ CODE_EXTENSIONS = frozenset(
     "bat sql proto thrift graphql cmake mk gradle tf asm s v sv vhd f f90 pas lisp scm rkt sol".split())
 # files of data, not code (The Stack keeps them apart): judged as code, removed by ``code_data_file``
 DATA_EXTENSIONS = frozenset("json jsonl ndjson csv tsv xml yaml yml toml lock dat svg geojson min.js".split())
+_CODE_OR_DATA = CODE_EXTENSIONS | DATA_EXTENSIONS
 # the first field of a source record's meta that names the file, where the URL does not
 NAME_FIELDS = ("path", "file_path", "filepath", "filename", "file_name", "max_stars_repo_path", "repo_path")
 _STRING_BLOCK = re.compile(r'"""[\s\S]*?(?:"""|$)|\'\'\'[\s\S]*?(?:\'\'\'|$)|/\*[\s\S]*?(?:\*/|$)')

@@ -1,7 +1,5 @@
 """Decontamination against evaluation sets and URL blocklists: the functions, and the filter job with them."""
 
-import gzip
-import json
 import random
 
 import pyarrow as pa
@@ -117,9 +115,7 @@ def contaminated(spark, tmp_path_factory):
     built = {b.name: b for b in build_demo_corpus(tmp / "demo", {"zh_news": 20, "en_docs": 30})}
 
     def texts(name):
-        raw = built[name].path.read_bytes()
-        raw = gzip.decompress(raw) if built[name].path.suffix == ".gz" else raw
-        return [json.loads(line)["text"] for line in raw.decode().splitlines()]
+        return built[name].texts()
 
     en = [t for t in texts("en_docs") if first_failure(t) is None]
     zh = [t for t in texts("zh_news") if first_failure(t) is None]

@@ -1,7 +1,5 @@
 """Language identification with lid.176: per document and per paragraph, rules per language, offline."""
 
-import gzip
-import json
 import socket
 import subprocess
 
@@ -36,9 +34,7 @@ def texts(tmp_path_factory):
     built = {b.name: b for b in build_demo_corpus(tmp_path_factory.mktemp("demo"), {"zh_news": 10, "en_docs": 10, "code": 5})}
 
     def of(name):
-        raw = built[name].path.read_bytes()
-        raw = gzip.decompress(raw) if built[name].path.suffix == ".gz" else raw
-        return [json.loads(line)["text"] for line in raw.decode().splitlines()]
+        return built[name].texts()
 
     return {name: of(name) for name in ("zh_news", "en_docs", "code")}
 

@@ -1,6 +1,5 @@
 """Filter and PII jobs end to end: real text with injected PII, decoys and junk."""
 
-import gzip
 import json
 import os
 import subprocess
@@ -44,9 +43,7 @@ def refined(spark, tmp_path_factory):
     built = {b.name: b for b in build_demo_corpus(tmp / "demo", {"zh_news": 40, "zh_reviews": 5, "en_docs": 40, "code": 20})}
 
     def texts(name):
-        raw = built[name].path.read_bytes()
-        raw = gzip.decompress(raw) if built[name].path.suffix == ".gz" else raw
-        return [json.loads(line)["text"] for line in raw.decode().splitlines()]
+        return built[name].texts()
 
     # Host texts that pass every rule by themselves, so that only PII decides these documents' fate.
     bodies = [t for t in texts("en_docs") + texts("zh_news") if first_failure(t) is None]

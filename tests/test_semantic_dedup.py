@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-import json
 
 import numpy as np
 
@@ -61,9 +59,7 @@ def test_survivors_keep_the_best_ranked_and_compare_with_kept_documents_only():
 
 def _real_english(tmp_path, n):
     [built] = [b for b in build_demo_corpus(tmp_path / "demo", {"en_docs": n}) if b.name == "en_docs"]
-    raw = built.path.read_bytes()
-    raw = gzip.decompress(raw) if built.path.suffix == ".gz" else raw
-    return [json.loads(line)["text"][:1500] for line in raw.decode().splitlines()][:n]
+    return [t[:1500] for t in built.texts()][:n]
 
 
 def test_paraphrases_with_few_shared_ngrams_are_removed_and_named(spark, tmp_path):
