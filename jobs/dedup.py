@@ -205,7 +205,8 @@ def compute_signatures(documents, old_kept, recipe: Recipe):
     candidate pairs and survivors all read it.
     """
     bands, rows, _ = lsh_shape(recipe)
-    sign_cols = ["doc_id", "text", "lang", "domain", "category", "quality"]
+    # an instruction example is compared whole: prompt and completion (concat_ws skips a null prompt)
+    sign_cols = ["doc_id", F.concat_ws("\n", "prompt", "text").alias("text"), "lang", "domain", "category", "quality"]
     to_sign = documents.where(_text_length() > 0).select(*sign_cols).withColumn("is_old", F.lit(False))
     if old_kept is not None:
         to_sign = to_sign.unionByName(old_kept.select(*sign_cols).withColumn("is_old", F.lit(True)))

@@ -6,6 +6,9 @@ Nothing is downloaded and nothing is committed: the text comes from what the ins
 - English prose: Python's own reference documentation (``pydoc_data``) and module docstrings.
 - Code: the Python standard library's source.
 - Messy input: a handful of broken lines of every kind ingest must survive, as any crawl has.
+- Instructions (``instruct``, prompt and completion): questions on the standard library's functions
+  answered by their docstrings, and People's Daily articles to continue from their first half.
+- Conversations (``chat``, messages with roles): the same questions asked in a conversation.
 
 The build is deterministic: the same installation gives byte-identical files.
 """
@@ -14,13 +17,15 @@ from __future__ import annotations
 
 import ast
 import gzip
+import itertools
 import json
 import sysconfig
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-DEFAULT_DOCS = {"zh_news": 500, "zh_reviews": 500, "en_docs": 500, "code": 500}
+NEWS_SKIP = 1000  # the instruct source's articles come after this many (the zh_news source takes the first)
+DEFAULT_DOCS = {"zh_news": 500, "zh_reviews": 500, "en_docs": 500, "code": 500, "instruct": 300, "chat": 100}
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,9 @@ class BuiltSource:
         return [json.loads(line) for line in raw.decode().splitlines()]
 
     def texts(self) -> list[str]:
-        return [r["text"] for r in self.records()]
+        """The text of each record (an instruction's completion)."""
+        return [r["text"] if "text" in r else r["completion"] if "completion" in r else r["messages"][-1]["content"]
+                for r in self.records()]
 
 
 def build_demo_corpus(out_dir: str | Path, docs: dict[str, int] | None = None) -> list[BuiltSource]:
@@ -50,6 +57,8 @@ def build_demo_corpus(out_dir: str | Path, docs: dict[str, int] | None = None) -
         _write_jsonl(out / "zh_reviews" / "part-0.jsonl", "zh_reviews", _reviews(counts["zh_reviews"])),
         _write_jsonl(out / "en_docs" / "part-0.jsonl.gz", "en_docs", _english_docs(counts["en_docs"])),
         _write_jsonl(out / "code" / "part-0.jsonl", "code", _stdlib_code(counts["code"])),
+        _write_jsonl(out / "instruct" / "part-0.jsonl", "instruct", _instructions(counts["instruct"])),
+        _write_jsonl(out / "chat" / "part-0.jsonl", "chat", _conversations(counts["chat"])),
     ]
     messy = out / "messy" / "part-0.jsonl"
     messy.parent.mkdir(parents=True, exist_ok=True)
@@ -171,6 +180,55 @@ def _docstrings(path: Path):
             doc = ast.get_docstring(node)
             if doc:
                 yield getattr(node, "name", "module"), getattr(node, "lineno", 1), doc
+
+
+def _function_questions():
+    """(id, question, answer, url): "what does this function do?" for the standard library's documented
+    public functions, answered by the first paragraphs of their docstrings."""
+    stdlib = _stdlib_dir()
+    for path in sorted(stdlib.glob("*.py")):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in tree.body if not path.stem.startswith("_") else ():
+            if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
+                continue
+            doc = ast.get_docstring(node)
+            if not doc or len(doc) < 120:
+                continue
+            args = ", ".join(a.arg for a in node.args.args)
+            question = f"What does the function `{path.stem}.{node.name}({args})` of Python's standard library do?"
+            yield (f"{path.stem}.{node.name}", question, doc.strip(), f"pkg://stdlib/{path.name}#L{node.lineno}")
+
+
+def _instructions(limit: int):
+    """Prompt / completion pairs: a function question, then an article to continue, by turns."""
+    questions = _function_questions()
+    # articles past the first thousand: the zh_news source's are not asked again (dedup would pair them)
+    articles = itertools.islice(_people_daily(NEWS_SKIP + limit), NEWS_SKIP, None)
+    n = 0
+    for question, article in zip(questions, articles):
+        name, asked, answer, url = question
+        yield {"id": f"howto-{name}", "prompt": asked + "\n", "completion": answer, "url": url}
+        paragraphs = article["text"].split("\n")
+        half = max(1, len(paragraphs) // 2)
+        yield {"id": f"continue-{article['id']}", "prompt": "续写下面这篇新闻：\n" + "\n".join(paragraphs[:half]) + "\n",
+               "completion": "\n".join(paragraphs[half:]) or paragraphs[-1], "url": article["url"]}
+        n += 2
+        if n >= limit:
+            return
+
+
+def _conversations(limit: int):
+    """Conversations (messages with roles) asking the function questions, from the end of the list."""
+    for n, (name, asked, answer, url) in enumerate(reversed(list(_function_questions()))):
+        if n >= limit:
+            return
+        yield {"id": f"chat-{name}", "url": url, "messages": [
+            {"role": "system", "content": "You answer questions about Python's standard library."},
+            {"role": "user", "content": asked},
+            {"role": "assistant", "content": answer}]}
 
 
 def _stdlib_code(limit: int, max_lines: int = 120):

@@ -46,7 +46,7 @@ from pyspark.sql import functions as F
 
 from jobs.feed_executors import id_dtype, tokenize_batches, write_files_batches
 from jobs.feed_reports import ChunkReport, FeedError, FeedReport
-from jobs.packing import Plan, curriculum_rank, plan_budgets
+from jobs.packing import Plan, curriculum_rank, pack_examples, plan_budgets
 from jobs.stages import FeedOptions, stage_main
 from lake import chunks
 from lake.artifacts import load_tokenizer
@@ -58,7 +58,9 @@ from lake.tables import Lake
 STAGE = "feed"
 # What ``tokenise`` gives ``place`` and ``write_files``: one row per chosen copy of a document, with
 # its token ids (EOS appended) as packed bytes of ``jobs.feed_executors.id_dtype``.
-TOKENIZED = "doc_id string, copy int, category string, key double, rank int, n_tokens long, ids binary"
+# ``prompt_tokens``: an instruction example's leading tokens that carry no loss (0 for plain text).
+TOKENIZED = ("doc_id string, copy int, category string, key double, rank int, prompt_tokens int, n_tokens long, "
+             "ids binary")
 
 
 @dataclass(frozen=True)
@@ -90,18 +92,18 @@ def produce_chunk(spark, recipe: Recipe, lake: Lake, tokenizer=None, meta: dict 
         remove_dir(chunk.directory)
         chunks.delete(lake, chunk.chunk_id, job=f"feed-cleanup:{chunk.chunk_id}")
         raise
-    offsets, total = place(tokenized, plan.budgets, feed.seed, chunk.chunk_id)
+    offsets, total, layout = place(tokenized, plan.budgets, feed.seed, chunk.chunk_id, chunk.row_len)
     if total == 0:
         _release(docs, tokenized, offsets)
         chunks.delete(lake, chunk.chunk_id, job=f"feed-cleanup:{chunk.chunk_id}")
         raise FeedError(f"no documents of the categories {', '.join(chunk.mix)} in {source} for stage {feed.stage!r}")
     written = write_files(tokenized, offsets, chunk.directory, chunk.row_len, feed.rows_per_file, meta["pad_id"],
-                          meta["vocab_size"], total)
+                          meta["vocab_size"], layout)
     packed = time.perf_counter()
     tok_json.unpersist()
     per_category, increments = tally(tokenized, offsets, chunk.chunk_id)
     _release(docs, tokenized, offsets)
-    n_rows = math.ceil(total / chunk.row_len)
+    n_rows = layout.rows
     publish(lake, chunk, plan, written, per_category, increments, total, n_rows)
     done = time.perf_counter()
     return ChunkReport(chunk.chunk_id, feed.stage, int(total), n_rows, len(written), per_category, plan.budgets,
@@ -145,8 +147,9 @@ def eligible_documents(lake: Lake, recipe: Recipe, meta: dict, mix: dict[str, fl
     docs = docs.where(F.col("category").isin(list(mix)))
     if stage_cfg.min_quality is not None:
         docs = docs.where(F.col("quality") >= stage_cfg.min_quality)
-    docs = docs.select("doc_id", "text", "category", F.coalesce("quality", F.lit(0.5)).alias("quality"),
-                       F.length(F.encode("text", "utf-8")).alias("bytes"), F.length("text").alias("chars"))
+    whole = F.concat_ws("", "prompt", "text")  # an instruction example's prompt is tokenised too
+    docs = docs.select("doc_id", "text", "prompt", "category", F.coalesce("quality", F.lit(0.5)).alias("quality"),
+                       F.length(F.encode(whole, "utf-8")).alias("bytes"), F.length("text").alias("chars"))
     if lake.exists("usage"):
         docs = docs.join(lake.read("usage").select("doc_id", "times_used"), "doc_id", "left")
     else:
@@ -198,7 +201,7 @@ def _curriculum(docs, weight, recipe: Recipe, chunk_id: str):
 
 
 def select_documents(keyed, budgets: dict[str, int]):
-    """The documents (doc_id, copy, category, key, rank, text) worth tokenising: per category, in key
+    """The documents (doc_id, copy, category, key, rank, text, prompt) worth tokenising: per category, in key
     order, while the estimated tokens before them are under 110% of the budget + 64.
 
     The selection window sorts a light projection; only the chosen documents' texts are then joined.
@@ -207,8 +210,8 @@ def select_documents(keyed, budgets: dict[str, int]):
         .withColumn("cum_est", F.sum("est").over(_by_key())) \
         .where(F.col("cum_est") - F.col("est") < _per_category(budgets) * 1.1 + 64) \
         .select("doc_id", "copy", "category", "key", "rank")
-    return keyed.select("doc_id", "copy", "text").join(chosen_ids, ["doc_id", "copy"]) \
-        .select("doc_id", "copy", "category", "key", "rank", "text")
+    return keyed.select("doc_id", "copy", "text", "prompt").join(chosen_ids, ["doc_id", "copy"]) \
+        .select("doc_id", "copy", "category", "key", "rank", "text", "prompt")
 
 
 def tokenise(spark, chosen, tokenizer, meta: dict):
@@ -252,55 +255,103 @@ def tokenise_enough(spark, keyed, plan: Plan, tokenizer, meta: dict, source: str
     raise AssertionError("unreachable")
 
 
-def place(tokenized, budgets: dict[str, int], seed: int, chunk_id: str):
-    """(doc_id, copy, take, offset) of every document in the chunk, persisted; and the chunk's tokens.
+@dataclass(frozen=True)
+class Layout:
+    """How a chunk's rows are laid out: the text stream's rows first in the numbering, then the rows of
+    instruction examples (``jobs.packing.pack_examples``), spread among them (``interleave_row``)."""
+
+    text_rows: int
+    example_rows: int
+
+    @property
+    def rows(self) -> int:
+        return self.text_rows + self.example_rows
+
+
+def place(tokenized, budgets: dict[str, int], seed: int, chunk_id: str, row_len: int):
+    """(doc_id, copy, take, offset) of every document in the chunk, persisted; the chunk's tokens; its
+    ``Layout``.
 
     Each category takes its documents in key order until its budget is filled exactly (the crossing
-    one cut to ``take``); then curriculum rank, then a seeded shuffle, give each its ``offset`` in
+    one cut to ``take``; an instruction example is never cut: it is taken whole while the budget is not
+    yet full); then curriculum rank, then a seeded shuffle, give each text document its ``offset`` in
     the chunk's token stream. Decided on a light projection (no ids): the windows never move the ids.
+    Instruction examples go into rows of their own after the stream's last row, packed on the driver
+    by ``jobs.packing.pack_examples`` (their lengths only), so that none is cut across rows unless it
+    is longer than one.
     """
-    light = tokenized.select("doc_id", "copy", "category", "key", "rank", "n_tokens")
+    light = tokenized.select("doc_id", "copy", "category", "key", "rank", "prompt_tokens", "n_tokens")
     budget = _per_category(budgets)
+    before = F.col("cum") - F.col("n_tokens")
+    example = F.col("prompt_tokens") > 0
     taken = light.withColumn("cum", F.sum("n_tokens").over(_by_key())) \
-        .withColumn("take", F.least(F.col("n_tokens"), F.greatest(F.lit(0), budget - (F.col("cum") - F.col("n_tokens"))))) \
+        .withColumn("take", F.when(example, F.when(before < budget, F.col("n_tokens")).otherwise(F.lit(0)))
+                    .otherwise(F.least(F.col("n_tokens"), F.greatest(F.lit(0), budget - before)))) \
         .where(F.col("take") > 0)
     shuffle = F.xxhash64(F.lit(seed), F.lit(chunk_id), F.lit("order"), "doc_id", "copy")
     order = Window.orderBy("rank", "shuffle", "doc_id", "copy")
-    offsets = taken.withColumn("shuffle", shuffle) \
+    stream = taken.where(~example).withColumn("shuffle", shuffle) \
         .withColumn("offset", F.sum("take").over(order.rowsBetween(Window.unboundedPreceding, Window.currentRow)) - F.col("take")) \
         .select("doc_id", "copy", "take", "offset").persist()
-    return offsets, offsets.agg(F.sum("take")).first()[0] or 0
+    text_tokens = stream.agg(F.sum("take")).first()[0] or 0
+    text_rows = math.ceil(text_tokens / row_len)
+    examples = taken.where(example).select("doc_id", "copy", "take").orderBy("doc_id", "copy").collect()
+    at = pack_examples([r["take"] for r in examples], row_len)
+    placed = [(r["doc_id"], r["copy"], r["take"], (text_rows + row) * row_len + pos) for r, (row, pos) in zip(examples, at)]
+    example_rows = max((row + math.ceil((pos + r["take"]) / row_len) for r, (row, pos) in zip(examples, at)), default=0)
+    if not placed:
+        return stream, text_tokens, Layout(text_rows, 0)
+    offsets = stream.unionByName(tokenized.sparkSession.createDataFrame(
+        placed, "doc_id string, copy int, take long, offset long")).persist()
+    offsets.count()
+    stream.unpersist()
+    total = text_tokens + sum(r["take"] for r in examples)
+    return offsets, total, Layout(text_rows, example_rows)
 
 
 def write_files(tokenized, offsets, directory: str, row_len: int, rows_per_file: int, pad_id: int, vocab_size: int,
-                total: int) -> list:
+                layout: Layout) -> list:
     """The chunk's files, written by the executors: one Row (name, sha256, rows, tokens) each, by name.
 
     The placed documents are cut into pieces at row boundaries (``_pieces``), ``rows_per_file``
     rows to a file, and each file's pieces go to one task (``write_files_batches``)."""
     placed = tokenized.join(F.broadcast(offsets), ["doc_id", "copy"])
-    pieces = _pieces(placed, row_len, rows_per_file, id_dtype(vocab_size)().itemsize)
-    n_files = math.ceil(math.ceil(total / row_len) / rows_per_file)
+    pieces = _pieces(placed, row_len, rows_per_file, id_dtype(vocab_size)().itemsize, layout)
+    n_files = math.ceil(layout.rows / rows_per_file)
     written = pieces.repartition(n_files, "file").mapInArrow(
         lambda bs: write_files_batches(bs, directory, row_len, pad_id, vocab_size),
         "name string, sha256 string, rows long, tokens long").collect()
     return sorted(written, key=lambda r: r["name"])
 
 
-def _pieces(placed, row_len: int, rows_per_file: int, width: int):
+def _pieces(placed, row_len: int, rows_per_file: int, width: int, layout: Layout):
     """Each document's taken tokens cut at row boundaries, one row per piece, in Spark SQL (the same
-    arithmetic as ``jobs.packing.row_pieces``, without a trip through Python); ``width`` bytes per id."""
+    arithmetic as ``jobs.packing.row_pieces``, without a trip through Python); ``width`` bytes per id.
+    Each piece's row is then moved to where ``jobs.packing.interleave_row`` puts it."""
     offset, take = F.col("offset"), F.col("take")
-    exploded = placed.select("doc_id", "category", "offset", "take", "n_tokens", "ids", F.explode(
-        F.sequence(F.floor(offset / row_len), F.floor((offset + take - 1) / row_len))).alias("row"))
-    row_start = F.col("row") * row_len
+    exploded = placed.select("doc_id", "category", "offset", "take", "n_tokens", "prompt_tokens", "ids", F.explode(
+        F.sequence(F.floor(offset / row_len), F.floor((offset + take - 1) / row_len))).alias("stream_row"))
+    row_start = F.col("stream_row") * row_len
     start = F.greatest(offset, row_start)
     end = F.least(offset + take, row_start + row_len)
+    row = _interleaved_row(F.col("stream_row"), layout)
     return exploded.select(
-        F.floor(F.col("row") / rows_per_file).alias("file"), "row", (start - row_start).alias("pos"), "doc_id",
+        F.floor(row / rows_per_file).alias("file"), row.alias("row"), (start - row_start).alias("pos"), "doc_id",
         (start - offset).alias("doc_start"), (end - start).alias("length"), F.col("n_tokens").alias("doc_tokens"),
-        "category", F.substring("ids", ((start - offset) * width + 1).cast("int"),
-                                ((end - start) * width).cast("int")).alias("ids"))
+        "category", "prompt_tokens", F.substring("ids", ((start - offset) * width + 1).cast("int"),
+                                                 ((end - start) * width).cast("int")).alias("ids"))
+
+
+def _interleaved_row(row, layout: Layout):
+    """``jobs.packing.interleave_row`` as a column (tests/test_feed_packing.py ties the two)."""
+    t, e = layout.text_rows, layout.example_rows
+    if t == 0 or e == 0:
+        return row
+    j = row - t
+    text_before = F.floor(((2 * row + 1) * e - 1 - t) / F.lit(2.0 * t)) + 1
+    examples_before = F.floor(((2 * j + 1) * t - e) / F.lit(2.0 * e)) + 1
+    return F.when(row < t, row + F.least(F.lit(e), F.greatest(F.lit(0), text_before))) \
+        .otherwise(j + F.least(F.lit(t), F.greatest(F.lit(0), examples_before))).cast("long")
 
 
 def tally(tokenized, offsets, chunk_id: str):

@@ -39,7 +39,8 @@ def id_dtype(vocab_size: int):
 
 def tokenize_batches(batches, tokenizer_json: str, sha: str, eos_id: int, vocab_size: int, batch_size: int = 256):
     """mapInArrow body: each document's token ids (EOS appended) as packed little-endian bytes
-    (uint16 or uint32, see ``id_dtype``), and their count. Bytes cross to the JVM as one copy; an
+    (uint16 or uint32, see ``id_dtype``), and their count; an instruction example's ids are its prompt's
+    then its completion's (encoded apart, so the boundary is a token boundary), ``prompt_tokens`` the first. Bytes cross to the JVM as one copy; an
     array of ints would be converted element by element."""
     import numpy as np
 
@@ -47,17 +48,25 @@ def tokenize_batches(batches, tokenizer_json: str, sha: str, eos_id: int, vocab_
     dtype = id_dtype(vocab_size)
     for batch in batches:
         texts = batch.column("text").to_pylist()
-        blobs, counts = [], []
+        prompts = batch.column("prompt").to_pylist() if "prompt" in batch.schema.names else [None] * len(texts)
+        blobs, counts, prompt_counts = [], [], []
         for start in range(0, len(texts), batch_size):
-            for e in tok.encode_batch(texts[start : start + batch_size], add_special_tokens=False):
-                ids = e.ids
+            encoded = tok.encode_batch(texts[start : start + batch_size], add_special_tokens=False)
+            part = prompts[start : start + batch_size]
+            asked = [p for p in part if p is not None]  # instruction examples: the prompt on its own
+            prompt_ids = iter(tok.encode_batch(asked, add_special_tokens=False) if asked else [])
+            for e, prompt in zip(encoded, part):
+                ids = [] if prompt is None else next(prompt_ids).ids
+                prompt_counts.append(len(ids))
+                ids += e.ids
                 ids.append(eos_id)
                 blobs.append(np.asarray(ids, dtype).tobytes())
                 counts.append(len(ids))
-        names = [n for n in batch.schema.names if n != "text"]
+        names = [n for n in batch.schema.names if n not in ("text", "prompt")]
         yield pa.RecordBatch.from_arrays(
-            [batch.column(n) for n in names] + [pa.array(counts, pa.int64()), pa.array(blobs, pa.binary())],
-            names=names + ["n_tokens", "ids"])
+            [batch.column(n) for n in names] + [pa.array(prompt_counts, pa.int32()), pa.array(counts, pa.int64()),
+                                                pa.array(blobs, pa.binary())],
+            names=names + ["prompt_tokens", "n_tokens", "ids"])
 
 
 def write_files_batches(batches, directory: str, row_len: int, pad_id: int, vocab_size: int):
@@ -73,20 +82,26 @@ def write_files_batches(batches, directory: str, row_len: int, pad_id: int, voca
         out = []
         for file_no in sorted(set(pieces.column("file").to_pylist())):
             part = pieces.filter(pc.equal(pieces.column("file"), file_no)).sort_by([("row", "ascending"), ("pos", "ascending")])
-            d = {n: part.column(n).to_pylist() for n in ("row", "pos", "doc_id", "doc_start", "length", "doc_tokens", "category")}
+            d = {n: part.column(n).to_pylist() for n in ("row", "pos", "doc_id", "doc_start", "length", "doc_tokens",
+                                                          "category", "prompt_tokens")}
             rows: list[int] = []
             spans: list[list[dict]] = []
+            at = np.empty(part.num_rows, np.int64)  # where each piece starts in the file's flat ids
             for i in range(part.num_rows):
                 if not rows or rows[-1] != d["row"][i]:
                     rows.append(d["row"][i])
                     spans.append([])
+                at[i] = (len(rows) - 1) * row_len + d["pos"][i]
                 spans[-1].append({"doc_id": d["doc_id"][i], "pos": d["pos"][i], "doc_start": d["doc_start"][i],
-                                  "length": d["length"][i], "doc_tokens": d["doc_tokens"][i], "category": d["category"][i]})
-            # the pieces' bytes in (row, pos) order are the rows' tokens back to back
+                                  "length": d["length"][i], "doc_tokens": d["doc_tokens"][i], "category": d["category"][i],
+                                  "prompt_tokens": d["prompt_tokens"][i]})
             flat = np.frombuffer(b"".join(part.column("ids").to_pylist()), dtype)
             tokens = len(flat)
-            padded = np.full(len(rows) * row_len, pad_id, dtype)  # only the chunk's last row is short
-            padded[:tokens] = flat
+            # padding where no piece is: the chunk's last text row, and the room left in rows of instruction examples
+            padded = np.full(len(rows) * row_len, pad_id, dtype)
+            lengths = np.asarray(d["length"], np.int64)
+            starts = np.repeat(at - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths)
+            padded[starts + np.arange(tokens)] = flat
             offsets = pa.array(np.arange(0, len(rows) * row_len + 1, row_len, dtype=np.int32))
             data = pa.table({"row": pa.array(rows, pa.int64()),
                              "input_ids": pa.ListArray.from_arrays(offsets, pa.array(padded, id_type)),

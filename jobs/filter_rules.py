@@ -143,7 +143,9 @@ def make_filter(recipe: Recipe):
             blocked = url_block(doc.get("url"), domains, url_words) if domains or url_words else None
             if blocked:
                 failed.append(("url_blocklist", blocked))
-            for found in contamination(text, eval_sets, decon.n) if eval_sets else ():
+            # an instruction's prompt is where a benchmark question would sit: both parts are checked
+            judged = text if doc.get("prompt") is None else f"{doc['prompt']}\n{text}"
+            for found in contamination(judged, eval_sets, decon.n) if eval_sets else ():
                 signals[f"decontam_{found.eval_set}"] = float(found.matched)
                 if decon.action == "remove":
                     failed.append((f"decontam_{found.eval_set}", str(found)))

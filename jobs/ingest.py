@@ -40,6 +40,7 @@ _PARSED_ARROW = pa.schema(
         ("source", pa.string()),
         ("url", pa.string()),
         ("meta", pa.string()),
+        ("prompt", pa.string()),
         ("reason", pa.string()),
         ("detail", pa.string()),
         ("file", pa.string()),
@@ -202,7 +203,8 @@ def _parse_splits(batches, specs: dict[str, SourceSpec]):
 
 
 def _spec(recipe: Recipe, source) -> SourceSpec:
-    return SourceSpec(source.name, source.text_field, source.id_field, source.url_field, recipe.ingest.max_doc_bytes)
+    return SourceSpec(source.name, source.text_field, source.id_field, source.url_field, recipe.ingest.max_doc_bytes,
+                      source.kind, source.prompt_field, source.completion_field, source.messages_field)
 
 
 def record_at(recipe: Recipe, file: str, line: int) -> tuple[str, Document | Rejection]:
@@ -257,9 +259,9 @@ def _row(split: Split, line_no: int, outcome) -> dict:
     base = {"source": split.source, "file": split.file, "line": line_no}
     if isinstance(outcome, Document):
         return {**base, "kind": "doc", "doc_id": outcome.doc_id, "text": outcome.text, "url": outcome.url,
-                "meta": outcome.meta, "reason": None, "detail": None}
+                "meta": outcome.meta, "prompt": outcome.prompt, "reason": None, "detail": None}
     return {**base, "kind": "reject", "doc_id": outcome.doc_id, "text": outcome.text, "url": None, "meta": None,
-            "reason": outcome.reason, "detail": outcome.detail}
+            "prompt": None, "reason": outcome.reason, "detail": outcome.detail}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,12 +82,13 @@ def plan_budgets(mix: dict[str, float], chunk_tokens: int, available: dict[str, 
     return Plan(budgets, copies, warnings)
 
 
-def take_to_budget(token_counts: list[int], budget: int) -> list[int]:
+def take_to_budget(token_counts: list[int], budget: int, whole: list[bool] | None = None) -> list[int]:
     """Tokens taken from each document, in order, to fill ``budget`` exactly where the data allows:
-    whole documents, then the first tokens of the one that crosses the budget, then none."""
+    whole documents, then the first tokens of the one that crosses the budget, then none. A document
+    marked ``whole`` (an instruction example) is never cut: taken whole while the budget is not full."""
     out, used = [], 0
-    for n in token_counts:
-        take = max(0, min(n, budget - used))
+    for n, keep_whole in zip(token_counts, whole or [False] * len(token_counts)):
+        take = (n if used < budget else 0) if keep_whole else max(0, min(n, budget - used))
         out.append(take)
         used += take
     return out
@@ -117,6 +118,68 @@ def row_pieces(offset: int, n_tokens: int, row_len: int) -> list[tuple[int, int,
     return out
 
 
+def pack_examples(lengths: list[int], row_len: int) -> list[tuple[int, int]]:
+    """(row, pos) of each instruction example of ``lengths`` tokens, so that none is cut across rows
+    unless it is longer than a row: best fit, longest first (ties by index, so it is deterministic).
+
+    An example longer than a row starts a fresh row and runs on into the rows after it; the room left
+    in its last row takes shorter examples. Rows are numbered from 0 in the order they are opened.
+    """
+    import bisect
+
+    placed: list[tuple[int, int]] = [(0, 0)] * len(lengths)
+    free: dict[int, list[int]] = {}  # room left → rows with that much room (the latest last)
+    rooms: list[int] = []  # the distinct rooms in ``free``, ascending
+    used: dict[int, int] = {}  # row → tokens in it
+    n_rows = 0
+
+    def give_back(row: int, room: int) -> None:
+        if room > 0:
+            if room not in free:
+                bisect.insort(rooms, room)
+                free[room] = []
+            free[room].append(row)
+
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        n = lengths[i]
+        at = bisect.bisect_left(rooms, n) if n <= row_len else len(rooms)
+        if at < len(rooms):  # the tightest row it fits in
+            room = rooms[at]
+            row = free[room].pop()
+            if not free[room]:
+                del free[room]
+                rooms.pop(at)
+            placed[i] = (row, used[row])
+            used[row] += n
+            give_back(row, room - n)
+            continue
+        whole, tail = divmod(n, row_len)
+        placed[i] = (n_rows, 0)
+        for r in range(n_rows, n_rows + whole):
+            used[r] = row_len
+        n_rows += whole
+        if tail:
+            used[n_rows] = tail
+            give_back(n_rows, row_len - tail)
+            n_rows += 1
+    return placed
+
+
+def interleave_row(row: int, text_rows: int, example_rows: int) -> int:
+    """Where row ``row`` of a chunk goes when its ``example_rows`` instruction rows (numbered after the
+    ``text_rows`` rows of the text stream) are spread evenly among them: a permutation of the rows that
+    keeps each kind in its order. Row k of a kind with n rows sits at (2k + 1) / 2n of the chunk; the
+    text rows go first on a tie. ``jobs/feed._interleaved_row`` is the same arithmetic in Spark SQL."""
+    if example_rows == 0 or text_rows == 0:
+        return row
+    if row < text_rows:  # + the example rows j with (2j + 1) · text_rows < (2 · row + 1) · example_rows
+        before = ((2 * row + 1) * example_rows - 1 - text_rows) // (2 * text_rows) + 1
+        return row + min(example_rows, max(0, before))
+    j = row - text_rows  # + the text rows r with (2r + 1) · example_rows <= (2j + 1) · text_rows
+    before = ((2 * j + 1) * text_rows - example_rows) // (2 * example_rows) + 1
+    return j + min(text_rows, max(0, before))
+
+
 @dataclass(frozen=True)
 class Span:
     doc_id: str
@@ -125,6 +188,7 @@ class Span:
     length: int
     doc_tokens: int
     category: str
+    prompt_tokens: int = 0
 
 
 def pack(documents: list[tuple], row_len: int, pad_id: int) -> tuple[list[list[int]], list[list[Span]]]:

@@ -29,6 +29,10 @@ class SourceSpec:
     id_field: str | None
     url_field: str | None
     max_doc_bytes: int
+    kind: str = "text"  # or "instruction": a prompt and a completion (or messages)
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    messages_field: str | None = None
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class Document:
     text: str
     url: str | None
     meta: str | None
+    prompt: str | None = None  # instruction sources: what precedes the completion (``text``)
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,8 @@ def parse_record(record: dict[str, Any], spec: SourceSpec, where: str) -> Docume
             "missing_id", f"{where}: id field {spec.id_field!r} is missing or null", None, _preview(record)
         )
     doc_id_hint = make_doc_id(spec.name, record_id, "") if record_id is not None else None
+    if spec.kind == "instruction":
+        return _parse_instruction(record, spec, where, record_id, doc_id_hint)
     if spec.text_field not in record or record[spec.text_field] is None:
         return Rejection(
             "missing_text", f"{where}: text field {spec.text_field!r} is missing or null", doc_id_hint, _preview(record)
@@ -131,6 +138,71 @@ def parse_record(record: dict[str, Any], spec: SourceSpec, where: str) -> Docume
         text=text,
         url=str(url) if url is not None else None,
         meta=json.dumps(rest, ensure_ascii=False, sort_keys=True, default=str) if rest else None,
+    )
+
+
+# ChatML, with the tokenizer's <|im_start|> / <|im_end|> special tokens: each turn before the completion
+# is rendered so; the prompt ends with the assistant's header and the completion follows it.
+CHAT_TURN = "<|im_start|>{role}\n{content}<|im_end|>\n"
+CHAT_REPLY = "<|im_start|>assistant\n"
+
+
+def render_chat(messages: list[dict]) -> tuple[str, str]:
+    """(prompt, completion) of a conversation: the last assistant turn is the completion, every turn
+    before it the prompt (in ChatML). Raises ValueError naming what is wrong with the turns."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("is not a non-empty list of turns")
+    for k, turn in enumerate(messages):
+        if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) or not isinstance(turn.get("content"), str):
+            raise ValueError(f"turn {k} is not an object with string 'role' and 'content'")
+    if messages[-1]["role"] != "assistant":
+        raise ValueError(f"ends with a {messages[-1]['role']!r} turn; the last turn must be the assistant's (the "
+                         f"completion)")
+    prompt = "".join(CHAT_TURN.format(role=t["role"], content=t["content"]) for t in messages[:-1]) + CHAT_REPLY
+    return prompt, messages[-1]["content"]
+
+
+def _parse_instruction(record: dict[str, Any], spec: SourceSpec, where: str, record_id: str | None,
+                       doc_id_hint: str | None) -> Document | Rejection:
+    """An instruction record → a Document whose ``text`` is the completion and ``prompt`` the rest."""
+    if spec.messages_field is not None:
+        turns = record.get(spec.messages_field)
+        if turns is None:
+            return Rejection("missing_messages", f"{where}: messages field {spec.messages_field!r} is missing or null",
+                             doc_id_hint, _preview(record))
+        try:
+            raw_prompt, raw_completion = render_chat(turns)
+        except ValueError as err:
+            return Rejection("malformed_messages", f"{where}: messages field {spec.messages_field!r} {err}",
+                             doc_id_hint, _preview(record))
+        used = (spec.messages_field,)
+    else:
+        for field, reason in ((spec.prompt_field, "missing_prompt"), (spec.completion_field, "missing_completion")):
+            value = record.get(field)
+            if not isinstance(value, str):
+                what = "missing or null" if value is None else f"a {type(value).__name__}, expected a string"
+                return Rejection(reason, f"{where}: field {field!r} is {what}", doc_id_hint, _preview(record))
+        raw_prompt, raw_completion = record[spec.prompt_field], record[spec.completion_field]
+        used = (spec.prompt_field, spec.completion_field)
+    size = len(raw_prompt.encode("utf-8")) + len(raw_completion.encode("utf-8"))
+    if size > spec.max_doc_bytes:
+        return Rejection("too_large", f"{where}: prompt and completion are {size} bytes, over ingest.max_doc_bytes = "
+                         f"{spec.max_doc_bytes}", doc_id_hint, (raw_prompt + raw_completion)[:REJECT_TEXT_CHARS])
+    prompt, text = normalize_text(raw_prompt), normalize_text(raw_completion)
+    if not text.strip():
+        return Rejection("empty_text", f"{where}: the completion is empty after normalisation", doc_id_hint,
+                         raw_prompt[:REJECT_TEXT_CHARS])
+    if not prompt.strip():
+        return Rejection("empty_prompt", f"{where}: the prompt is empty after normalisation (a record without one "
+                         f"belongs in a text source)", doc_id_hint, text[:REJECT_TEXT_CHARS])
+    url = record.get(spec.url_field) if spec.url_field else None
+    rest = {k: v for k, v in record.items() if k not in (*used, spec.id_field, spec.url_field)}
+    return Document(
+        doc_id=make_doc_id(spec.name, record_id, prompt + "\x00" + text),
+        text=text,
+        url=str(url) if url is not None else None,
+        meta=json.dumps(rest, ensure_ascii=False, sort_keys=True, default=str) if rest else None,
+        prompt=prompt,
     )
 
 

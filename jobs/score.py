@@ -55,8 +55,12 @@ def _models(recipe: Recipe):
     return _LOADED[key]
 
 
-def category_of(lang: str, domain: str | None, recipe: Recipe) -> str:
+def category_of(lang: str, domain: str | None, recipe: Recipe, instruction: bool = False) -> str:
+    """The mixing category: an instruction example's is ``score.instruction_category``; else the
+    domain's (``domain_categories``), else the language's, else ``default_category``."""
     cfg = recipe.score
+    if instruction:
+        return cfg.instruction_category
     if domain is not None and domain in cfg.domain_categories:
         return cfg.domain_categories[domain]
     return cfg.lang_categories.get(lang, cfg.default_category)
@@ -67,10 +71,12 @@ SCORES = pa.struct([f.with_nullable(True) for f in table("documents_scored").sch
                     if f.name not in table("documents_clean").columns])
 
 
-def score_texts(texts, recipe: Recipe, signals=None) -> pa.StructArray:
+def score_texts(texts, recipe: Recipe, signals=None, prompts=None) -> pa.StructArray:
     """``quality``, ``domain``, ``lang`` and ``category`` of each text (a list or Arrow string array),
     with the recipe's models loaded once per process. ``lang`` is the one the filter judged the
-    document by (``lang_*`` in its ``signals``, a parallel map array), else from script statistics."""
+    document by (``lang_*`` in its ``signals``, a parallel map array), else from script statistics.
+    A document with a prompt (``prompts``, parallel; an instruction example: ``text`` is its
+    completion, which the models judge) gets the instruction category."""
     import numpy as np
 
     from quality_models.train import score_batch
@@ -80,11 +86,13 @@ def score_texts(texts, recipe: Recipe, signals=None) -> pa.StructArray:
     langs = langs_of(texts, signals)
     quality, domains, _ = score_batch(models, texts, *((cascade.low, cascade.high) if cascade else ()))
     # category of each distinct (language, domain) pair, not of each document
-    pairs: dict[tuple[str, str], str] = {}
+    instruction = [False] * len(langs) if prompts is None else [p is not None for p in (
+        prompts.to_pylist() if hasattr(prompts, "to_pylist") else prompts)]
+    pairs: dict[tuple[str, str, bool], str] = {}
     categories = np.empty(len(langs), object)
-    for i, pair in enumerate(zip(langs, domains)):
+    for i, pair in enumerate(zip(langs, domains, instruction)):
         if pair not in pairs:
-            pairs[pair] = category_of(pair[0], pair[1], recipe)
+            pairs[pair] = category_of(*pair, recipe)
         categories[i] = pairs[pair]
     return pa.StructArray.from_arrays(
         [pa.array(quality, pa.float64()), pa.array(domains, pa.string()), pa.array(langs, pa.string()),
@@ -115,11 +123,11 @@ def scored(documents, recipe: Recipe):
     from schemas.spark import spark_type
 
     @F.arrow_udf(spark_type(SCORES))
-    def scores(text: pa.Array, signals: pa.Array) -> pa.Array:
-        return score_texts(text, recipe, signals)
+    def scores(text: pa.Array, signals: pa.Array, prompt: pa.Array) -> pa.Array:
+        return score_texts(text, recipe, signals, prompt)
 
     columns = table("documents_scored").columns
-    with_scores = documents.select("*", scores("text", "signals").alias("_scores"))
+    with_scores = documents.select("*", scores("text", "signals", "prompt").alias("_scores"))
     return with_scores.select(*[F.col(f"_scores.{c}") if c in SCORES.names else F.col(c) for c in columns])
 
 

@@ -41,6 +41,12 @@ def make_scrubber(recipe: Recipe):
         def scrub_document(doc: dict) -> Outcome:
             text, counts, fraction = scrubber.scrub(doc["text"])
             columns = {"text": text, "pii": counts}
+            if doc.get("prompt") is not None:  # an instruction's prompt is scrubbed too, and counted with it
+                prompt, in_prompt, prompt_fraction = scrubber.scrub(doc["prompt"])
+                columns["prompt"] = prompt
+                counts = {k: counts.get(k, 0) + in_prompt.get(k, 0) for k in {*counts, *in_prompt}}
+                columns["pii"] = counts
+                fraction = max(fraction, prompt_fraction)
             if fraction > max_fraction:
                 found = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
                 detail = f"{fraction:.0%} of the characters are PII ({found}), over pii.max_pii_fraction = {max_fraction}"

@@ -25,6 +25,20 @@ class Source(_Section):
     url_field: str | None = None
     license: str | None = Field(default=None, description="the source's licence (an SPDX id such as cc-by-4.0), for "
                                                           "tokenmill card")
+    kind: Literal["text", "instruction"] = Field(
+        default="text", description="instruction: each record is a prompt and a completion (prompt_field and "
+        "completion_field) or a conversation (messages_field); the loss falls on the completion only")
+    prompt_field: str = Field(default="prompt", description="instruction: the prompt's field")
+    completion_field: str = Field(default="completion", description="instruction: the completion's field")
+    messages_field: str | None = Field(
+        default=None, description="instruction: a list of {role, content} turns instead; the last assistant turn "
+        "is the completion, the turns before it (in ChatML) the prompt")
+
+    @model_validator(mode="after")
+    def _instruction_fields(self) -> "Source":
+        if self.kind == "text" and self.messages_field is not None:
+            raise ValueError(f"source {self.name!r}: messages_field is for kind: instruction")
+        return self
 
 
 class Ingest(_Section):
@@ -217,6 +231,8 @@ class Score(_Section):
     lang_categories: dict[str, str] = Field(default_factory=lambda: {"zh": "zh", "en": "en", "code": "code"})
     domain_categories: dict[str, str] = Field(default_factory=lambda: {"code": "code"}, description="wins over lang")
     default_category: str = "other"
+    instruction_category: str = Field(default="instruction", description="the category of every instruction "
+                                      "example (a source of kind: instruction), whatever its language and domain")
     holdout: float = Field(default=0.2, gt=0, lt=1)
     weak_labels: WeakLabels = WeakLabels()
 

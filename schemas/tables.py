@@ -37,6 +37,9 @@ _RAW = (
     # The source record's other fields, as a JSON object: kept verbatim, never interpreted.
     ("meta", pa.string(), True),
     ("ingested_at", _TS, False),
+    # Instruction sources only (recipe `kind: instruction`): what comes before the completion, which is
+    # ``text``. Rules and scores judge ``text``; feed packs the prompt with no loss. Null for plain text.
+    ("prompt", pa.string(), True),
 )
 _FILTERED = _RAW + (("signals", pa.map_(pa.string(), pa.float64()), True),)
 _CLEAN = _FILTERED + (("pii", pa.map_(pa.string(), pa.int64()), True),)
@@ -170,6 +173,8 @@ SPAN_TYPE = pa.struct([
     ("length", pa.int32()),
     ("doc_tokens", pa.int32()),  # the document's whole length (EOS included) in this chunk's stream
     ("category", pa.string()),
+    # an instruction example's prompt: its first ``prompt_tokens`` tokens carry no loss (0 for plain text)
+    ("prompt_tokens", pa.int32()),
 ])
 
 

@@ -79,7 +79,9 @@ def parameter_count(model) -> int:
 
 
 def row_layout(spans_rows: list[list[dict]], width: int, categories: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(category index per position, -1 on padding; position within the document; segment id), each [rows, width]."""
+    """(category index per position, -1 on padding and on an instruction's prompt; position within the
+    document; segment id), each [rows, width]. A target whose category is -1 carries no loss: the prompt
+    (a span's first ``prompt_tokens`` document tokens) is read but never learnt, the completion is."""
     cat = np.full((len(spans_rows), width), -1, np.int64)
     pos = np.zeros((len(spans_rows), width), np.int64)
     seg = np.full((len(spans_rows), width), -1, np.int64)
@@ -88,6 +90,8 @@ def row_layout(spans_rows: list[list[dict]], width: int, categories: list[str]) 
         for k, s in enumerate(spans):
             a, n = s["pos"], s["length"]
             cat[r, a : a + n] = index.setdefault(s["category"], len(index))
+            masked = min(n, max(0, (s.get("prompt_tokens") or 0) - s["doc_start"]))
+            cat[r, a : a + masked] = -1
             pos[r, a : a + n] = np.arange(s["doc_start"], s["doc_start"] + n)
             seg[r, a : a + n] = k
     if len(index) > len(categories):
