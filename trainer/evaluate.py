@@ -126,18 +126,19 @@ def _run_checkpoint(recipe: Recipe, checkpoint: str | None) -> _Loaded:
 
     cfg = recipe.trainer
     run = run_checkpoints(recipe)
-    if checkpoint and Path(checkpoint).is_dir():
+    if checkpoint and Path(checkpoint).is_dir():  # a folder of this run's or of another run's checkpoints
         folder = Path(checkpoint).resolve()
         checkpoints = Checkpoints(folder.parent, cfg.keep_checkpoints)
+    elif checkpoint:  # a checkpoint's name in the recipe's run
+        folder, checkpoints = run.folder / checkpoint, run
+    elif run.tags():
+        folder, checkpoints = run.folder / run.tags()[-1], run
     else:
-        checkpoints = run
-        tags = run.tags()
-        if not tags:
-            raise FileNotFoundError(f"no checkpoint in {run.folder}; train first: tokenmill train --recipe {recipe.origin}")
-        folder = run.folder / (checkpoint or tags[-1])
+        raise FileNotFoundError(f"no checkpoint in {run.folder}; train first: tokenmill train --recipe {recipe.origin}")
     if folder.name not in checkpoints.tags():
-        raise FileNotFoundError(f"{folder}: not a complete checkpoint (one of {checkpoints.tags() or 'none'} in "
-                                f"{checkpoints.folder}) nor a Hugging Face folder (config.json)")
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: neither a complete checkpoint (those in "
+                                f"{checkpoints.folder}: {checkpoints.tags() or 'none'}) nor a Hugging Face folder "
+                                f"(config.json)")
     tokenizer, meta = load_tokenizer(recipe)
     settings = stage_settings(cfg, cfg.stage or recipe.feed.stage)
     state = model_state(checkpoints.folder, folder.name, cfg.zero_stage)

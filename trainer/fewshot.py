@@ -133,7 +133,7 @@ def builtin_items(documents: dict[str, list[list[int]]], context_tokens: int, co
     usable = {src: [d for d in docs if len(d) >= n] for src, docs in sorted(documents.items())}
     items = []
     for source, docs in usable.items():
-        others = [(s, d) for s, ds in usable.items() if s != source for d in ds]
+        others = [d for s, ds in usable.items() if s != source for d in ds]
         for i, doc in enumerate(docs):
             if len(doc) < 2 * n:
                 continue
@@ -142,7 +142,7 @@ def builtin_items(documents: dict[str, list[list[int]]], context_tokens: int, co
             real = doc[cut : cut + n]
             same = [d for j, d in enumerate(docs) if j != i]
             rng.shuffle(same)
-            pool = [d for _, d in others]
+            pool = others[:]
             rng.shuffle(pool)
             picked = _distinct_windows(same + pool, real, n, choices - 1, rng)
             if len(picked) < choices - 1:
