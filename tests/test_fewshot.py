@@ -170,6 +170,17 @@ def test_few_shot_evaluation_is_a_callback_only_when_every_is_set():
     assert names.index("evaluation") < names.index("fewshot") < names.index("metrics")
 
 
+def test_eval_without_a_checkpoint_says_to_train_first(tmp_path, capsys):
+    from jobs.cli import main as cli
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lake: lake\nsources: [{name: a, path: x}]\n")
+    assert cli(["eval", "--recipe", str(recipe)]) == 2
+    assert f"no checkpoint in {tmp_path / 'lake' / 'runs' / 'tiny' / 'checkpoints'}; train first" in capsys.readouterr().err
+    assert cli(["eval", "--recipe", str(recipe), "--checkpoint", str(tmp_path / "nowhere")]) == 2
+    assert "neither a complete checkpoint" in capsys.readouterr().err
+
+
 # -- the built-in set ----------------------------------------------------------------------------------
 
 
@@ -216,7 +227,8 @@ def test_a_short_document_gets_a_shorter_context_and_too_few_windows_no_item():
 
 @pytest.mark.slow
 def test_builtin_accuracy_rises_above_chance_in_the_metrics_and_eval_reads_the_checkpoint(tmp_path, capsys):
-    """A short CPU run on a synthetic lake (tests/test_trainer.py's): the built-in set every 2 steps.
+    """A short CPU run on a synthetic lake (jobs/synthetic_lake.py, as in tests/test_trainer.py): the
+    built-in set every 2 steps.
     Its English and Chinese documents are random words, so their continuations are equally likely
     whatever the model; its code documents count up (def f0, f1, …), which a tiny model learns in a
     few steps: the accuracy starts near chance and ends well above it."""
