@@ -1,5 +1,5 @@
 """The ``tokenmill`` command: one subcommand per declared stage (``jobs/stages.py``), plus ``refine``,
-``status``, ``vacuum``, ``models``, ``demo``, ``jars``, ``trace``, ``card``, ``report``, and the trainer's ``train`` and ``plan``. Nothing imports this module:
+``status``, ``vacuum``, ``models``, ``demo``, ``jars``, ``trace``, ``card``, ``report``, and the trainer's ``train``, ``plan`` and ``eval``. Nothing imports this module:
 it is the edge where the refinery and the trainer meet."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from lake.recipe import Recipe, RecipeError, recipe_arguments, recipe_from_args
 DEMO_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 # commands that parse their own arguments: the stages, and the tools beside them
 OWN_PARSERS = {**{s.name: f"jobs.{s.module}" for s in STAGES},
-               "plan": "trainer.planner", "train": "trainer.daemon", "package": "jobs.package", "jars": "lake.jars",
-               "trace": "jobs.trace", "card": "jobs.card",
+               "plan": "trainer.planner", "train": "trainer.daemon", "eval": "trainer.evaluate",
+               "package": "jobs.package", "jars": "lake.jars", "trace": "jobs.trace", "card": "jobs.card",
                "report": "jobs.report"}
 
 
@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_parser(s.name, help=s.summary, add_help=False)
     sub.add_parser("plan", help="parameters, FLOPs, days, memory per GPU, batch size of a Llama run", add_help=False)
     sub.add_parser("train", help="the streaming trainer: tails the chunk store and trains (or --export)", add_help=False)
+    sub.add_parser("eval", help="few-shot multiple-choice accuracy of a checkpoint (trainer.fewshot's sets)",
+                   add_help=False)
     sub.add_parser("package", help="tokenmill.zip and entry scripts for spark-submit --py-files", add_help=False)
     sub.add_parser("jars", help="fetch the Delta jars from Maven Central", add_help=False)
     sub.add_parser("trace", help="one document's journey: each stage's decision, its chunks and rows, the runs", add_help=False)

@@ -168,6 +168,11 @@ def parse_recipe(raw: dict[str, Any], base_dir: Path, origin: str = "<memory>") 
     sc = raw.get("score")
     if isinstance(sc, dict) and isinstance(sc.get("perplexity"), dict) and isinstance(sc["perplexity"].get("model"), str):
         raw["score"] = {**sc, "perplexity": {**sc["perplexity"], "model": resolve_path(sc["perplexity"]["model"], base_dir)}}
+    tr = raw.get("trainer")
+    shots = tr.get("fewshot") if isinstance(tr, dict) else None
+    if isinstance(shots, dict) and isinstance(shots.get("sets"), dict):
+        sets = {k: resolve_path(v, base_dir) if isinstance(v, str) else v for k, v in shots["sets"].items()}
+        raw["trainer"] = {**tr, "fewshot": {**shots, "sets": sets}}
     tok = raw.get("tokenizer")
     if isinstance(tok, dict) and isinstance(tok.get("domain_tokens_file"), str):
         raw["tokenizer"] = {**tok, "domain_tokens_file": resolve_path(tok["domain_tokens_file"], base_dir)}

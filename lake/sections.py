@@ -454,6 +454,36 @@ class TrainerStageCfg(_Section):
         "final_lr over this many tokens")
 
 
+class FewShotCfg(_Section):
+    """Few-shot multiple-choice evaluation (``trainer/fewshot.py``): in the loop every ``every`` steps,
+    and on demand for any checkpoint with ``tokenmill eval``."""
+
+    every: int = Field(default=0, ge=0, description="steps between few-shot evaluations in the loop; 0: none "
+                       "there (tokenmill eval still runs them)")
+    sets: dict[str, str] = Field(default_factory=dict, description="set name → a JSON Lines file (path or URI) of "
+                                 "{question, choices, answer: index or the choice's text}")
+    shots: int = Field(default=5, ge=0, description="solved examples of the same set (never the item asked) "
+                       "before each question of the sets")
+    builtin: bool = Field(default=True, description="also the set 'builtin' from the lake's held-out documents: "
+                          "which of four continuations is the real one")
+    builtin_shots: int = Field(default=0, ge=0, description="solved examples before each item of the built-in set")
+    context_tokens: int = Field(default=48, gt=0, description="built-in set: the document's first tokens, at most")
+    continuation_tokens: int = Field(default=16, gt=0, description="built-in set: tokens of each continuation; "
+                                     "a document needs twice as many")
+    max_items: int = Field(default=500, gt=0, description="items per set, at most (a file's first ones)")
+    batch_tokens: int = Field(default=8192, gt=0, description="tokens per forward pass while scoring")
+    seed: int = Field(default=0, description="chooses the shots and the built-in set's distractors")
+
+    @field_validator("sets")
+    @classmethod
+    def _set_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if name == "builtin" or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+                raise ValueError(f"set name {name!r}: letters, digits, '_', '.', '-' only, and not 'builtin' (the "
+                                 f"built-in set's name)")
+        return value
+
+
 class TrainerCfg(_Section):
     run_name: str = Field(default="tiny", pattern=r"^[A-Za-z0-9_.-]+$")
     runs_dir: str | None = Field(default=None, description="default: <lake>/runs")
@@ -489,6 +519,7 @@ class TrainerCfg(_Section):
     keep_checkpoints: int = Field(default=3, ge=1)
     eval_every: int = Field(default=50, gt=0, description="steps between held-out perplexity evaluations")
     eval_docs: int = Field(default=200, gt=0, description="held-out documents per source")
+    fewshot: FewShotCfg = Field(default_factory=FewShotCfg, description="few-shot accuracy on multiple-choice sets")
     peak_flops: float = Field(default=1e12, gt=0, description="per device, for MFU (H100 bf16 dense: 989e12)")
     spike: SpikeCfg = SpikeCfg()
     poll_seconds: float = Field(default=5.0, gt=0)

@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from lake.sections import SpikeCfg, TrainerCfg
+from lake.sections import FewShotCfg, SpikeCfg, TrainerCfg
 from trainer.evaluation import holdout_documents, perplexity_by_source
 from trainer.schedule import SkipStep, SpikeGuard, accumulation_steps, batch_at
 from trainer.step import StepResult
@@ -163,6 +163,35 @@ class Evaluation(Callback):
         step.metrics["perplexity_by_source"] = perplexity_by_source(trainer.engine.module, self.documents)
 
 
+class FewShotEvaluation(Callback):
+    """Every ``trainer.fewshot.every`` steps, multiple-choice accuracy per set (``trainer/fewshot.py``)
+    into the step's metrics as ``fewshot: {<set>/acc, <set>/acc_norm}`` (TensorBoard: fewshot/<set>/acc).
+    Every rank scores (under ZeRO-3 a forward pass needs them all); rank 0 logs. Prompts are cut to the
+    width of the rows the step trained on."""
+
+    name = "fewshot"
+
+    def __init__(self, cfg: FewShotCfg):
+        self.cfg = cfg
+        self.sets: list | None = None
+
+    def on_step_end(self, trainer, step: Step) -> None:
+        if step.number % self.cfg.every:
+            return
+        from trainer import fewshot
+
+        if self.sets is None:
+            self.sets = fewshot.load_sets(self.cfg, trainer.lake, trainer.tokenizer, [trainer.meta["eos_id"]],
+                                          log=trainer.log)
+        if not self.sets:
+            return
+        score = fewshot.model_loglikelihood(trainer.engine.module, self.cfg.batch_tokens, trainer.meta["pad_id"])
+        results = fewshot.evaluate(self.sets, score, self.cfg.seed, step.result.seq_len + 1)
+        step.metrics["fewshot"] = fewshot.as_metrics(results)
+        if trainer.rank == 0:
+            trainer.log(f"[train] step {step.number} few-shot: {fewshot.summary(results)}")
+
+
 class Metrics(Callback):
     """On rank 0: every step's metrics to ``<run>/metrics.jsonl`` and TensorBoard; a console line every
     ``console_every`` steps and with every evaluation."""
@@ -245,6 +274,8 @@ class Checkpointing(Callback):
 
 
 def default_callbacks(cfg: TrainerCfg) -> list[Callback]:
-    """The daemon's callbacks, built from the recipe's trainer section, in the order they must run."""
+    """The daemon's callbacks, built from the recipe's trainer section, in the order they must run
+    (few-shot evaluation only when ``trainer.fewshot.every`` is set)."""
     return [BatchRamp(cfg.batch_ramp, cfg.micro_batch), SpikeGuardCallback(cfg.spike), Starvation(),
-            Evaluation(cfg.eval_every, cfg.eval_docs), Metrics(), Checkpointing(cfg.checkpoint_every)]
+            Evaluation(cfg.eval_every, cfg.eval_docs), *([FewShotEvaluation(cfg.fewshot)] if cfg.fewshot.every else []),
+            Metrics(), Checkpointing(cfg.checkpoint_every)]

@@ -92,22 +92,30 @@ class Checkpoints:
         return gone
 
 
+def run_checkpoints(recipe: Recipe) -> Checkpoints:
+    cfg = recipe.trainer
+    return Checkpoints(Path(cfg.runs_dir or f"{recipe.lake}/runs") / cfg.run_name / "checkpoints", cfg.keep_checkpoints)
+
+
+def model_state(folder: Path, tag: str, zero_stage: int) -> dict:
+    """The model's weights (fp32 where ZeRO-3 partitioned them) of checkpoint ``tag`` in ``folder``."""
+    if zero_stage == 3:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
+    return torch.load(Path(folder) / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+
+
 def export(recipe: Recipe, out: str, tag: str | None = None) -> str:
     """A checkpoint (default: the latest) of the recipe's run → a Hugging Face folder."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     from trainer.model import export_hf
 
     cfg = recipe.trainer
-    ckpt_dir = Path(cfg.runs_dir or f"{recipe.lake}/runs") / cfg.run_name / "checkpoints"
-    tags = Checkpoints(ckpt_dir, cfg.keep_checkpoints).tags()
+    checkpoints = run_checkpoints(recipe)
+    ckpt_dir, tags = checkpoints.folder, checkpoints.tags()
     if not tags:
         raise FileNotFoundError(f"no checkpoint in {ckpt_dir}; train first: tokenmill train --recipe {recipe.origin}")
-    tag = tag or tags[-1]
-    if cfg.zero_stage == 3:
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    else:
-        state = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    state = model_state(ckpt_dir, tag or tags[-1], cfg.zero_stage)
     _, meta = load_tokenizer(recipe)
     settings = stage_settings(cfg, cfg.stage or recipe.feed.stage)
     return export_hf(state, cfg.model, meta["model_vocab_size"], settings.rope_theta or cfg.model.rope_theta,

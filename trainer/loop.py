@@ -4,7 +4,8 @@
 resumes from the run's latest checkpoint, then asks the chunk store for the next ready chunk
 (``data.py``: rank 0 claims and verifies, every rank learns which) and trains on this rank's rows
 from the cursor, one optimizer step (``step.py``) at a time. What watches the run is a callback
-(``callbacks.py``): batch ramp, spike guard, starvation, evaluation, metrics, checkpointing. The
+(``callbacks.py``): batch ramp, spike guard, starvation, evaluation (held-out perplexity, few-shot
+accuracy), metrics, checkpointing. The
 loop itself only carries out what a callback decides: a rollback when the spike guard says so
 (back to the last good checkpoint, or the initial weights a new run saves first; the chunk's rows
 whose documents stand out are skipped from then on, and a chunk that keeps spiking, or whose rows
@@ -12,7 +13,7 @@ are mostly bad, is quarantined). Stopped by
 ``--max-steps`` it saves a checkpoint and keeps its chunk claimed, to resume at the same row.
 
 A run's folder (``<lake>/runs/<run_name>`` by default) holds ``checkpoints/``, ``metrics.jsonl``
-and ``tensorboard/``. Restarted, a run resumes exactly: model, optimizer, scheduler, the data
+and ``tensorboard/`` (and ``fewshot/``, what ``tokenmill eval`` measured of its checkpoints). Restarted, a run resumes exactly: model, optimizer, scheduler, the data
 cursor (chunk, row), step, tokens, RNG and every callback's state.
 """
 

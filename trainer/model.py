@@ -198,12 +198,9 @@ def token_losses(model, ids: torch.Tensor, cat, pos, seg, doc_mask: bool, bucket
     return loss, target_cat
 
 
-def export_hf(state_dict: dict, model_cfg, vocab_size: int, rope_theta: float, tokenizer_file: str, meta: dict,
-              out: str, rope_scaling: dict | None = None) -> str:
-    """A Hugging Face folder (LlamaForCausalLM + fast tokenizer) from a model state dict; its config
-    carries the RoPE base and scaling the weights were trained with."""
-    from transformers import PreTrainedTokenizerFast
-
+def model_from_state(state_dict: dict, model_cfg, vocab_size: int, rope_theta: float | None = None,
+                     rope_scaling: dict | None = None):
+    """The recipe's model (``model_cfg``) with a checkpoint's weights (an engine's ``module.`` prefix or none)."""
     model = build_model(model_cfg.model_copy(update={"init_from": None}), vocab_size, rope_theta, rope_scaling)
     state = {k.removeprefix("module."): v for k, v in state_dict.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -212,6 +209,16 @@ def export_hf(state_dict: dict, model_cfg, vocab_size: int, rope_theta: float, t
         raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if model_cfg.tie_embeddings:
         model.tie_weights()
+    return model
+
+
+def export_hf(state_dict: dict, model_cfg, vocab_size: int, rope_theta: float, tokenizer_file: str, meta: dict,
+              out: str, rope_scaling: dict | None = None) -> str:
+    """A Hugging Face folder (LlamaForCausalLM + fast tokenizer) from a model state dict; its config
+    carries the RoPE base and scaling the weights were trained with."""
+    from transformers import PreTrainedTokenizerFast
+
+    model = model_from_state(state_dict, model_cfg, vocab_size, rope_theta, rope_scaling)
     Path(out).mkdir(parents=True, exist_ok=True)
     model.config.eos_token_id = meta["eos_id"]
     model.config.pad_token_id = meta["pad_id"]
