@@ -50,6 +50,14 @@ def readable(token: str) -> str:
     return token
 
 
+def shown(token: str) -> str:
+    """A token quoted for a message; one holding part of a character also shows its bytes."""
+    text = readable(token)
+    if "\ufffd" in text and all(c in CHAR_BYTES for c in token):
+        return f"{text!r} (bytes {bytes(CHAR_BYTES[c] for c in token).hex(' ')})"
+    return repr(text)
+
+
 # -- inputs ------------------------------------------------------------------------------------------------
 
 
@@ -96,9 +104,9 @@ def add_tokens(tok, words: list[str], origin: str = "--add-tokens"):
     vocab = tok.get_vocab(with_added_tokens=True)
     for w in words:
         single = tok.encode(w, add_special_tokens=False).ids
-        if w in vocab or byte_level(w) in vocab or len(single) == 1:
-            found = vocab.get(w, vocab.get(byte_level(w), single[0] if len(single) == 1 else None))
-            raise ArtifactError(f"{origin}: {w!r} is already in the vocabulary (id {found}); remove it from the file")
+        known = vocab.get(w, vocab.get(byte_level(w), single[0] if len(single) == 1 else None))
+        if known is not None:
+            raise ArtifactError(f"{origin}: {w!r} is already in the vocabulary (id {known}); remove it from the file")
     new = Tokenizer.from_str(tok.to_str())
     new.add_tokens([AddedToken(w, single_word=False, normalized=False) for w in words])
     ids = {new.token_to_id(w): w for w in words}
@@ -315,7 +323,7 @@ def check_extension(old, new, new_tokens: dict[int, str], texts_by_category: dic
 def refusal(check: ExtensionCheck, fix: str) -> str:
     """The message that refuses an extension: each harmful token, what it made unreachable, an example."""
     lines = [f"vocabulary extension refused: on {check.texts} held-out documents, "
-             f"{sum(h.texts for h in check.harms)} change beyond the new tokens' own places; nothing was written"]
+             f"{sum(h.texts for h in check.harms)} documents change beyond the new tokens' own places; nothing was written"]
     for h in check.harms[:10]:
         lines.append(f"  new token {h.token!r} (id {h.token_id}) makes old token(s) "
                      f"{', '.join(repr(t) for t in h.lost) or '(none lost, only reordered)'} unreachable in "
@@ -385,11 +393,11 @@ class ExtensionReport:
                  f"model in {self.model_folder}",
                  f"  check on {c.texts} held-out documents: {c.changed} changed, each only where a new token stands "
                  "for the old tokens it joins",
-                 f"  {'id':>7} {'new token':24} {'documents':>9} {'uses':>7} {'tokens saved':>12}"]
+                 f"  {'id':>7} {'kind':5} {'documents':>9} {'uses':>7} {'tokens saved':>12}  new token"]
         for i, token in self.new_tokens.items():
             s = c.per_token[i]
-            note = "  (a step towards a longer one)" if not s["uses"] and i not in self.added else ""
-            lines.append(f"  {i:7d} {readable(token)!r:24} {s['texts']:9d} {s['uses']:7d} {s['tokens_saved']:12d}{note}")
+            kind = "added" if i in self.added else "merge"
+            lines.append(f"  {i:7d} {kind:5} {s['texts']:9d} {s['uses']:7d} {s['tokens_saved']:12d}  {shown(token)}")
         lines.append(f"  {'category':10} {'documents':>9} {'tokens before':>13} {'after':>9} {'bytes/token before':>18} {'after':>6}")
         for category, p in c.per_category.items():
             lines.append(f"  {category:10} {p['documents']:9d} {p['tokens_before']:13d} {p['tokens_after']:9d} "

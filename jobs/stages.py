@@ -68,15 +68,16 @@ class FeedOptions:
 @dataclass(frozen=True)
 class TokenizerOptions:
     extend_from: str | None = field(default=None, metadata={
-        "help": "extend the tokenizer of this Hugging Face model folder (tokenmill train --export) instead of "
+        "metavar": "FOLDER", "help": "extend the tokenizer of this Hugging Face model folder (tokenmill train --export) instead of "
                 "training one; also writes the model with its embeddings grown (--out)"})
-    add_tokens: str | None = field(default=None, metadata={"help": "with --extend-from: a file of tokens to add, one per line"})
+    add_tokens: str | None = field(default=None, metadata={
+        "metavar": "FILE", "help": "with --extend-from: a file of tokens to add, one per line"})
     learn: int | None = field(default=None, metadata={
-        "help": "with --extend-from: learn the N merges that save the most tokens on the kept documents"})
+        "metavar": "N", "help": "with --extend-from: learn the N merges that save the most tokens on the kept documents"})
     category: str | None = field(default=None, metadata={
-        "help": "with --learn: learn from this category's documents (default: every category of the mix)"})
+        "metavar": "CATEGORY", "help": "with --learn: learn from this category's documents (default: every category of the mix)"})
     out: str | None = field(default=None, metadata={
-        "help": "with --extend-from: the grown model's folder (default: <lake>/exports/extended-<version>)"})
+        "metavar": "DIR", "help": "with --extend-from: the grown model's folder (default: <lake>/exports/extended-<version>)"})
 
 
 @dataclass(frozen=True)
@@ -160,9 +161,9 @@ def add_option_flags(parser: argparse.ArgumentParser, options: type, seen: set[s
         if f.type in (bool, "bool"):
             parser.add_argument(flag, dest=f.name, action="store_true", help=f.metadata.get("help"))
         elif f.type in (str, "str", "str | None"):
-            parser.add_argument(flag, dest=f.name, type=str, help=f.metadata.get("help"))
+            parser.add_argument(flag, dest=f.name, type=str, metavar=f.metadata.get("metavar"), help=f.metadata.get("help"))
         else:
-            parser.add_argument(flag, dest=f.name, type=int, help=f.metadata.get("help"))
+            parser.add_argument(flag, dest=f.name, type=int, metavar=f.metadata.get("metavar"), help=f.metadata.get("help"))
         if seen is not None:
             seen.add(f.name)
 

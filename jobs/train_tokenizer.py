@@ -263,19 +263,7 @@ def extend(spark, recipe: Recipe, options: TokenizerOptions) -> ev.ExtensionRepo
         raise StageError(f"--category {options.category} is not a category of the mix ({', '.join(train)})")
     if not any(held.values()):
         raise ModelError(f"no held-out documents of the mix's categories in {source} to check the extension on")
-    new, new_tokens, added, learned = old, {}, set(), []
-    if options.add_tokens:
-        new, added_ids = ev.add_tokens(new, ev.read_token_file(options.add_tokens), f"--add-tokens {options.add_tokens}")
-        new_tokens.update(added_ids)
-        added = set(added_ids)
-    if options.learn:
-        domain = train[options.category] if options.category else [t for c in train for t in train[c]]
-        learned = ev.learn_merges(new, domain, options.learn)
-        if not learned:
-            raise StageError(f"--learn: no pair of tokens occurs twice in the {len(domain)} documents sampled "
-                             f"({options.category or 'every category'}) that is not a token already")
-        new, merged_ids = ev.add_merges(new, [(a, b) for a, b, _ in learned])
-        new_tokens.update(merged_ids)
+    new, new_tokens, added, learned = _extended(old, options, train)
     check = ev.check_extension(old, new, new_tokens, held, added)
     if not check.passed:
         raise StageError(ev.refusal(check, "leave these tokens out (or give a word with the space before it, "
@@ -292,7 +280,8 @@ def extend(spark, recipe: Recipe, options: TokenizerOptions) -> ev.ExtensionRepo
                 folder, task="tokenizer", backend="bpe", vocab_size=vocab_after, model_vocab_size=sizes["after"],
                 embedding_buffer=cfg.embedding_buffer, eos_id=new.token_to_id(EOS), pad_id=new.token_to_id(PAD),
                 extended_from=str(Path(options.extend_from).resolve()), base_vocab_size=vocab_before,
-                base_sha256=tokenizer_hash(old.to_str().encode()), model_folder=str(out.resolve()),
+                base_sha256=tokenizer_hash((Path(options.extend_from) / "tokenizer.json").read_bytes()),
+                model_folder=str(out.resolve()),
                 added_tokens={str(i): new_tokens[i] for i in sorted(added)},
                 learned_merges=[{"id": i, "left": a, "right": b, "tokens_saved_on_sample": saved}
                                 for i, (a, b, saved) in zip(sorted(set(new_tokens) - added), learned)],
@@ -310,6 +299,25 @@ def extend(spark, recipe: Recipe, options: TokenizerOptions) -> ev.ExtensionRepo
     return ev.ExtensionReport(folder.name, f"{model_root(recipe.lake)}/{TOKENIZER}/{folder.name}", str(out),
                               options.extend_from, vocab_before, vocab_after, sizes, new_tokens, check,
                               time.perf_counter() - started, frozenset(added))
+
+
+def _extended(old, options: TokenizerOptions, train: dict[str, list[str]]):
+    """(new tokenizer, {new id: token}, the ids of added tokens, the learned merges): ``--add-tokens``
+    first, then ``--learn`` merges on the training sample (of ``--category``)."""
+    new, new_tokens, added, learned = old, {}, set(), []
+    if options.add_tokens:
+        new, added_ids = ev.add_tokens(new, ev.read_token_file(options.add_tokens), f"--add-tokens {options.add_tokens}")
+        new_tokens.update(added_ids)
+        added = set(added_ids)
+    if options.learn:
+        domain = train[options.category] if options.category else [t for c in train for t in train[c]]
+        learned = ev.learn_merges(new, domain, options.learn)
+        if not learned:
+            raise StageError(f"--learn: no pair of tokens occurs twice in the {len(domain)} documents sampled "
+                             f"({options.category or 'every category'}) that is not a token already")
+        new, merged_ids = ev.add_merges(new, [(a, b) for a, b, _ in learned])
+        new_tokens.update(merged_ids)
+    return new, new_tokens, added, learned
 
 
 def main(argv: list[str] | None = None) -> int:
