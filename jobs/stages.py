@@ -66,6 +66,21 @@ class FeedOptions:
 
 
 @dataclass(frozen=True)
+class TokenizerOptions:
+    extend_from: str | None = field(default=None, metadata={
+        "metavar": "FOLDER", "help": "extend the tokenizer of this Hugging Face model folder (tokenmill train --export) instead of "
+                "training one; also writes the model with its embeddings grown (--out)"})
+    add_tokens: str | None = field(default=None, metadata={
+        "metavar": "FILE", "help": "with --extend-from: a file of tokens to add, one per line"})
+    learn: int | None = field(default=None, metadata={
+        "metavar": "N", "help": "with --extend-from: learn the N merges that save the most tokens on the kept documents"})
+    category: str | None = field(default=None, metadata={
+        "metavar": "CATEGORY", "help": "with --learn: learn from this category's documents (default: every category of the mix)"})
+    out: str | None = field(default=None, metadata={
+        "metavar": "DIR", "help": "with --extend-from: the grown model's folder (default: <lake>/exports/extended-<version>)"})
+
+
+@dataclass(frozen=True)
 class Stage:
     name: str  # the command: tokenmill <name>
     module: str  # jobs/<module>.py holds run() and is the spark-submit entry script
@@ -117,7 +132,8 @@ STAGES: tuple[Stage, ...] = (
           "exact, then MinHash-LSH near-dedup with thresholds per category; optionally semantic dedup", DedupOptions,
           refine=True, check="check_recipe"),
     Stage("tokenizer", "train_tokenizer", ("documents_dedup",), ("models/tokenizer",),
-          "a new byte-level BPE tokenizer version from a mix-weighted sample"),
+          "a new byte-level BPE tokenizer version from a mix-weighted sample, or an exported model's "
+          "tokenizer extended, checked on held-out documents (--extend-from)", TokenizerOptions),
     Stage("feed", "feed", ("documents_dedup", "usage", "holdout"), ("chunks", "usage", "holdout", "chunks/<chunk_id>/"),
           "mixed, curriculum-ordered, packed token chunks for the trainer", FeedOptions),
 )
@@ -144,8 +160,10 @@ def add_option_flags(parser: argparse.ArgumentParser, options: type, seen: set[s
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
             parser.add_argument(flag, dest=f.name, action="store_true", help=f.metadata.get("help"))
+        elif f.type in (str, "str", "str | None"):
+            parser.add_argument(flag, dest=f.name, type=str, metavar=f.metadata.get("metavar"), help=f.metadata.get("help"))
         else:
-            parser.add_argument(flag, dest=f.name, type=int, help=f.metadata.get("help"))
+            parser.add_argument(flag, dest=f.name, type=int, metavar=f.metadata.get("metavar"), help=f.metadata.get("help"))
         if seen is not None:
             seen.add(f.name)
 

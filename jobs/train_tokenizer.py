@@ -1,6 +1,7 @@
 """Tokenizer training: byte-level BPE on a mix-weighted sample of the kept documents.
 
     tokenmill tokenizer --recipe R   |   spark-submit jobs/train_tokenizer.py --recipe R
+    tokenmill tokenizer --recipe R --extend-from FOLDER (--add-tokens FILE | --learn N)   (jobs/extend_vocab.py)
 
 Digits are split one per token; the vocabulary (special tokens, learned tokens, the recipe's domain
 tokens, reserved tokens) is a multiple of 128, and the model's embedding size leaves a buffer of
@@ -18,6 +19,8 @@ if __package__ in (None, ""):  # run as a script by spark-submit: make the proje
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import json
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Iterable
@@ -25,8 +28,10 @@ from typing import Iterable
 from quality_models.arrowtext import HAN_RANGES
 from lake.tables import Lake
 from lake.recipe import Recipe, TokenizerCfg
-from jobs.stages import NoOptions, stage_main
-from lake.artifacts import TOKENIZER, ModelError, model_root, new_version, tokenizer_hash, write_metadata
+from jobs import extend_vocab as ev
+from jobs.stages import StageError, TokenizerOptions, stage_main
+from lake.artifacts import TOKENIZER, ModelError, model_root, new_version, tokenizer_hash, versions, write_metadata
+from lake.fs import filesystem, is_local
 
 STAGE = "tokenizer"
 EOS, PAD = "<|endoftext|>", "<|pad|>"
@@ -195,8 +200,14 @@ class TokenizerReport:
         return "\n".join(lines)
 
 
-def run(spark, recipe: Recipe, options: NoOptions = NoOptions()) -> TokenizerReport:
-    """Train a byte-level BPE tokenizer on a mix-weighted sample of the kept documents."""
+def run(spark, recipe: Recipe, options: TokenizerOptions = TokenizerOptions()) -> TokenizerReport | ev.ExtensionReport:
+    """Train a byte-level BPE tokenizer on a mix-weighted sample of the kept documents (or, with
+    ``--extend-from``, extend an exported model's: ``extend``)."""
+    if options.extend_from:
+        return extend(spark, recipe, options)
+    if options.add_tokens or options.learn or options.out or options.category:
+        raise StageError("--add-tokens, --learn, --category and --out extend an existing tokenizer: "
+                         "give its model folder with --extend-from FOLDER")
     started = time.perf_counter()
     cfg = recipe.tokenizer
     lake = Lake(recipe.lake, spark)
@@ -225,6 +236,88 @@ def run(spark, recipe: Recipe, options: NoOptions = NoOptions()) -> TokenizerRep
     return TokenizerReport(folder.name, f"{model_root(recipe.lake)}/{TOKENIZER}/{folder.name}", vocab_size, round_up(vocab_size + cfg.embedding_buffer),
                            {c: sum(len(t.encode()) for t in v) for c, v in train.items()}, measured,
                            time.perf_counter() - started)
+
+
+def extend(spark, recipe: Recipe, options: TokenizerOptions) -> ev.ExtensionReport:
+    """Extend the tokenizer of the model folder ``--extend-from``: ``--add-tokens`` and/or ``--learn`` N
+    merges learnt on the kept documents (of ``--category``), checked on the held-out documents of every
+    category of the mix. Refused (StageError naming the harmful tokens), nothing is written; else a new
+    tokenizer version is published and the model, its embeddings grown, is written to ``--out``."""
+    started = time.perf_counter()
+    cfg = recipe.tokenizer
+    if not options.add_tokens and not options.learn:
+        raise StageError("--extend-from needs tokens to add: --add-tokens FILE (one per line) or --learn N")
+    if options.learn is not None and options.learn <= 0:
+        raise StageError(f"--learn {options.learn}: give the number of merges to learn, at least 1")
+    old, _ = ev.load_base(options.extend_from)
+    if options.out is None and not is_local(recipe.lake):
+        raise StageError(f"the lake {recipe.lake} is not a local folder: give the grown model's folder with --out DIR")
+    published = versions(recipe.lake, TOKENIZER)
+    upcoming = f"v{int(published[-1][1:]) + 1 if published else 1}"
+    out = Path(options.out or Path(filesystem(recipe.lake)[1]) / "exports" / f"extended-{upcoming}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise StageError(f"--out {out} exists and is not empty; choose a new folder")
+    lake = Lake(recipe.lake, spark)
+    train, held, source = sample_by_mix(spark, recipe, lake)
+    if options.category and options.category not in train:
+        raise StageError(f"--category {options.category} is not a category of the mix ({', '.join(train)})")
+    if not any(held.values()):
+        raise ModelError(f"no held-out documents of the mix's categories in {source} to check the extension on")
+    new, new_tokens, added, learned = _extended(old, options, train)
+    check = ev.check_extension(old, new, new_tokens, held, added)
+    if not check.passed:
+        raise StageError(ev.refusal(check, "leave these tokens out (or give a word with the space before it, "
+                                           "' word'), or learn merges instead: --learn N"))
+    vocab_before, vocab_after = ev.vocab_size(old), ev.vocab_size(new)
+    embedding = round_up(vocab_after + cfg.embedding_buffer)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))  # beside out: moved in one rename
+    try:
+        sizes = ev.grow_model(options.extend_from, str(staging), new, vocab_before, vocab_after, embedding, EOS, PAD)
+        with new_version(recipe.lake, TOKENIZER) as folder:
+            new.save(str(folder / "tokenizer.json"))
+            write_metadata(
+                folder, task="tokenizer", backend="bpe", vocab_size=vocab_after, model_vocab_size=sizes["after"],
+                embedding_buffer=cfg.embedding_buffer, eos_id=new.token_to_id(EOS), pad_id=new.token_to_id(PAD),
+                extended_from=str(Path(options.extend_from).resolve()), base_vocab_size=vocab_before,
+                base_sha256=tokenizer_hash((Path(options.extend_from) / "tokenizer.json").read_bytes()),
+                model_folder=str(out.resolve()),
+                added_tokens={str(i): new_tokens[i] for i in sorted(added)},
+                learned_merges=[{"id": i, "left": a, "right": b, "tokens_saved_on_sample": saved}
+                                for i, (a, b, saved) in zip(sorted(set(new_tokens) - added), learned)],
+                learned_from=(options.category or "every category of the mix") if learned else None,
+                trained_from=source, compression=compression(new, held), compression_before=compression(old, held),
+                check={"documents": check.texts, "changed": check.changed,
+                       "per_token": {str(i): v for i, v in check.per_token.items()}},
+                sha256=tokenizer_hash((folder / "tokenizer.json").read_bytes()),
+            )
+        if out.is_dir():
+            out.rmdir()  # empty (checked above)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return ev.ExtensionReport(folder.name, f"{model_root(recipe.lake)}/{TOKENIZER}/{folder.name}", str(out),
+                              options.extend_from, vocab_before, vocab_after, sizes, new_tokens, check,
+                              time.perf_counter() - started, frozenset(added))
+
+
+def _extended(old, options: TokenizerOptions, train: dict[str, list[str]]):
+    """(new tokenizer, {new id: token}, the ids of added tokens, the learned merges): ``--add-tokens``
+    first, then ``--learn`` merges on the training sample (of ``--category``)."""
+    new, new_tokens, added, learned = old, {}, set(), []
+    if options.add_tokens:
+        new, added_ids = ev.add_tokens(new, ev.read_token_file(options.add_tokens), f"--add-tokens {options.add_tokens}")
+        new_tokens.update(added_ids)
+        added = set(added_ids)
+    if options.learn:
+        domain = train[options.category] if options.category else [t for c in train for t in train[c]]
+        learned = ev.learn_merges(new, domain, options.learn)
+        if not learned:
+            raise StageError(f"--learn: no pair of tokens occurs twice in the {len(domain)} documents sampled "
+                             f"({options.category or 'every category'}) that is not a token already")
+        new, merged_ids = ev.add_merges(new, [(a, b) for a, b, _ in learned])
+        new_tokens.update(merged_ids)
+    return new, new_tokens, added, learned
 
 
 def main(argv: list[str] | None = None) -> int:
