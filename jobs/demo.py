@@ -64,6 +64,11 @@ def run_demo(recipe: Recipe, steps: int = 300) -> None:
     from lake.status import print_status
 
     started = time.perf_counter()
+    extend = recipe.tokenizer.extend
+    if extend is not None and not (Path(extend.base) / "config.json").is_file():
+        raise SystemExit(f"error: tokenizer.extend.base {extend.base} holds no model (config.json): continued "
+                         f"pretraining starts from a base. Make it first: tokenmill demo && tokenmill train --recipe "
+                         f"configs/demo.yaml --export {extend.base}")
     _fresh_lake(recipe)
     corpus = corpus_folder(recipe)
     _say(f"building the demo corpus in {corpus}")

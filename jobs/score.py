@@ -92,7 +92,7 @@ def score_texts(texts, recipe: Recipe, signals=None, prompts=None) -> pa.StructA
     categories = np.empty(len(langs), object)
     for i, pair in enumerate(zip(langs, domains, instruction)):
         if pair not in pairs:
-            pairs[pair] = category_of(*pair, recipe)
+            pairs[pair] = category_of(pair[0], pair[1], recipe, instruction=pair[2])
         categories[i] = pairs[pair]
     return pa.StructArray.from_arrays(
         [pa.array(quality, pa.float64()), pa.array(domains, pa.string()), pa.array(langs, pa.string()),

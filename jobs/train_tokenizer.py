@@ -202,7 +202,12 @@ class TokenizerReport:
 
 def run(spark, recipe: Recipe, options: TokenizerOptions = TokenizerOptions()) -> TokenizerReport | ev.ExtensionReport:
     """Train a byte-level BPE tokenizer on a mix-weighted sample of the kept documents (or, with
-    ``--extend-from``, extend an exported model's: ``extend``)."""
+    ``--extend-from`` or the recipe's ``tokenizer.extend``, extend an exported model's: ``extend``)."""
+    planned = recipe.tokenizer.extend  # the recipe's extension; the flags override it key by key
+    if planned is not None and not options.extend_from:
+        options = TokenizerOptions(extend_from=planned.base, add_tokens=options.add_tokens or planned.add_tokens,
+                                   learn=options.learn or planned.learn, category=options.category or planned.category,
+                                   out=options.out or planned.out)
     if options.extend_from:
         return extend(spark, recipe, options)
     if options.add_tokens or options.learn or options.out or options.category:

@@ -176,10 +176,24 @@ def parse_recipe(raw: dict[str, Any], base_dir: Path, origin: str = "<memory>") 
     tok = raw.get("tokenizer")
     if isinstance(tok, dict) and isinstance(tok.get("domain_tokens_file"), str):
         raw["tokenizer"] = {**tok, "domain_tokens_file": resolve_path(tok["domain_tokens_file"], base_dir)}
+    for keys in (("tokenizer", "extend", "base"), ("tokenizer", "extend", "add_tokens"), ("tokenizer", "extend", "out"),
+                 ("trainer", "model", "init_from")):
+        raw = _resolved_at(raw, keys, base_dir)
     try:
         return Recipe(**raw, origin=origin)
     except ValidationError as err:
         raise RecipeError(_explain(err, origin)) from None
+
+
+def _resolved_at(raw: dict, keys: tuple[str, ...], base_dir: Path) -> dict:
+    """``raw`` with the path at ``keys`` (nested sections) resolved, where it is a string."""
+    head, *rest = keys
+    value = raw.get(head)
+    if rest and isinstance(value, dict):
+        return {**raw, head: _resolved_at(value, tuple(rest), base_dir)}
+    if not rest and isinstance(value, str):
+        return {**raw, head: resolve_path(value, base_dir)}
+    return raw
 
 
 def resolve_path(value: str, base_dir: Path) -> str:

@@ -314,8 +314,28 @@ class Dedup(_Section):
         return self.default_threshold, category or "default"
 
 
+class Extension(_Section):
+    """Continued pretraining: the tokenizer is a base model's, extended (``jobs/extend_vocab.py``); the
+    ``tokenmill tokenizer`` flags of the same names override these."""
+
+    base: str = Field(description="the base model's Hugging Face folder (tokenmill train --export)")
+    add_tokens: str | None = Field(default=None, description="a file of tokens to add, one per line")
+    learn: int | None = Field(default=None, gt=0, description="learn the N merges that save the most tokens")
+    category: str | None = Field(default=None, description="learn from this category's documents (default: every "
+                                                           "category of the mix)")
+    out: str | None = Field(default=None, description="the grown model's folder (trainer.model.init_from reads it); "
+                                                      "default <lake>/exports/extended-<version>")
+
+    @model_validator(mode="after")
+    def _something_to_add(self) -> "Extension":
+        if self.add_tokens is None and self.learn is None:
+            raise ValueError("tokenizer.extend needs tokens to add: add_tokens (a file) or learn (a number of merges)")
+        return self
+
+
 class TokenizerCfg(_Section):
-    """Byte-level BPE trained by ``tokenmill tokenizer`` (jobs/train_tokenizer.py)."""
+    """Byte-level BPE trained by ``tokenmill tokenizer`` (jobs/train_tokenizer.py), or a base model's
+    extended (``extend``)."""
 
     version: str = Field(default="latest", pattern=r"^(latest|v\d+)$", description="the version feed uses")
     vocab_size: int = Field(default=32_000, ge=512, description="rounded up to a multiple of 128")
@@ -326,6 +346,8 @@ class TokenizerCfg(_Section):
     domain_tokens_file: str | None = Field(default=None, description="file with one domain token per line")
     remove_tokens: list[str] = Field(default_factory=list, description="learned tokens to drop from the vocabulary")
     embedding_buffer: int = Field(default=1000, ge=0, description="ids reserved between vocabulary and embedding")
+    extend: Extension | None = Field(default=None, description="continued pretraining: extend the base model's "
+                                     "tokenizer instead of training one")
     holdout_docs: int = Field(default=200, gt=0, description="held-out documents per category for compression (at most half of a category)")
     seed: int = 0
 

@@ -73,3 +73,19 @@ def test_overrides_and_the_embedded_default(tmp_path):
     assert r.lake == str(tmp_path / "other")
     assert {s.name for s in r.sources} == {"zh_news", "zh_reviews", "en_docs", "code", "messy"}
     assert len(r.fingerprint()) == 16
+
+
+def test_the_continued_recipe_resolves_its_base_and_model_folders_and_mixes_7_2_1():
+    r = load_recipe(ROOT / "configs" / "continued.yaml")
+    assert r.tokenizer.extend.base == str(ROOT / ".tokenmill" / "base_model")
+    assert r.trainer.model.init_from == r.tokenizer.extend.out  # the run starts from the grown base
+    assert r.feed.current.mix == {"general": 7, "domain": 2, "instruction": 1}
+    assert {s.name: s.kind for s in r.sources}["chat"] == "instruction"
+    assert r.score.instruction_category in r.feed.current.mix
+
+
+def test_an_extension_needs_something_to_add_and_a_text_source_no_messages(tmp_path):
+    with pytest.raises(RecipeError, match="tokenizer.extend needs tokens to add"):
+        load_recipe(_write(tmp_path, "lake: l\nsources: [{name: a, path: x}]\ntokenizer: {extend: {base: b}}\n"))
+    with pytest.raises(RecipeError, match="messages_field is for kind: instruction"):
+        load_recipe(_write(tmp_path, "lake: l\nsources: [{name: a, path: x, messages_field: m}]\n"))

@@ -36,6 +36,7 @@ from trainer.checkpoint import Checkpoints, rng_state, set_rng
 from trainer.data import ChunkFeed, any_rank, broadcast
 from trainer.engine import build, device_of, init_distributed, stage_settings
 from trainer.lease import RunLock
+from trainer.model import check_base_tokenizer
 from trainer.schedule import model_flops_per_token, outlier_rows
 from trainer.step import StepResult, probe_rows, train_step
 
@@ -114,6 +115,7 @@ class Trainer:
         random.seed(self.cfg.seed)
         np.random.seed(self.cfg.seed)
         self.tokenizer, self.meta = load_tokenizer(self.recipe)
+        check_base_tokenizer(self.cfg.model.init_from, self.tokenizer, self.meta, self.recipe.origin)
         built = build(self.cfg, self.stage, self.meta["model_vocab_size"], self.world)
         self.engine, self.scheduler, self.n_params = built.engine, built.scheduler, built.n_params
         self.events = store.Events(self.lake, self.cfg.run_name, enabled=self.rank == 0)

@@ -45,6 +45,22 @@ def build_model(cfg, vocab_size: int, rope_theta: float | None = None, rope_scal
     return model
 
 
+def check_base_tokenizer(init_from: str | None, tokenizer, meta: dict, origin: str) -> None:
+    """Continued pretraining starts from a model whose ids are the lake tokenizer's: a base folder with
+    another tokenizer (``tokenizer.json``) is refused, naming both and the command that adopts it."""
+    if not init_from or not (Path(init_from) / "tokenizer.json").is_file():
+        return
+    from tokenizers import Tokenizer
+
+    base = Tokenizer.from_file(str(Path(init_from) / "tokenizer.json"))
+    if base.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(
+            f"trainer.model.init_from {init_from} was trained with another tokenizer ({base.get_vocab_size()} tokens) "
+            f"than the lake's ({meta.get('uri', 'tokenizer')}, {tokenizer.get_vocab_size()} tokens): its ids would mean "
+            f"other tokens. Extend the base's tokenizer into the lake (tokenizer.extend in {origin}, then tokenmill "
+            f"tokenizer --recipe {origin}) and start from the model that writes (tokenizer.extend.out)")
+
+
 def set_rope(model, theta: float | None, scaling: dict | None = None) -> None:
     """Change RoPE's base and scaling (long-context stages; ``scaling`` as transformers' rope parameters,
     ``lake.sections.RopeScaling.parameters``) and rebuild the rotary embedding from the config, which
