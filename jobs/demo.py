@@ -58,7 +58,7 @@ def corpus_folder(recipe: Recipe) -> Path:
 
 
 def run_demo(recipe: Recipe, steps: int = 300) -> None:
-    from jobs.demo_corpus import build_demo_corpus
+    from jobs.demo_corpus import INSTRUCTION_DOCS, build_demo_corpus
     from jobs.stages import run_stages
     from lake.artifacts import ModelRef, versions
     from lake.status import print_status
@@ -72,7 +72,8 @@ def run_demo(recipe: Recipe, steps: int = 300) -> None:
     _fresh_lake(recipe)
     corpus = corpus_folder(recipe)
     _say(f"building the demo corpus in {corpus}")
-    for built in build_demo_corpus(corpus):
+    wanted = INSTRUCTION_DOCS if any(s.kind == "instruction" for s in recipe.sources) else None
+    for built in build_demo_corpus(corpus, wanted):
         print(f"  {built.name:<12} {built.documents:>6} documents", flush=True)
     _say("refinery, stage 1 (Spark local mode): ingest → filter → pii")
     run_stages(recipe, ["ingest", "filter", "pii"])

@@ -8,7 +8,9 @@ Nothing is downloaded and nothing is committed: the text comes from what the ins
 - Messy input: a handful of broken lines of every kind ingest must survive, as any crawl has.
 - Instructions (``instruct``, prompt and completion): questions on the standard library's functions
   answered by their docstrings, and People's Daily articles to continue from their first half.
-- Conversations (``chat``, messages with roles): the same questions asked in a conversation.
+- Conversations (``chat``, messages with roles): the same kind of questions asked in a conversation.
+  These two are built only when asked for (``INSTRUCTION_DOCS``: the demo does for a recipe that
+  reads an instruction source).
 
 The build is deterministic: the same installation gives byte-identical files.
 """
@@ -25,7 +27,9 @@ from importlib import resources
 from pathlib import Path
 
 NEWS_SKIP = 1000  # the instruct source's articles come after this many (the zh_news source takes the first)
-DEFAULT_DOCS = {"zh_news": 500, "zh_reviews": 500, "en_docs": 500, "code": 500, "instruct": 300, "chat": 100}
+DEFAULT_DOCS = {"zh_news": 500, "zh_reviews": 500, "en_docs": 500, "code": 500, "instruct": 0, "chat": 0}
+# the instruction sources are built when asked for (configs/continued.yaml reads them)
+INSTRUCTION_DOCS = {"instruct": 300, "chat": 100}
 
 
 @dataclass(frozen=True)
@@ -57,9 +61,11 @@ def build_demo_corpus(out_dir: str | Path, docs: dict[str, int] | None = None) -
         _write_jsonl(out / "zh_reviews" / "part-0.jsonl", "zh_reviews", _reviews(counts["zh_reviews"])),
         _write_jsonl(out / "en_docs" / "part-0.jsonl.gz", "en_docs", _english_docs(counts["en_docs"])),
         _write_jsonl(out / "code" / "part-0.jsonl", "code", _stdlib_code(counts["code"])),
-        _write_jsonl(out / "instruct" / "part-0.jsonl", "instruct", _instructions(counts["instruct"])),
-        _write_jsonl(out / "chat" / "part-0.jsonl", "chat", _conversations(counts["chat"])),
     ]
+    if counts["instruct"]:
+        built.append(_write_jsonl(out / "instruct" / "part-0.jsonl", "instruct", _instructions(counts["instruct"])))
+    if counts["chat"]:
+        built.append(_write_jsonl(out / "chat" / "part-0.jsonl", "chat", _conversations(counts["chat"])))
     messy = out / "messy" / "part-0.jsonl"
     messy.parent.mkdir(parents=True, exist_ok=True)
     messy.write_bytes(b"".join(MESSY_LINES))

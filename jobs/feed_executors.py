@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from jobs.records import CHAT_END, CHAT_REPLY
 from lake.fs import write_bytes
 from schemas import chunk_row_schema
 
@@ -40,12 +41,14 @@ def id_dtype(vocab_size: int):
 def tokenize_batches(batches, tokenizer_json: str, sha: str, eos_id: int, vocab_size: int, batch_size: int = 256):
     """mapInArrow body: each document's token ids (EOS appended) as packed little-endian bytes
     (uint16 or uint32, see ``id_dtype``), and their count; an instruction example's ids are its prompt's
-    then its completion's (encoded apart, so the boundary is a token boundary), ``prompt_tokens`` the first. Bytes cross to the JVM as one copy; an
+    then its completion's (encoded apart, so the boundary is a token boundary; a ChatML reply closed by
+    ``<|im_end|>`` where the tokenizer has it), ``prompt_tokens`` the first. Bytes cross to the JVM as one copy; an
     array of ints would be converted element by element."""
     import numpy as np
 
     tok = _tokenizer(tokenizer_json, sha)
     dtype = id_dtype(vocab_size)
+    end_of_turn = tok.token_to_id(CHAT_END)
     for batch in batches:
         texts = batch.column("text").to_pylist()
         prompts = batch.column("prompt").to_pylist() if "prompt" in batch.schema.names else [None] * len(texts)
@@ -59,6 +62,8 @@ def tokenize_batches(batches, tokenizer_json: str, sha: str, eos_id: int, vocab_
                 ids = [] if prompt is None else next(prompt_ids).ids
                 prompt_counts.append(len(ids))
                 ids += e.ids
+                if end_of_turn is not None and prompt is not None and prompt.endswith(CHAT_REPLY):
+                    ids.append(end_of_turn)  # a ChatML reply is closed, and the model learns to close it
                 ids.append(eos_id)
                 blobs.append(np.asarray(ids, dtype).tobytes())
                 counts.append(len(ids))

@@ -29,7 +29,7 @@ from lake.fs import read_list
 from lake.tables import Lake
 from lake.recipe import Recipe, RecipeError
 from jobs.rules import (DEFAULT_DROP_LINE_PATTERNS, DEFAULT_TRUNCATE_PATTERNS, LineCleanup, Rule, build_rules, code_signals,
-                        clean_lines, compute_signals, failed_rules)
+                        clean_lines, compute_signals, count_whole_example, failed_rules)
 from lake.sections import Language
 from quality_models.labels import DEFAULT_URL_DOMAINS, weak_domain
 from quality_models.language import is_data_file, name_of, script_lang
@@ -130,6 +130,8 @@ def make_filter(recipe: Recipe):
         def filter_document(doc: dict) -> Outcome:
             text, removed_lines = clean_lines(doc["text"], cleanup)
             signals = compute_signals(text, keywords)
+            if doc.get("prompt") is not None:
+                count_whole_example(signals, doc["prompt"])
             signals["lines_removed"] = float(removed_lines)
             name = name_of(doc.get("url"), doc.get("meta"))
             if is_data_file(name):

@@ -145,6 +145,7 @@ def parse_record(record: dict[str, Any], spec: SourceSpec, where: str) -> Docume
 # is rendered so; the prompt ends with the assistant's header and the completion follows it.
 CHAT_TURN = "<|im_start|>{role}\n{content}<|im_end|>\n"
 CHAT_REPLY = "<|im_start|>assistant\n"
+CHAT_END = "<|im_end|>"  # feed closes the completion of a prompt ending in CHAT_REPLY with it (learnt)
 
 
 def render_chat(messages: list[dict]) -> tuple[str, str]:

@@ -186,6 +186,21 @@ def _char_classes(text: str) -> dict[str, int]:
     }
 
 
+def count_whole_example(signals: dict[str, float], prompt: str) -> None:
+    """An instruction example's counts (``n_chars``, ``n_words``, ``stop_words``) take in its prompt
+    too: the length and stop-word rules judge the whole example (a short answer to a question is
+    neither a short document nor a list of names); every share and repetition signal is the
+    completion's alone."""
+    words = _WORD.findall(prompt)
+    signals["n_chars"] += len(prompt)
+    signals["n_words"] += len(words)
+    signals["stop_words"] += _stop_words(words)
+
+
+def _stop_words(words: list[str]) -> float:
+    return float(sum(1 for w in words if w.lower().strip(".,;:!?\"'()") in EN_STOP_WORDS))
+
+
 def compute_signals(text: str, keyword_lists: dict[str, frozenset[str]] | None = None) -> dict[str, float]:
     lines = text.split("\n")
     nonblank = [ln.strip() for ln in lines if ln.strip()]
@@ -224,7 +239,7 @@ def compute_signals(text: str, keyword_lists: dict[str, frozenset[str]] | None =
         "dup_para_char_frac": dup_para_chars,
         "mean_word_len": sum(map(len, words)) / len(words) if words else 0.0,
         "alpha_word_frac": alpha_words / (len(words) or 1),
-        "stop_words": float(sum(1 for w in words if w.lower().strip(".,;:!?\"'()") in EN_STOP_WORDS)),
+        "stop_words": _stop_words(words),
         "bullet_line_frac": sum(bool(_BULLET.match(ln)) for ln in nonblank) / (len(nonblank) or 1),
         "ellipsis_line_frac": sum(bool(_ELLIPSIS.search(ln)) for ln in nonblank) / (len(nonblank) or 1),
         "replacement_char_frac": text.count("\ufffd") / n_chars,

@@ -255,6 +255,11 @@ def extend(spark, recipe: Recipe, options: TokenizerOptions) -> ev.ExtensionRepo
     if options.learn is not None and options.learn <= 0:
         raise StageError(f"--learn {options.learn}: give the number of merges to learn, at least 1")
     old, _ = ev.load_base(options.extend_from)
+    missing = [t for t in (EOS, PAD) if old.token_to_id(t) is None]
+    if missing:
+        raise StageError(f"--extend-from {options.extend_from}: its tokenizer has no {' and no '.join(missing)}, which "
+                         f"feed ends documents with and pads rows with; extend a tokenmill export (tokenmill train "
+                         f"--export), or add them to its tokenizer.json as special tokens first")
     if options.out is None and not is_local(recipe.lake):
         raise StageError(f"the lake {recipe.lake} is not a local folder: give the grown model's folder with --out DIR")
     published = versions(recipe.lake, TOKENIZER)

@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -101,6 +102,14 @@ def test_the_continued_recipe_extends_the_base_and_trains_from_it_then_anneals(s
     assert set(tokens) == {"general", "domain", "instruction"}
     assert abs(tokens["general"] / total - 0.7) < 0.05 and abs(tokens["domain"] / total - 0.2) < 0.05
     assert abs(tokens["instruction"] / total - 0.1) < 0.05  # whole examples: a little over or under its share
+
+    # a conversation's reply is closed by <|im_end|>, learnt, before the end of text
+    chat = {r["doc_id"] for r in lake.read_arrow("documents_dedup", ["doc_id", "source"]).to_pylist()
+            if r["source"] == "chat"}
+    ends = [row["input_ids"][s["pos"] + s["length"] - 2 : s["pos"] + s["length"]]
+            for c in made for row in pq.read_table(chunks.chunk_dir(continued.lake, c["chunk_id"])).to_pylist()
+            for s in row["spans"] if s["doc_id"] in chat and s["doc_start"] + s["length"] == s["doc_tokens"]]
+    assert ends and all(e == [tok.token_to_id("<|im_end|>"), meta["eos_id"]] for e in ends)
 
     losses = Trainer(continued, max_steps=12, exit_when_idle=0.1).run()
     fresh = math.log(meta["model_vocab_size"])

@@ -254,3 +254,15 @@ def test_extension_flags_without_a_base_are_refused(spark, real):
         train_tokenizer.run(spark, recipe, TokenizerOptions(learn=3))
     with pytest.raises(StageError, match="--add-tokens FILE"):
         train_tokenizer.run(spark, recipe, TokenizerOptions(extend_from=real[1]))
+
+
+def test_a_base_without_the_end_of_text_and_pad_tokens_is_refused_before_any_work(tmp_path):
+    texts = ["the river and the riverbank"] * 20
+    bare = build_tokenizer(texts, 300, ["<s>"], [], 1)  # another family's specials
+    folder = tmp_path / "foreign"
+    folder.mkdir()
+    bare.save(str(folder / "tokenizer.json"))
+    (folder / "config.json").write_text("{}")
+    recipe = make_recipe(tmp_path, [{"name": "t", "path": str(tmp_path / "x.jsonl")}])
+    with pytest.raises(StageError, match=r"has no <\|endoftext\|> and no <\|pad\|>"):
+        train_tokenizer.extend(None, recipe, TokenizerOptions(extend_from=str(folder), learn=4))

@@ -5,6 +5,7 @@ and trained with loss on the completion only."""
 from __future__ import annotations
 
 import json
+import math
 import random
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from jobs.packing import interleave_row
 from jobs.records import CHAT_REPLY, Document, Rejection, SourceSpec, parse_json_line, render_chat
 from lake.tables import Lake
 from schemas import table
@@ -110,6 +112,22 @@ def test_prompt_tokens_carry_no_loss_and_no_gradient():
     assert (grad[0, 14:21].abs().amax(dim=-1) > 0).all() and (grad[1, :17].abs().amax(dim=-1) > 0).all()
 
 
+def test_held_out_perplexity_scores_an_example_on_its_completion_given_its_prompt():
+    from lake.sections import ModelCfg
+    from trainer.evaluation import perplexity_by_source
+    from trainer.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelCfg(hidden=32, layers=1, heads=2, kv_heads=1), vocab_size=64)
+    ids = torch.randint(0, 64, (12,)).tolist()
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(model(input_ids=torch.tensor([ids[:-1]])).logits[0], torch.tensor(ids[1:]),
+                                                 reduction="none")
+    got = perplexity_by_source(model, {"qa": [(ids, 4)], "web": [(ids, 0)]})
+    assert got["qa"] == pytest.approx(math.exp(float(loss[3:].mean())), rel=1e-5)  # targets 4.. : the completion
+    assert got["web"] == pytest.approx(math.exp(float(loss.mean())), rel=1e-5)
+
+
 # -- the refinery: ingest, filter and pii judge and scrub the right parts -----------------------------
 
 
@@ -131,6 +149,11 @@ def refined(spark, tmp_path_factory):
         {"id": "junk-prompt", "prompt": "!!!! ???? #### " * 3, "completion": good["completion"] + "\nIn short: yes."},
         # a junk completion is rejected whatever the prompt
         {"id": "junk-completion", "prompt": good["prompt"], "completion": "click here " * 40},
+        # a short answer: the length rules count the whole example, so it stays
+        {"id": "short-answer", "prompt": "Which river is the longest in China, and how long is it? Give the name "
+                                         "and the length in kilometres, please.\n", "completion": "The Yangtze, 6,300 km."},
+        {"id": "short-list", "prompt": "Name two of the longest rivers of China, with the longest one first, and say nothing else in the answer please.\n",
+         "completion": "Yangtze. Yellow River."},
     ]
     write_jsonl(tmp / "extra" / "part-0.jsonl", extra)
     sources = [{"name": "instruct", "path": str(built["instruct"].path), "kind": "instruction", "id_field": "id",
@@ -166,6 +189,9 @@ def test_instruction_records_travel_with_their_prompt_and_are_judged_by_their_co
     pii = clean[extra_docs[next(p for p in extra_docs if "li.wei@" in p)]["doc_id"]]
     assert "li.wei@example.com" not in pii["prompt"] and "<EMAIL>" in pii["prompt"] and dict(pii["pii"])["EMAIL"] == 1
     assert pii["text"] == extra[0]["completion"]
+    # 22 characters, fewer than 2 stop words: kept, the question counts; junk shares still reject one
+    assert extra_docs[extra[4]["prompt"]]["doc_id"] in clean
+    assert rejected[extra_docs[extra[3]["prompt"]]["doc_id"]]["reason"] == "non_alpha_words"
 
 
 # -- feed: examples packed whole, with their prompt length --------------------------------------------
@@ -241,15 +267,17 @@ def test_feed_packs_each_example_whole_with_its_prompt_length_among_the_text_row
     assert all(seen[d] == len(tok.encode(docs[d]["prompt"], add_special_tokens=False).ids)
                + len(tok.encode(docs[d]["text"], add_special_tokens=False).ids) + 1 for d in seen)  # all of each
     assert any(len(tok.encode(docs[d]["prompt"]).ids) > 64 for d in seen)  # the case of a longer one was met
-    first_example, last_text = kinds.index(True), len(kinds) - 1 - kinds[::-1].index(False)
-    assert first_example < last_text  # spread among the text rows, not all at the end
+    # the example rows sit where interleave_row spreads them among the text rows, not at the end
+    text_rows, example_rows = kinds.count(False), kinds.count(True)
+    assert example_rows >= 2 and sorted(interleave_row(text_rows + j, text_rows, example_rows)
+                                        for j in range(example_rows)) == [i for i, k in enumerate(kinds) if k]
+    assert kinds.index(True) < len(kinds) - 1 - kinds[::-1].index(False)
     # what the trainer makes of it: exactly the prompt positions are without loss
     cat, _, _ = row_layout([r["spans"] for r in rows], 64, [])
     prompt_positions = sum(max(0, min(s["length"], s["prompt_tokens"] - s["doc_start"]))
                            for r in rows for s in r["spans"])
     padding = sum(64 - sum(s["length"] for s in r["spans"]) for r in rows)
     assert int((cat == -1).sum()) == prompt_positions + padding and prompt_positions > 0
-    assert np.asarray(cat).shape == (len(rows), 64)
 
 
 @pytest.mark.slow

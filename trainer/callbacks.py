@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lake.sections import FewShotCfg, SpikeCfg, TrainerCfg
-from trainer.evaluation import holdout_documents, perplexity_by_source
+from trainer.evaluation import holdout_examples, perplexity_by_source
 from trainer.schedule import SkipStep, SpikeGuard, accumulation_steps, batch_at
 from trainer.step import StepResult
 
@@ -153,8 +153,8 @@ class Evaluation(Callback):
         if step.number % self.every:
             return
         if self.documents is None:
-            self.documents = holdout_documents(trainer.lake, trainer.tokenizer, self.docs_per_source,
-                                               step.result.seq_len)
+            self.documents = holdout_examples(trainer.lake, trainer.tokenizer, self.docs_per_source,
+                                              step.result.seq_len)
             if not self.documents:
                 trainer.log(f"[train] no held-out documents in {trainer.lake.uri('holdout')} (feed freezes them when "
                             f"it first runs): no perplexity per source")
@@ -180,7 +180,7 @@ class FewShotEvaluation(Callback):
             return
         from trainer import fewshot
 
-        if self.sets is None:
+        if not self.sets:  # again while there is none: feed freezes the held-out set when it first runs
             self.sets = fewshot.load_sets(self.cfg, trainer.lake, trainer.tokenizer, [trainer.meta["eos_id"]],
                                           log=trainer.log)
         if not self.sets:
