@@ -57,8 +57,14 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int, special_tokens: list[
     )
     tok.train_from_iterator(texts, trainer)
     if domain_tokens:
-        tok.add_tokens([AddedToken(w, single_word=True, normalized=False) for w in domain_tokens])
+        # a word must stand alone to match (not "aspirin" in "aspirinate"); Chinese has no spaces to stand
+        # between, so a token with a Han character matches inside running text
+        tok.add_tokens([AddedToken(w, single_word=not _has_han(w), normalized=False) for w in domain_tokens])
     return tok
+
+
+def _has_han(text: str) -> bool:
+    return any(lo <= ord(ch) <= hi for ch in text for lo, hi in HAN_RANGES)
 
 
 def _merge_parts(merge) -> tuple[str, str]:
@@ -284,6 +290,12 @@ def extend(spark, recipe: Recipe, options: TokenizerOptions) -> ev.ExtensionRepo
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))  # beside out: moved in one rename
     try:
         sizes = ev.grow_model(options.extend_from, str(staging), new, vocab_before, vocab_after, embedding, EOS, PAD)
+        if out.is_dir():
+            out.rmdir()  # empty (checked above)
+        staging.rename(out)  # the model is in place before the version naming it is published
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    try:
         with new_version(recipe.lake, TOKENIZER) as folder:
             new.save(str(folder / "tokenizer.json"))
             write_metadata(
@@ -301,11 +313,9 @@ def extend(spark, recipe: Recipe, options: TokenizerOptions) -> ev.ExtensionRepo
                        "per_token": {str(i): v for i, v in check.per_token.items()}},
                 sha256=tokenizer_hash((folder / "tokenizer.json").read_bytes()),
             )
-        if out.is_dir():
-            out.rmdir()  # empty (checked above)
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # no version names it: the model goes too
+        raise
     return ev.ExtensionReport(folder.name, f"{model_root(recipe.lake)}/{TOKENIZER}/{folder.name}", str(out),
                               options.extend_from, vocab_before, vocab_after, sizes, new_tokens, check,
                               time.perf_counter() - started, frozenset(added))

@@ -78,6 +78,15 @@ def test_tokenizer_vocabulary_buffer_digits_and_domain_tokens(fed):
     assert report.compression["zh"]["han_per_token"] > 0.5 and report.compression["en"]["bytes_per_token"] > 1.5
 
 
+def test_a_chinese_domain_token_matches_inside_running_text_and_a_word_only_standing_alone():
+    from jobs.train_tokenizer import build_tokenizer
+
+    tok = build_tokenizer(["服用药物后 the river flows"] * 20, 300, ["<|endoftext|>"], ["阿司匹林", "aspirin"], 1)
+    assert "阿司匹林" in tok.encode("服用阿司匹林后", add_special_tokens=False).tokens
+    assert "aspirin" in tok.encode("take aspirin now", add_special_tokens=False).tokens
+    assert "aspirin" not in tok.encode("aspirinate", add_special_tokens=False).tokens
+
+
 def test_removed_tokens_leave_the_vocabulary_and_ids_stay_contiguous():
     from jobs.train_tokenizer import build_tokenizer, pad_to_multiple, remove_tokens
 
