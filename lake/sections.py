@@ -342,7 +342,8 @@ class TokenizerCfg(_Section):
     sample_bytes: int = Field(default=50_000_000, gt=0, description="training sample, split by the mix")
     min_frequency: int = Field(default=2, ge=1)
     special_tokens: list[str] = Field(default_factory=lambda: ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"])
-    domain_tokens: list[str] = Field(default_factory=list, description="kept as one token each: a word where it stands alone, a token with a Han character wherever it occurs")
+    domain_tokens: list[str] = Field(default_factory=list, description="kept as one token each: a word where it "
+                                     "stands alone, a token with a Han character wherever it occurs")
     domain_tokens_file: str | None = Field(default=None, description="file with one domain token per line")
     remove_tokens: list[str] = Field(default_factory=list, description="learned tokens to drop from the vocabulary")
     embedding_buffer: int = Field(default=1000, ge=0, description="ids reserved between vocabulary and embedding")
