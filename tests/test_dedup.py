@@ -36,7 +36,7 @@ def _han(rng: random.Random, n: int) -> str:
 
 def scored_rows(rows: list[dict]) -> pa.Table:
     now = datetime(2026, 1, 1, tzinfo=timezone.utc)
-    base = {"source": "test", "url": None, "meta": None, "ingested_at": now, "signals": None, "pii": None}
+    base = {"source": "test", "url": None, "meta": None, "ingested_at": now, "signals": None, "pii": None, "prompt": None}
     return pa.Table.from_pylist([{**base, **r} for r in rows])
 
 

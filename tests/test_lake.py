@@ -124,7 +124,7 @@ def test_a_filtered_read_finds_rows_in_columns_without_file_statistics(spark, la
     """The bridge records no min/max for long strings and timestamps; delta-rs once read that as "no row
     can match" and a filter on such a column found nothing (``tokenmill trace --url``)."""
     lake = Lake(lake_root, spark, native=mode == "native")
-    rows = [(f"d{i}", f"text {i}", "src", f"https://example.org/a/rather/long/path/to/page-{i}", None, NOW) for i in range(5)]
+    rows = [(f"d{i}", f"text {i}", "src", f"https://example.org/a/rather/long/path/to/page-{i}", None, NOW, None) for i in range(5)]
     lake.write("documents_raw", spark.createDataFrame(rows, spark_schema(table("documents_raw"))), mode="overwrite")
     url = rows[3][3]
     assert lake.read_arrow("documents_raw", ["doc_id"], pc.field("url") == url).to_pylist() == [{"doc_id": "d3"}]
