@@ -80,6 +80,10 @@ class Lake:
                 f"run the stage that writes it first (DESIGN.md, 'The lake')"
             ) from None
 
+    def has_column(self, name: str, column: str) -> bool:
+        """Whether the table as written has ``column`` (a lake made before a column was added lacks it)."""
+        return column in pa.schema(self.delta(name).schema().to_arrow()).names
+
     def kept_documents(self) -> str:
         """The table of documents the refinery kept: documents_dedup, or documents_scored before dedup ran."""
         for name in ("documents_dedup", "documents_scored"):

@@ -128,6 +128,21 @@ def test_held_out_perplexity_scores_an_example_on_its_completion_given_its_promp
     assert got["web"] == pytest.approx(math.exp(float(loss.mean())), rel=1e-5)
 
 
+def test_held_out_documents_of_a_lake_refined_before_the_prompt_column_still_evaluate(tmp_path):
+    from deltalake import write_deltalake
+
+    from jobs.synthetic_lake import make_lake
+    from trainer.evaluation import holdout_examples
+
+    lake, tok, _, _ = make_lake(str(tmp_path / "lake"))
+    docs = lake.read_arrow("documents_dedup")
+    write_deltalake(lake.uri("documents_dedup"), docs.drop_columns(["prompt"]), mode="overwrite",
+                    schema_mode="overwrite")  # as an older tokenmill wrote it
+    assert not lake.has_column("documents_dedup", "prompt")
+    examples = holdout_examples(lake, tok, 5, 64)
+    assert examples and all(context == 0 and len(ids) > 1 for docs in examples.values() for ids, context in docs)
+
+
 # -- the refinery: ingest, filter and pii judge and scrub the right parts -----------------------------
 
 

@@ -23,9 +23,12 @@ def holdout_examples(lake: Lake, tokenizer, per_source: int, width: int) -> dict
     training, where it carries no loss) then its completion's; a document's context is 0. Those
     whose ids leave fewer than two to score are left out."""
     by_source: dict[str, list[tuple[list[int], int]]] = {}
-    rows = held_out_documents(lake, lake.kept_documents(), ["doc_id", "source", "text", "prompt"]).to_pylist()
+    kept = lake.kept_documents()
+    # a lake refined before instruction sources existed has no prompt column: its documents have none
+    columns = ["doc_id", "source", "text"] + (["prompt"] if lake.has_column(kept, "prompt") else [])
+    rows = held_out_documents(lake, kept, columns).to_pylist()
     for r in sorted(rows, key=lambda r: r["doc_id"]):
-        context = tokenizer.encode(r["prompt"], add_special_tokens=False).ids if r["prompt"] is not None else []
+        context = tokenizer.encode(r["prompt"], add_special_tokens=False).ids if r.get("prompt") is not None else []
         ids = (context + tokenizer.encode(r["text"], add_special_tokens=False).ids)[:width]
         if len(ids) - len(context) > 1 and len(by_source.get(r["source"], [])) < per_source:
             by_source.setdefault(r["source"], []).append((ids, len(context)))
