@@ -1,5 +1,5 @@
-"""What the benchmarks share: ~1 KB pieces of real text, and peak-memory sampling of the Spark JVM and
-its Python workers. (A throwaway demo recipe and corpus: ``jobs.demo_corpus.demo_recipe_in``.)"""
+"""What the benchmarks share: ~1 KB pieces of real text, a tiny Llama and the timing of repeated rounds
+with their table, and peak-memory sampling of the Spark JVM and its Python workers. (A throwaway demo recipe and corpus: ``jobs.demo_corpus.demo_recipe_in``.)"""
 
 from __future__ import annotations
 
@@ -30,6 +30,44 @@ def kilobyte_pieces(texts: list[str], size: int = 1000, minimum: int = 300) -> l
         if length >= minimum:
             pieces.append("\n".join(piece))
     return pieces
+
+
+def tiny_llama(vocab_size: int, hidden: int, layers: int, max_positions: int | None = None):
+    """A randomly initialised LlamaForCausalLM of ``layers`` × ``hidden`` (heads of 64), for model benches."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    heads = max(1, hidden // 64)
+    extra = {"max_position_embeddings": max_positions} if max_positions else {}
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden,
+                                        num_hidden_layers=layers, num_attention_heads=heads,
+                                        num_key_value_heads=heads, **extra))
+
+
+def timed_rounds(rounds: int, runs: dict) -> tuple[dict[str, list[float]], dict]:
+    """Each of ``runs`` (name → function without arguments) once per round, in turn: (seconds per name per
+    round, each one's last result)."""
+    import time
+
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    results: dict = {}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            results[name] = run()
+            times[name].append(time.perf_counter() - started)
+    return times, results
+
+
+def print_rounds(times: dict[str, list[float]], labels: dict[str, str], units: int, unit: str, width: int = 44) -> None:
+    """Median, min-max, ``units``/s and speed against the first of ``times`` (the reference), a row each."""
+    import statistics
+
+    print(f"{'':{width}} {'s median':>9} {'min-max':>13} {unit + '/s':>8} {'vs ref':>7}")
+    ref = statistics.median(next(iter(times.values())))
+    for key, label in labels.items():
+        med = statistics.median(times[key])
+        print(f"{label:{width}} {med:9.2f} {min(times[key]):6.2f}-{max(times[key]):<6.2f} {units / med:8.1f} "
+              f"{ref / med:7.2f}")
 
 
 def _rss_kib(pid: int, field: str = "VmRSS") -> int:

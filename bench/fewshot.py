@@ -17,15 +17,13 @@ alternate the sides; medians and the spread of ``--rounds`` are printed.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import kilobyte_pieces  # noqa: E402
+from bench.common import kilobyte_pieces, print_rounds, timed_rounds, tiny_llama  # noqa: E402
 from jobs.demo_corpus import build_demo_corpus  # noqa: E402
 from jobs.train_tokenizer import build_tokenizer  # noqa: E402
 from trainer import fewshot  # noqa: E402
@@ -42,7 +40,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -54,10 +51,7 @@ def main() -> None:
                  for s, texts in by_source.items()}
     items = fewshot.builtin_items(documents, args.context, args.continuation, 0, tok.decode)
     task = fewshot.TaskSet("builtin", items, 0, [tok.token_to_id("<|endoftext|>")])
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=args.hidden,
-                                         intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
-                                         num_attention_heads=max(1, args.hidden // 64),
-                                         num_key_value_heads=max(1, args.hidden // 64))).eval()
+    model = tiny_llama(tok.get_vocab_size(), args.hidden, args.layers).eval()
 
     def reference(requests):
         out = []
@@ -69,14 +63,8 @@ def main() -> None:
 
     ours = fewshot.model_loglikelihood(model, args.batch_tokens, tok.token_to_id("<|pad|>"))
     requests = fewshot.requests_of(task, 0, None)
-    times: dict[str, list[float]] = {"reference": [], "ours": []}
-    for _ in range(args.rounds):
-        started = time.perf_counter()
-        want = reference(requests)
-        times["reference"].append(time.perf_counter() - started)
-        started = time.perf_counter()
-        got = ours(requests)
-        times["ours"].append(time.perf_counter() - started)
+    times, results = timed_rounds(args.rounds, {"reference": lambda: reference(requests), "ours": lambda: ours(requests)})
+    want, got = results["reference"], results["ours"]
     same = all(abs(a - b) <= 1e-3 * max(1.0, abs(a)) for a, b in zip(want, got))
     accs = [fewshot.evaluate_set(task, lambda _: scores) for scores in (want, got)]
     tokens = sum(len(p) + len(o) for p, o in requests)
@@ -85,14 +73,8 @@ def main() -> None:
           f"Llama {args.layers} x {args.hidden} ({params / 1e6:.1f}M parameters), one thread, {args.rounds} rounds; "
           f"same log-likelihoods (rtol 1e-3): {same}; same acc: {accs[0] == accs[1]} ({accs[1].acc:.3f}, chance "
           f"{accs[1].chance:.3f})")
-    print(f"{'':44} {'s median':>9} {'min-max':>13} {'items/s':>8} {'vs ref':>7}")
-    ref = statistics.median(times["reference"])
-    for key, label in (("reference", "one forward pass per option"),
-                       ("ours", f"model_loglikelihood, {args.batch_tokens} tokens a batch")):
-        med = statistics.median(times[key])
-        print(f"{label:44} {med:9.2f} {min(times[key]):6.2f}-{max(times[key]):<6.2f} {len(items) / med:8.1f} "
-              f"{ref / med:7.2f}")
-
+    print_rounds(times, {"reference": "one forward pass per option",
+                         "ours": f"model_loglikelihood, {args.batch_tokens} tokens a batch"}, len(items), "items")
 
 if __name__ == "__main__":
     main()

@@ -14,17 +14,15 @@ the sides; medians and the spread of ``--rounds`` are printed.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import demo_texts, kilobyte_pieces  # noqa: E402
+from bench.common import demo_texts, kilobyte_pieces, print_rounds, timed_rounds, tiny_llama  # noqa: E402
 from jobs.train_tokenizer import build_tokenizer  # noqa: E402
 from quality_models.perplexity import PerplexityModel  # noqa: E402
 
@@ -39,7 +37,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -49,11 +47,7 @@ def main() -> None:
         pieces = every[:: max(1, len(every) // args.docs)][: args.docs]
         tok = PreTrainedTokenizerFast(tokenizer_object=build_tokenizer(pieces, 4096, ["<|endoftext|>", "<|pad|>"], []),
                                       eos_token="<|endoftext|>", pad_token="<|pad|>")
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=args.hidden,
-                                             intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
-                                             num_attention_heads=max(1, args.hidden // 64),
-                                             num_key_value_heads=max(1, args.hidden // 64),
-                                             max_position_embeddings=args.max_tokens))
+        model = tiny_llama(len(tok), args.hidden, args.layers, args.max_tokens)
         folder = work / "lm"
         model.save_pretrained(folder)
         tok.save_pretrained(folder)
@@ -70,14 +64,9 @@ def main() -> None:
                         out[i] = float(torch.exp(ref_model(input_ids=batch, labels=batch).loss))
             return out
 
-        times: dict[str, list[float]] = {"reference": [], "ours": []}
-        for _ in range(args.rounds):
-            started = time.perf_counter()
-            want = reference()
-            times["reference"].append(time.perf_counter() - started)
-            started = time.perf_counter()
-            got = ours_model.perplexity(pieces)
-            times["ours"].append(time.perf_counter() - started)
+        times, results = timed_rounds(args.rounds, {"reference": reference,
+                                                    "ours": lambda: ours_model.perplexity(pieces)})
+        want, got = results["reference"], results["ours"]
         ok = np.isnan(want) == np.isnan(got)
         close = np.allclose(got[~np.isnan(want)], want[~np.isnan(want)], rtol=1e-3)
         tokens = sum(min(len(tok(t, add_special_tokens=False)["input_ids"]), args.max_tokens) for t in pieces)
@@ -85,14 +74,8 @@ def main() -> None:
         print(f"{len(pieces)} documents (~1 KB, {tokens:,} tokens read), Llama {args.layers} x {args.hidden} "
               f"({params / 1e6:.1f}M parameters), first {args.max_tokens} tokens, one thread, {args.rounds} rounds; "
               f"same perplexities (rtol 1e-3): {bool(ok.all() and close)}")
-        print(f"{'':40} {'s median':>9} {'min-max':>13} {'docs/s':>8} {'vs ref':>7}")
-        ref = statistics.median(times["reference"])
-        for key, label in (("reference", "per document, model(labels=ids).loss"),
-                           ("ours", f"PerplexityModel, batches of {args.batch_size}")):
-            med = statistics.median(times[key])
-            print(f"{label:40} {med:9.2f} {min(times[key]):6.2f}-{max(times[key]):<6.2f} {len(pieces) / med:8.1f} "
-                  f"{ref / med:7.2f}")
-
+        print_rounds(times, {"reference": "per document, model(labels=ids).loss",
+                             "ours": f"PerplexityModel, batches of {args.batch_size}"}, len(pieces), "docs", 40)
 
 if __name__ == "__main__":
     main()
