@@ -131,53 +131,31 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
     return parse_recipe(raw, base_dir=path.resolve().parent, origin=str(path))
 
 
+# Every recipe key that holds a path, as its keys from the top: "*" is each value of a mapping or
+# each item of a list. Relative paths are resolved against the recipe file's folder.
+PATH_KEYS: tuple[tuple[str, ...], ...] = (
+    ("lake",),
+    ("sources", "*", "path"),
+    ("filter", "keyword_lists", "*"),
+    ("filter", "decontaminate", "sets", "*", "path"),
+    ("filter", "language", "model"),
+    ("filter", "url_blocklist", "domains", "*"),
+    ("filter", "url_blocklist", "words", "*"),
+    ("pii", "word_lists", "*"),
+    ("score", "perplexity", "model"),
+    ("dedup", "semantic", "backbone"),
+    ("tokenizer", "domain_tokens_file"),
+    ("tokenizer", "extend", "base"),
+    ("tokenizer", "extend", "add_tokens"),
+    ("tokenizer", "extend", "out"),
+    ("trainer", "model", "init_from"),
+    ("trainer", "fewshot", "sets", "*"),
+)
+NOT_PATHS = {"lid176"}  # names a key may hold instead of a path (filter.language.model: lid176)
+
+
 def parse_recipe(raw: dict[str, Any], base_dir: Path, origin: str = "<memory>") -> Recipe:
-    raw = dict(raw)
-    if isinstance(raw.get("lake"), str):
-        raw["lake"] = resolve_path(raw["lake"], base_dir)
-    if isinstance(raw.get("sources"), list):
-        raw["sources"] = [
-            {**s, "path": resolve_path(s["path"], base_dir)}
-            if isinstance(s, dict) and isinstance(s.get("path"), str)
-            else s
-            for s in raw["sources"]
-        ]
-    for section, key in (("filter", "keyword_lists"), ("pii", "word_lists")):
-        files = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
-        if isinstance(files, dict):
-            raw[section] = {**raw[section], key: {k: resolve_path(v, base_dir) if isinstance(v, str) else v for k, v in files.items()}}
-    filt = raw.get("filter")
-    if isinstance(filt, dict):
-        decon = filt.get("decontaminate")
-        if isinstance(decon, dict) and isinstance(decon.get("sets"), dict):
-            sets = {k: {**v, "path": resolve_path(v["path"], base_dir)} if isinstance(v, dict) and isinstance(v.get("path"), str) else v
-                    for k, v in decon["sets"].items()}
-            filt = {**filt, "decontaminate": {**decon, "sets": sets}}
-        lid = filt.get("language")
-        if isinstance(lid, dict) and isinstance(lid.get("model"), str) and lid["model"] != "lid176":
-            filt = {**filt, "language": {**lid, "model": resolve_path(lid["model"], base_dir)}}
-        block = filt.get("url_blocklist")
-        if isinstance(block, dict):
-            filt = {**filt, "url_blocklist": {k: [resolve_path(p, base_dir) if isinstance(p, str) else p for p in v]
-                                              if k in ("domains", "words") and isinstance(v, list) else v
-                                              for k, v in block.items()}}
-        raw["filter"] = filt
-    dd = raw.get("dedup")
-    if isinstance(dd, dict) and isinstance(dd.get("semantic"), dict) and isinstance(dd["semantic"].get("backbone"), str):
-        raw["dedup"] = {**dd, "semantic": {**dd["semantic"], "backbone": resolve_path(dd["semantic"]["backbone"], base_dir)}}
-    sc = raw.get("score")
-    if isinstance(sc, dict) and isinstance(sc.get("perplexity"), dict) and isinstance(sc["perplexity"].get("model"), str):
-        raw["score"] = {**sc, "perplexity": {**sc["perplexity"], "model": resolve_path(sc["perplexity"]["model"], base_dir)}}
-    tr = raw.get("trainer")
-    shots = tr.get("fewshot") if isinstance(tr, dict) else None
-    if isinstance(shots, dict) and isinstance(shots.get("sets"), dict):
-        sets = {k: resolve_path(v, base_dir) if isinstance(v, str) else v for k, v in shots["sets"].items()}
-        raw["trainer"] = {**tr, "fewshot": {**shots, "sets": sets}}
-    tok = raw.get("tokenizer")
-    if isinstance(tok, dict) and isinstance(tok.get("domain_tokens_file"), str):
-        raw["tokenizer"] = {**tok, "domain_tokens_file": resolve_path(tok["domain_tokens_file"], base_dir)}
-    for keys in (("tokenizer", "extend", "base"), ("tokenizer", "extend", "add_tokens"), ("tokenizer", "extend", "out"),
-                 ("trainer", "model", "init_from")):
+    for keys in PATH_KEYS:
         raw = _resolved_at(raw, keys, base_dir)
     try:
         return Recipe(**raw, origin=origin)
@@ -185,15 +163,19 @@ def parse_recipe(raw: dict[str, Any], base_dir: Path, origin: str = "<memory>") 
         raise RecipeError(_explain(err, origin)) from None
 
 
-def _resolved_at(raw: dict, keys: tuple[str, ...], base_dir: Path) -> dict:
-    """``raw`` with the path at ``keys`` (nested sections) resolved, where it is a string."""
-    head, *rest = keys
-    value = raw.get(head)
-    if rest and isinstance(value, dict):
-        return {**raw, head: _resolved_at(value, tuple(rest), base_dir)}
-    if not rest and isinstance(value, str):
-        return {**raw, head: resolve_path(value, base_dir)}
-    return raw
+def _resolved_at(node: Any, keys: tuple[str, ...], base_dir: Path) -> Any:
+    """``node`` (a copy where anything changes) with the paths at ``keys`` resolved, where they are
+    strings; what does not have the shape is left for validation to explain."""
+    if not keys:
+        return resolve_path(node, base_dir) if isinstance(node, str) and node not in NOT_PATHS else node
+    head, rest = keys[0], keys[1:]
+    if head == "*":
+        if isinstance(node, dict):
+            return {k: _resolved_at(v, rest, base_dir) for k, v in node.items()}
+        return [_resolved_at(v, rest, base_dir) for v in node] if isinstance(node, list) else node
+    if isinstance(node, dict) and head in node:
+        return {**node, head: _resolved_at(node[head], rest, base_dir)}
+    return node
 
 
 def resolve_path(value: str, base_dir: Path) -> str:
