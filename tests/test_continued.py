@@ -115,6 +115,11 @@ def test_the_continued_recipe_extends_the_base_and_trains_from_it_then_anneals(s
     fresh = math.log(meta["model_vocab_size"])
     ended = sum(base_losses[-4:]) / 4
     assert losses[0] < fresh - 1.5 and losses[0] < ended + 1.5  # it starts where the base ended, not from scratch
+    # its export has the base's architecture (the recipe's model section names none of it)
+    from transformers import LlamaForCausalLM
+
+    exported = LlamaForCausalLM.from_pretrained(export(continued, str(tmp_path / "continued_hf")))
+    assert exported.config.hidden_size == 64 and exported.get_input_embeddings().weight.shape[0] == meta["model_vocab_size"]
     records = _metrics(continued)
     assert any("instruction" in r["loss_by_category"] for r in records)
     assert any("fewshot" in r for r in records)

@@ -12,8 +12,9 @@ ATTENTION = "tokenmill_segments"  # the models' attention (``segment_attention``
 
 
 def build_model(cfg, vocab_size: int, rope_theta: float | None = None, rope_scaling: dict | None = None,
-                embedding_grad_scale: float = 1.0):
-    """A LlamaForCausalLM from the recipe's model section (or from ``init_from`` for continued pretraining).
+                embedding_grad_scale: float = 1.0, weights: bool = True):
+    """A LlamaForCausalLM from the recipe's model section (or from ``init_from`` for continued pretraining:
+    its architecture, and with ``weights`` its weights; without, for a checkpoint's to be loaded into).
     ``embedding_grad_scale`` < 1 shrinks the gradient that reaches the embedding layer through its output
     (GLM-130B's α·e + (1−α)·stop_gradient(e)); the forward pass is unchanged."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -22,7 +23,8 @@ def build_model(cfg, vocab_size: int, rope_theta: float | None = None, rope_scal
         folder = Path(cfg.init_from)
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"trainer.model.init_from {folder}: no Hugging Face model there (config.json)")
-        model = LlamaForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32)
+        model = (LlamaForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32) if weights
+                 else LlamaForCausalLM(LlamaConfig.from_pretrained(str(folder))))
         if model.get_input_embeddings().weight.shape[0] < vocab_size:
             model.resize_token_embeddings(vocab_size)
     else:
@@ -216,14 +218,16 @@ def token_losses(model, ids: torch.Tensor, cat, pos, seg, doc_mask: bool, bucket
 
 def model_from_state(state_dict: dict, model_cfg, vocab_size: int, rope_theta: float | None = None,
                      rope_scaling: dict | None = None):
-    """The recipe's model (``model_cfg``) with a checkpoint's weights (an engine's ``module.`` prefix or none)."""
-    model = build_model(model_cfg.model_copy(update={"init_from": None}), vocab_size, rope_theta, rope_scaling)
+    """The recipe's model (``model_cfg``; a continued run's is its base's architecture) with a checkpoint's
+    weights (an engine's ``module.`` prefix or none)."""
+    model = build_model(model_cfg, vocab_size, rope_theta, rope_scaling, weights=False)
     state = {k.removeprefix("module."): v for k, v in state_dict.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not (model_cfg.tie_embeddings and m == "lm_head.weight")]
+    tied = bool(model.config.tie_word_embeddings)
+    missing = [m for m in missing if not (tied and m == "lm_head.weight")]
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if model_cfg.tie_embeddings:
+    if tied:
         model.tie_weights()
     return model
 
