@@ -18,9 +18,9 @@ from typing import Any, Callable
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from lake.sections import (Cascade, Curriculum, Dedup, Feed, FeedStage, Filter, Ingest, LineDedup, ModelCfg,  # noqa: F401
-                           ModelPin, Pii, Score, Shingling, Source, Spark, SpikeCfg, TokenizerCfg, TrainerCfg,
-                           TrainerStageCfg, WeakLabels, _Section)
+from lake.sections import (Cascade, Curriculum, Dedup, Feed, FeedStage, Filter, Ingest, LineDedup,  # noqa: F401
+                           ModelPin, Pii, Score, Section, Shingling, Source, Spark, TokenizerCfg, WeakLabels)
+from lake.trainer_sections import ModelCfg, SpikeCfg, TrainerCfg, TrainerStageCfg  # noqa: F401
 
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
@@ -29,7 +29,7 @@ class RecipeError(ValueError):
     """A recipe that cannot be used; the message names the file, the key path and the fix."""
 
 
-class Recipe(_Section):
+class Recipe(Section):
     lake: str = Field(description="lake root: a local folder or a URI Spark and delta-rs both reach")
     sources: list[Source] = Field(min_length=1)
     ingest: Ingest = Ingest()

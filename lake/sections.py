@@ -1,6 +1,7 @@
-"""The recipe's sections: one pydantic model per top-level key, each with its defaults and checks.
-
-``lake/recipe.py`` puts them together into the ``Recipe`` and loads it from YAML.
+"""The recipe's sections of the refinery and the lake: one pydantic model per top-level key (sources,
+ingest, filter, pii, score, dedup, tokenizer, feed, spark), each with its defaults and checks, in
+pipeline order. The trainer's section is ``lake/trainer_sections.py``; ``lake/recipe.py`` puts them
+together into the ``Recipe`` and loads it from YAML.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Source(_Section):
+class Source(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="unique source name, used in doc_id")
     path: str = Field(description="glob of input files (local path or URI); .gz/.zst/.bz2 are read compressed")
     format: Literal["jsonl", "parquet"] = "jsonl"
@@ -41,20 +42,20 @@ class Source(_Section):
         return self
 
 
-class Ingest(_Section):
+class Ingest(Section):
     max_doc_bytes: int = Field(default=1_000_000, gt=0, description="larger documents are rejected")
     split_bytes: int = Field(
         default=128 * 1024 * 1024, gt=0, description="uncompressed JSONL files are read in splits of this size"
     )
 
 
-class EvalSet(_Section):
+class EvalSet(Section):
     path: str = Field(description="a JSON Lines or Parquet file of the evaluation set (local path or URI)")
     fields: list[str] | None = Field(default=None, description="the text fields (strings or lists of strings); "
                                                                "unset: every string field")
 
 
-class Decontaminate(_Section):
+class Decontaminate(Section):
     sets: dict[str, EvalSet] = Field(default_factory=dict, description="evaluation set name → its file and fields")
     n: int = Field(default=13, ge=3, description="tokens per n-gram (words; a Han character is one token)")
     action: Literal["remove", "flag"] = Field(
@@ -72,7 +73,7 @@ class Decontaminate(_Section):
         return sets
 
 
-class UrlBlocklist(_Section):
+class UrlBlocklist(Section):
     domains: list[str] = Field(default_factory=list, description="files of blocked domains, one per line; a domain "
                                                                  "blocks its subdomains too")
     words: list[str] = Field(default_factory=list, description="files of banned words: a URL containing one as an "
@@ -90,7 +91,7 @@ def _check_file(path: str, what: str) -> None:
         raise ValueError(f"{what}: file {path} does not exist")
 
 
-class Language(_Section):
+class Language(Section):
     model: str | None = Field(default=None, description="null: script statistics only; 'lid176': fastText's lid.176 "
                                                         "(fetched once by `tokenmill models fetch-lid`); or a path to "
                                                         "a fastText language-ID model")
@@ -107,7 +108,7 @@ class Language(_Section):
         return self
 
 
-class Filter(_Section):
+class Filter(Section):
     thresholds: dict[str, float | None | dict[str, float | None]] = Field(
         default_factory=dict,
         description="rule name → threshold, or {default: x, zh: y, en: z, code: w}; null disables (jobs/rules.py; "
@@ -157,7 +158,7 @@ class Filter(_Section):
         return {name: self.keyword_limits.get(name, 1.0) for name in self.keyword_lists}
 
 
-class Pii(_Section):
+class Pii(Section):
     patterns: dict[str, str] = Field(default_factory=dict, description="placeholder name → regular expression")
     word_lists: dict[str, str] = Field(default_factory=dict, description="placeholder name → file, one word per line")
     max_pii_fraction: float = Field(
@@ -176,12 +177,12 @@ class Pii(_Section):
         return self
 
 
-class ModelPin(_Section):
+class ModelPin(Section):
     backend: Literal["fasttext", "bert"] = "fasttext"
     version: str = Field(default="latest", pattern=r"^(latest|v\d+)$", description="v1, v2, ... or latest")
 
 
-class Cascade(_Section):
+class Cascade(Section):
     """Score quality with fastText first; run the BERT quality model only where fastText is unsure."""
 
     version: str = Field(default="latest", pattern=r"^(latest|v\d+)$")
@@ -189,7 +190,7 @@ class Cascade(_Section):
     high: float = Field(default=0.7, ge=0, le=1)
 
 
-class WeakLabels(_Section):
+class WeakLabels(Section):
     source_domains: dict[str, str] = Field(default_factory=dict, description="source name → domain label")
     curated_sources: list[str] = Field(default_factory=list, description="sources whose kept documents are 'high'")
     low_quality_sources: list[str] = Field(
@@ -197,7 +198,7 @@ class WeakLabels(_Section):
     )
 
 
-class PerplexityFilter(_Section):
+class PerplexityFilter(Section):
     model: str = Field(description="a local Hugging Face causal LM folder with its tokenizer (tokenmill train --export)")
     max_tokens: int = Field(default=256, ge=2, description="tokens of each document the model reads")
     batch_size: int = Field(default=1, gt=0, description="documents per forward pass on a CPU (1 is fastest there: "
@@ -217,7 +218,7 @@ class PerplexityFilter(_Section):
         return value
 
 
-class Score(_Section):
+class Score(Section):
     perplexity: PerplexityFilter | None = Field(default=None, description="CCNet-style perplexity filter "
                                                 "(quality_models/perplexity.py); unset: off")
     quality: ModelPin = ModelPin()
@@ -243,12 +244,12 @@ class Score(_Section):
         return self
 
 
-class Shingling(_Section):
+class Shingling(Section):
     unit: Literal["word", "char"] = "word"
     n: int = Field(default=5, gt=0)
 
 
-class LineDedup(_Section):
+class LineDedup(Section):
     """Remove lines (or paragraphs) that recur across many documents before document dedup."""
 
     min_repeats: int = Field(default=20, gt=1, description="a line in more than this many documents is boilerplate")
@@ -256,7 +257,7 @@ class LineDedup(_Section):
     min_chars: int = Field(default=10, ge=0, description="shorter lines are never removed")
 
 
-class SemanticDedup(_Section):
+class SemanticDedup(Section):
     enabled: bool = Field(default=False, description="after near-dedup, remove semantic duplicates (SemDeDup)")
     threshold: float = Field(default=0.85, gt=0, le=1, description="cosine of the encoder's embeddings at or above "
                              "which the lower-ranked document goes (all-MiniLM-L6-v2: rewritten paraphrases score "
@@ -268,7 +269,7 @@ class SemanticDedup(_Section):
                                                            "all-MiniLM-L6-v2")
 
 
-class Dedup(_Section):
+class Dedup(Section):
     exact: bool = Field(default=True, description="drop copies of the same normalised text first")
     num_perm: int = Field(default=256, ge=16, le=1024, description="MinHash permutations (signature length)")
     seed: int = 1
@@ -314,7 +315,7 @@ class Dedup(_Section):
         return self.default_threshold, category or "default"
 
 
-class Extension(_Section):
+class Extension(Section):
     """Continued pretraining: the tokenizer is a base model's, extended (``jobs/extend_vocab.py``); the
     ``tokenmill tokenizer`` flags of the same names override these."""
 
@@ -333,7 +334,7 @@ class Extension(_Section):
         return self
 
 
-class TokenizerCfg(_Section):
+class TokenizerCfg(Section):
     """Byte-level BPE trained by ``tokenmill tokenizer`` (jobs/train_tokenizer.py), or a base model's
     extended (``extend``)."""
 
@@ -353,7 +354,7 @@ class TokenizerCfg(_Section):
     seed: int = 0
 
 
-class Curriculum(_Section):
+class Curriculum(Section):
     """How documents are ordered within each chunk (and, with ``across_chunks``, between chunks)."""
 
     key: Literal["none", "quality", "length"] = "none"
@@ -362,7 +363,7 @@ class Curriculum(_Section):
     across_chunks: bool = Field(default=False, description="walk the buckets over the stage's chunks too")
 
 
-class FeedStage(_Section):
+class FeedStage(Section):
     mix: dict[str, float] = Field(default_factory=lambda: {"zh": 4.0, "en": 4.0, "code": 2.0},
                                   description="category → share of tokens")
     seq_len: int = Field(default=2048, ge=8)
@@ -377,7 +378,7 @@ class FeedStage(_Section):
         return value
 
 
-class Feed(_Section):
+class Feed(Section):
     stage: str = Field(default="pretrain", description="the stage whose chunks feed makes now")
     stages: dict[str, FeedStage] = Field(default_factory=lambda: {"pretrain": FeedStage()})
     chunk_tokens: int = Field(default=1_000_000_000, gt=0)
@@ -401,168 +402,7 @@ class Feed(_Section):
         return self.stages[self.stage]
 
 
-class ModelCfg(_Section):
-    """A Llama architecture (transformers' LlamaForCausalLM); the vocabulary comes from the tokenizer."""
-
-    hidden: int = Field(default=128, gt=0)
-    layers: int = Field(default=2, gt=0)
-    heads: int = Field(default=4, gt=0)
-    kv_heads: int = Field(default=2, gt=0, description="grouped-query attention: key/value heads")
-    ffn: int | None = Field(default=None, description="SwiGLU size; default 8/3 · hidden rounded up to 64")
-    rope_theta: float = 10_000.0
-    max_positions: int = Field(default=16_384, gt=0)
-    tie_embeddings: bool = True
-    doc_mask: bool = Field(default=False, description="reset positions and mask attention at document boundaries")
-    init_from: str | None = Field(default=None, description="continued pretraining: a Hugging Face model folder")
-    activation_checkpointing: bool = Field(default=False, description="recompute each layer's activations in the "
-                                           "backward pass: less memory, about a third more compute")
-    compile: bool = Field(default=False, description="torch.compile the model (bench/attention measures it)")
-
-    @model_validator(mode="after")
-    def _heads_divide(self) -> "ModelCfg":
-        if self.hidden % self.heads or self.heads % self.kv_heads:
-            raise ValueError(f"hidden ({self.hidden}) must divide by heads ({self.heads}), and heads by kv_heads "
-                             f"({self.kv_heads})")
-        return self
-
-    @property
-    def ffn_size(self) -> int:
-        return self.ffn or -(-(8 * self.hidden // 3) // 64) * 64
-
-
-class SpikeCfg(_Section):
-    window: int = Field(default=50, ge=5, description="recent losses the statistics use")
-    z: float = Field(default=4.0, gt=0, description="a loss this many standard deviations above the mean is a spike")
-    min_delta: float = Field(default=0.5, ge=0, description="... and at least this much above it")
-    patience: int = Field(default=3, ge=1, description="consecutive spiking steps before a rollback")
-    warmup_steps: int = Field(default=20, ge=0, description="no spike verdicts before this many steps")
-    max_rollbacks_per_chunk: int = Field(default=2, ge=1, description="then the chunk is quarantined")
-    max_skipped_share: float = Field(default=0.5, gt=0, le=1, description="a chunk with a larger share of its "
-                                     "rows skipped as bad is quarantined whole")
-    skip_z: float | None = Field(default=None, gt=0, description="skip-step: a step whose loss or gradient norm is "
-                                 "this many standard deviations above the window's gets no update (OLMo-core: 6); "
-                                 "off by default")
-
-
-class RopeScaling(_Section):
-    """RoPE scaling for a longer context than the model was trained at (transformers' rope parameters)."""
-
-    rope_type: Literal["linear", "dynamic", "yarn", "llama3"] = Field(
-        description="linear (position interpolation), dynamic NTK, YaRN, or Llama 3's frequency-dependent scaling")
-    factor: float = Field(gt=1, description="how many times longer a context than original_max_positions")
-    original_max_positions: int | None = Field(default=None, gt=0, description="the context the model was trained "
-                                               "at (yarn, llama3; default the model's max_positions; dynamic NTK "
-                                               "scales what is longer than max_positions)")
-    low_freq_factor: float = Field(default=1.0, gt=0, description="llama3 only")
-    high_freq_factor: float = Field(default=4.0, gt=0, description="llama3 only")
-
-    def parameters(self, max_positions: int) -> dict:
-        """As transformers' ``rope_parameters`` (without the base)."""
-        out = {"rope_type": self.rope_type, "factor": self.factor}
-        if self.rope_type in ("yarn", "llama3"):  # dynamic NTK scales past the model's max_positions
-            out["original_max_position_embeddings"] = self.original_max_positions or max_positions
-        if self.rope_type == "llama3":
-            out |= {"low_freq_factor": self.low_freq_factor, "high_freq_factor": self.high_freq_factor}
-        return out
-
-
-class TrainerStageCfg(_Section):
-    rope_theta: float | None = Field(default=None, description="e.g. 1000000 for long context")
-    rope_scaling: RopeScaling | None = Field(default=None, description="e.g. {rope_type: yarn, factor: 4, "
-                                             "original_max_positions: 4096} for a 16k stage after 4k")
-    lr_peak: float | None = None
-    schedule: Literal["wsd", "cosine"] | None = None
-    decay_tokens: int | None = Field(
-        default=None, gt=0, description="anneal: from the stage's first step the LR decays (decay_shape) to "
-        "final_lr over this many tokens")
-
-
-class FewShotCfg(_Section):
-    """Few-shot multiple-choice evaluation (``trainer/fewshot.py``): in the loop every ``every`` steps,
-    and on demand for any checkpoint with ``tokenmill eval``."""
-
-    every: int = Field(default=0, ge=0, description="steps between few-shot evaluations in the loop; 0: none "
-                       "there (tokenmill eval still runs them)")
-    sets: dict[str, str] = Field(default_factory=dict, description="set name → a JSON Lines file (path or URI) of "
-                                 "{question, choices, answer: index or the choice's text}")
-    shots: int = Field(default=5, ge=0, description="solved examples of the same set (never the item asked) "
-                       "before each question of the sets")
-    builtin: bool = Field(default=True, description="also the set 'builtin' from the lake's held-out documents: "
-                          "which of four continuations is the real one")
-    builtin_shots: int = Field(default=0, ge=0, description="solved examples before each item of the built-in set")
-    context_tokens: int = Field(default=48, gt=0, description="built-in set: the document's first tokens, at most")
-    continuation_tokens: int = Field(default=16, gt=0, description="built-in set: tokens of each continuation; "
-                                     "a document needs twice as many")
-    max_items: int = Field(default=500, gt=0, description="items per set, at most (a file's first ones)")
-    batch_tokens: int = Field(default=8192, gt=0, description="tokens per forward pass while scoring")
-    seed: int = Field(default=0, description="chooses the shots and the built-in set's distractors")
-
-    @field_validator("sets")
-    @classmethod
-    def _set_names(cls, value: dict[str, str]) -> dict[str, str]:
-        for name in value:
-            if name == "builtin" or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-                raise ValueError(f"set name {name!r}: letters, digits, '_', '.', '-' only, and not 'builtin' (the "
-                                 f"built-in set's name)")
-        return value
-
-
-class TrainerCfg(_Section):
-    run_name: str = Field(default="tiny", pattern=r"^[A-Za-z0-9_.-]+$")
-    runs_dir: str | None = Field(default=None, description="default: <lake>/runs")
-    model: ModelCfg = ModelCfg()
-    stage: str | None = Field(default=None, description="the feed stage whose chunks are trained on; default feed.stage")
-    stages: dict[str, TrainerStageCfg] = Field(default_factory=dict, description="per-stage overrides")
-    zero_stage: int = Field(default=0, ge=0, le=3)
-    bf16: bool = False
-    fp16: bool = Field(default=False, description="fp16 mixed precision with dynamic loss scaling (DeepSpeed's): "
-                       "an overflowing step is skipped and the scale halved; it grows after loss_scale_window "
-                       "clean steps")
-    loss_scale_power: int = Field(default=16, ge=0, le=32, description="fp16: the first loss scale is 2^this")
-    loss_scale_window: int = Field(default=1000, gt=0, description="fp16: clean steps before the scale doubles")
-    micro_batch: int = Field(default=4, gt=0, description="sequences per process per forward pass")
-    batch_ramp: list[tuple[int, int]] = Field(
-        default_factory=lambda: [(0, 8)], description="[[tokens consumed, global batch in sequences], ...]")
-    lr_peak: float = Field(default=3e-3, gt=0)
-    schedule: Literal["wsd", "cosine"] = "wsd"
-    warmup: float = Field(default=0.005, ge=0, lt=1, description="share of the planned tokens")
-    decay: float = Field(default=0.2, ge=0, le=1, description="WSD: share of the planned tokens in the decay")
-    decay_shape: Literal["cosine", "linear", "1-sqrt"] = "1-sqrt"
-    final_lr: float = Field(default=0.1, ge=0, le=1, description="of the peak")
-    planned_tokens: int = Field(default=2_000_000, gt=0, description="the schedule's length in tokens")
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    adam_eps: float = Field(default=1e-8, gt=0, description="AdamW's epsilon (larger values damp updates of rarely "
-                            "seen parameters; a spike mitigation)")
-    z_loss: float = Field(default=0.0, ge=0, description="coefficient of the z-loss, mean (log Σ exp logits)² "
-                          "(PaLM: 1e-4); logged as z_loss")
-    embedding_grad_scale: float = Field(default=1.0, gt=0, le=1, description="the embedding layer's gradient "
-                                        "shrunk by this factor (GLM-130B: 0.1); its output is unchanged")
-    checkpoint_every: int = Field(default=100, gt=0, description="steps; also at every chunk's end")
-    keep_checkpoints: int = Field(default=3, ge=1)
-    eval_every: int = Field(default=50, gt=0, description="steps between held-out perplexity evaluations")
-    eval_docs: int = Field(default=200, gt=0, description="held-out documents per source")
-    fewshot: FewShotCfg = Field(default_factory=FewShotCfg, description="few-shot accuracy on multiple-choice sets")
-    peak_flops: float = Field(default=1e12, gt=0, description="per device, for MFU (H100 bf16 dense: 989e12)")
-    spike: SpikeCfg = SpikeCfg()
-    poll_seconds: float = Field(default=5.0, gt=0)
-    seed: int = 0
-
-    @field_validator("batch_ramp")
-    @classmethod
-    def _ramp_sorted(cls, value: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        if not value or value[0][0] != 0 or any(b[0] <= a[0] for a, b in zip(value, value[1:])):
-            raise ValueError("batch_ramp starts at 0 tokens and its token marks increase: [[0, 8], [1000000, 32]]")
-        return value
-
-    @model_validator(mode="after")
-    def _one_precision(self) -> "TrainerCfg":
-        if self.bf16 and self.fp16:
-            raise ValueError("trainer.bf16 and trainer.fp16 are both true: choose one mixed precision")
-        return self
-
-
-class Spark(_Section):
+class Spark(Section):
     master: str = Field(default="local[*]", description="used only when spark-submit did not set one")
     shuffle_partitions: int = Field(default=8, gt=0)
     driver_memory: str = "4g"

@@ -83,7 +83,7 @@ def test_a_prompt_too_long_loses_its_first_tokens_never_the_choice():
 def test_the_model_likelihood_batched_and_padded_equals_one_sequence_at_a_time():
     import torch
 
-    from lake.sections import ModelCfg
+    from lake.trainer_sections import ModelCfg
     from trainer.model import build_model
 
     torch.manual_seed(0)
@@ -141,7 +141,7 @@ def test_a_missing_or_empty_file_and_an_unknown_set_name_are_clear_errors(tmp_pa
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(FewShotSetError, match="empty.jsonl: no records"):
         fewshot.read_jsonl_set("x", str(tmp_path / "empty.jsonl"), CharTokenizer(), 0)
-    from lake.sections import FewShotCfg
+    from lake.trainer_sections import FewShotCfg
 
     cfg = FewShotCfg(sets={"arc": str(tmp_path / "empty.jsonl")}, builtin=False)
     with pytest.raises(FewShotSetError, match=r"unknown few-shot set\(s\) \['mmlu'\]: the recipe's are \['arc'\]"):
@@ -162,7 +162,7 @@ def test_the_recipe_resolves_set_paths_and_refuses_the_builtin_name(tmp_path):
 
 
 def test_few_shot_evaluation_is_a_callback_only_when_every_is_set():
-    from lake.sections import FewShotCfg, TrainerCfg
+    from lake.trainer_sections import FewShotCfg, TrainerCfg
     from trainer.callbacks import default_callbacks
 
     assert "fewshot" not in [cb.name for cb in default_callbacks(TrainerCfg())]

@@ -77,7 +77,7 @@ def test_bad_instruction_records_are_rejected_with_their_reason_and_location():
 
 
 def test_prompt_tokens_carry_no_loss_and_no_gradient():
-    from lake.sections import ModelCfg
+    from lake.trainer_sections import ModelCfg
     from trainer.model import build_model, row_layout, token_losses
 
     torch.manual_seed(0)
@@ -113,7 +113,7 @@ def test_prompt_tokens_carry_no_loss_and_no_gradient():
 
 
 def test_held_out_perplexity_scores_an_example_on_its_completion_given_its_prompt():
-    from lake.sections import ModelCfg
+    from lake.trainer_sections import ModelCfg
     from trainer.evaluation import perplexity_by_source
     from trainer.model import build_model
 

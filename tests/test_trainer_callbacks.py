@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from types import SimpleNamespace
 
-from lake.sections import SpikeCfg, TrainerCfg
+from lake.trainer_sections import SpikeCfg, TrainerCfg
 from tests.conftest import ROOT
 from trainer.callbacks import (BatchRamp, Callback, Checkpointing, SpikeGuardCallback, Starvation, Step,
                                default_callbacks)

@@ -164,7 +164,7 @@ def test_each_rope_scaling_round_trips_through_export(tmp_path, tokenizer_meta, 
     from transformers import LlamaForCausalLM
 
     from lake.recipe import ModelCfg
-    from lake.sections import RopeScaling
+    from lake.trainer_sections import RopeScaling
     from trainer.model import build_model, export_hf
 
     cfg = ModelCfg(hidden=32, layers=2, heads=2, kv_heads=1, max_positions=64)

@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from lake.sections import FewShotCfg, SpikeCfg, TrainerCfg
+from lake.trainer_sections import FewShotCfg, SpikeCfg, TrainerCfg
 from trainer.evaluation import holdout_examples, perplexity_by_source
 from trainer.schedule import SkipStep, SpikeGuard, accumulation_steps, batch_at
 from trainer.step import StepResult

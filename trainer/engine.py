@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lake.sections import TrainerCfg
+from lake.trainer_sections import TrainerCfg
 from trainer.model import build_model, parameter_count, parameter_groups
 from trainer.schedule import accumulation_steps, batch_at, decay_drop, lr_factor
 

@@ -65,7 +65,7 @@ def check_base_tokenizer(init_from: str | None, tokenizer, meta: dict, origin: s
 
 def set_rope(model, theta: float | None, scaling: dict | None = None) -> None:
     """Change RoPE's base and scaling (long-context stages; ``scaling`` as transformers' rope parameters,
-    ``lake.sections.RopeScaling.parameters``) and rebuild the rotary embedding from the config, which
+    ``lake.trainer_sections.RopeScaling.parameters``) and rebuild the rotary embedding from the config, which
     ``save_pretrained`` writes: an exported model carries both."""
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
