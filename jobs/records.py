@@ -143,9 +143,9 @@ def parse_record(record: dict[str, Any], spec: SourceSpec, where: str) -> Docume
 
 # ChatML, with the tokenizer's <|im_start|> / <|im_end|> special tokens: each turn before the completion
 # is rendered so; the prompt ends with the assistant's header and the completion follows it.
-CHAT_TURN = "<|im_start|>{role}\n{content}<|im_end|>\n"
-CHAT_REPLY = "<|im_start|>assistant\n"
 CHAT_END = "<|im_end|>"  # feed closes the completion of a prompt ending in CHAT_REPLY with it (learnt)
+CHAT_TURN = "<|im_start|>{role}\n{content}" + CHAT_END + "\n"
+CHAT_REPLY = "<|im_start|>assistant\n"
 
 
 def render_chat(messages: list[dict]) -> tuple[str, str]:

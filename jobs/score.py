@@ -71,12 +71,12 @@ SCORES = pa.struct([f.with_nullable(True) for f in table("documents_scored").sch
                     if f.name not in table("documents_clean").columns])
 
 
-def score_texts(texts, recipe: Recipe, signals=None, prompts=None) -> pa.StructArray:
+def score_texts(texts, recipe: Recipe, signals=None, instruction=None) -> pa.StructArray:
     """``quality``, ``domain``, ``lang`` and ``category`` of each text (a list or Arrow string array),
     with the recipe's models loaded once per process. ``lang`` is the one the filter judged the
     document by (``lang_*`` in its ``signals``, a parallel map array), else from script statistics.
-    A document with a prompt (``prompts``, parallel; an instruction example: ``text`` is its
-    completion, which the models judge) gets the instruction category."""
+    An instruction example (``instruction``, a parallel boolean array: the document has a prompt, and
+    ``text`` is its completion, which the models judge) gets the instruction category."""
     import numpy as np
 
     from quality_models.train import score_batch
@@ -86,8 +86,8 @@ def score_texts(texts, recipe: Recipe, signals=None, prompts=None) -> pa.StructA
     langs = langs_of(texts, signals)
     quality, domains, _ = score_batch(models, texts, *((cascade.low, cascade.high) if cascade else ()))
     # category of each distinct (language, domain) pair, not of each document
-    instruction = [False] * len(langs) if prompts is None else [p is not None for p in (
-        prompts.to_pylist() if hasattr(prompts, "to_pylist") else prompts)]
+    instruction = [False] * len(langs) if instruction is None else [bool(v) for v in (
+        instruction.to_pylist() if hasattr(instruction, "to_pylist") else instruction)]
     pairs: dict[tuple[str, str, bool], str] = {}
     categories = np.empty(len(langs), object)
     for i, pair in enumerate(zip(langs, domains, instruction)):
@@ -123,11 +123,12 @@ def scored(documents, recipe: Recipe):
     from schemas.spark import spark_type
 
     @F.arrow_udf(spark_type(SCORES))
-    def scores(text: pa.Array, signals: pa.Array, prompt: pa.Array) -> pa.Array:
-        return score_texts(text, recipe, signals, prompt)
+    def scores(text: pa.Array, signals: pa.Array, instruction: pa.Array) -> pa.Array:
+        return score_texts(text, recipe, signals, instruction)
 
     columns = table("documents_scored").columns
-    with_scores = documents.select("*", scores("text", "signals", "prompt").alias("_scores"))
+    # whether a document has a prompt, not the prompt: only the text travels to Python
+    with_scores = documents.select("*", scores("text", "signals", F.col("prompt").isNotNull()).alias("_scores"))
     return with_scores.select(*[F.col(f"_scores.{c}") if c in SCORES.names else F.col(c) for c in columns])
 
 
