@@ -8,15 +8,16 @@
   documents would cost without their boundaries).
 
 Each (mode, sequence length) runs in a fresh process: one warm-up step, then ``--steps`` timed
-forward + backward + AdamW steps; the process's peak resident memory above its size after the model
-was built is its peak memory. Then the same for attention alone (one call over every row's queries,
+forward + backward + AdamW steps. Peak memory is the process's peak resident memory during those steps
+above its size before them, once a small step of the same mode has loaded the libraries it touches and
+made the optimizer's state (``MemoryPeak``: the kernel's high-water mark, reset). Then the same for attention alone (one call over every row's queries,
 keys and values, forward and backward), where the mask's O(seq²) memory is not hidden behind the
 model's activations and logits. Rounds alternate the modes so that drift hits all of them; medians
 and the spread are printed. The rows hold ``--tokens`` tokens per step at every length, in documents
 of log-normally distributed lengths (median ``--doc-median`` tokens).
 
     python bench/attention.py [--seq 2048 8192] [--steps 3] [--rounds 3] [--hidden 256] [--layers 4]
-                              [--checkpointing] [--compile]
+                              [--checkpointing] [--compile] [--loss-chunk 1024]
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -52,6 +52,23 @@ def rows_of_documents(seq: int, tokens: int, doc_median: int, seed: int = 0):
     return rng.integers(3, 8000, (n_rows, seq + 1)), spans
 
 
+class MemoryPeak:
+    """The process's peak resident memory from now on, above what it holds now (Linux: /proc's high-water
+    mark, reset by ``clear_refs``)."""
+
+    def __init__(self):
+        Path("/proc/self/clear_refs").write_text("5")
+        self.base = self._kib("VmRSS")
+
+    @staticmethod
+    def _kib(field: str) -> int:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+        return int(line.split()[1])
+
+    def mib(self) -> float:
+        return (self._kib("VmHWM") - self.base) / 1024
+
+
 def attention_only(mode: str, seq: int, args) -> dict:
     """In this process: forward + backward of one attention call (queries, keys, values of every row)."""
     import torch
@@ -63,12 +80,8 @@ def attention_only(mode: str, seq: int, args) -> dict:
     ids, spans = rows_of_documents(seq, args.tokens, args.doc_median)
     seg = row_layout(spans, ids.shape[1], ["en"])[2][:, :-1]
     d = args.hidden // args.heads
-    q = torch.randn(len(ids), args.heads, seq, d, requires_grad=True)
-    k, v = (torch.randn(len(ids), args.kv_heads, seq, d, requires_grad=True) for _ in range(2))
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
-    for step in range(args.steps + 1):
-        started = time.perf_counter()
+
+    def call(seg, q, k, v):
         if mode == "dense":
             out = torch.nn.functional.scaled_dot_product_attention(
                 q, k, v, attn_mask=dense_document_mask(torch.as_tensor(seg)), enable_gqa=True)
@@ -78,11 +91,21 @@ def attention_only(mode: str, seq: int, args) -> dict:
         else:
             out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         out.sum().backward()
+
+    def qkv(rows: int, width: int):
+        return (torch.randn(rows, h, width, d, requires_grad=True) for h in (args.heads, args.kv_heads, args.kv_heads))
+
+    small_ids, small_spans = rows_of_documents(128, 512, 40)
+    call(row_layout(small_spans, small_ids.shape[1], ["en"])[2][:, :-1], *qkv(len(small_ids), 128))
+    q, k, v = qkv(len(ids), seq)
+    memory, times = MemoryPeak(), []
+    for step in range(args.steps + 1):
+        started = time.perf_counter()
+        call(seg, q, k, v)
         q.grad = k.grad = v.grad = None
         if step:
             times.append(time.perf_counter() - started)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"times": times, "peak_mib": (peak - base) / 1024, "rows": len(ids), "docs": sum(len(r) for r in spans)}
+    return {"times": times, "peak_mib": memory.mib(), "rows": len(ids), "docs": sum(len(r) for r in spans)}
 
 
 def one(mode: str, seq: int, args) -> dict:
@@ -101,24 +124,26 @@ def one(mode: str, seq: int, args) -> dict:
     if args.compile:
         model = torch.compile(model, dynamic=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids, spans = rows_of_documents(seq, args.tokens, args.doc_median)
-    cat, pos, seg = row_layout(spans, ids.shape[1], ["en"])
-    ids = torch.as_tensor(ids)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
-    for step in range(args.steps + 1):
-        started = time.perf_counter()
-        loss_tok, target_cat = token_losses(model, ids, cat, pos, seg, doc_mask=mode != "causal", dense=mode == "dense")
+
+    def train(ids, spans):
+        cat, pos, seg = row_layout(spans, ids.shape[1], ["en"])
+        loss_tok, target_cat = token_losses(model, torch.as_tensor(ids), cat, pos, seg, doc_mask=mode != "causal",
+                                            dense=mode == "dense", loss_chunk=0 if mode == "dense" else args.loss_chunk)
         loss = loss_tok.sum() / (target_cat >= 0).sum()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss.item()
+
+    train(*rows_of_documents(128, 512, 40))  # libraries loaded, optimizer state made: not the step's memory
+    ids, spans = rows_of_documents(seq, args.tokens, args.doc_median)
+    memory, times = MemoryPeak(), []
+    for step in range(args.steps + 1):
+        started = time.perf_counter()
+        train(ids, spans)
         if step:  # the first is the warm-up
             times.append(time.perf_counter() - started)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"times": times, "peak_mib": (peak - base) / 1024, "rows": int(ids.shape[0]),
-            "docs": sum(len(r) for r in spans)}
+    return {"times": times, "peak_mib": memory.mib(), "rows": int(ids.shape[0]), "docs": sum(len(r) for r in spans)}
 
 
 def main() -> None:
@@ -134,6 +159,8 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing in every mode")
     parser.add_argument("--compile", action="store_true", help="torch.compile (dynamic shapes) in every mode")
+    parser.add_argument("--loss-chunk", type=int, default=0, help="trainer.model.loss_chunk for segments and causal "
+                        "(the dense mask stays the trainer's old path: all logits at once)")
     parser.add_argument("--one", nargs=3, metavar=("PART", "MODE", "SEQ"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -158,7 +185,8 @@ def main() -> None:
                     r["peaks"].append(got["peak_mib"])
     print(f"model: hidden {args.hidden}, {args.layers} layers, {args.heads} heads ({args.kv_heads} kv); {args.tokens:,} "
           f"tokens per step in documents of median {args.doc_median} tokens; {args.rounds} rounds x {args.steps} steps "
-          f"per mode{'; activation checkpointing' if args.checkpointing else ''}{'; torch.compile' if args.compile else ''}; "
+          f"per mode{'; activation checkpointing' if args.checkpointing else ''}{'; torch.compile' if args.compile else ''}"
+          f"{f'; loss_chunk {args.loss_chunk} (not dense)' if args.loss_chunk else ''}; "
           f"{os.cpu_count()} CPU threads")
     for part, title in (("step", "a whole training step (forward, backward, AdamW)"),
                         ("attention", "attention alone (one call, forward + backward)")):

@@ -28,6 +28,9 @@ class ModelCfg(Section):
     activation_checkpointing: bool = Field(default=False, description="recompute each layer's activations in the "
                                            "backward pass: less memory, about a third more compute")
     compile: bool = Field(default=False, description="torch.compile the model (bench/attention measures it)")
+    loss_chunk: int = Field(default=0, ge=0, description="positions per piece of the output layer and the loss, each "
+                            "piece's logits recomputed in the backward pass: the logits of one piece in memory "
+                            "instead of the batch's (long rows, large vocabularies); 0: all at once")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ModelCfg":
@@ -132,6 +135,9 @@ class TrainerCfg(Section):
     loss_scale_power: int = Field(default=16, ge=0, le=32, description="fp16: the first loss scale is 2^this")
     loss_scale_window: int = Field(default=1000, gt=0, description="fp16: clean steps before the scale doubles")
     micro_batch: int = Field(default=4, gt=0, description="sequences per process per forward pass")
+    sequence_parallel: int = Field(default=1, ge=1, description="ranks that share each row, each holding a piece "
+                                   "of its positions (Ulysses: all-to-all around attention); divides the "
+                                   "processes, the heads, the key/value heads and every stage's seq_len")
     batch_ramp: list[tuple[int, int]] = Field(
         default_factory=lambda: [(0, 8)], description="[[tokens consumed, global batch in sequences], ...]")
     lr_peak: float = Field(default=3e-3, gt=0)
@@ -170,4 +176,12 @@ class TrainerCfg(Section):
     def _one_precision(self) -> "TrainerCfg":
         if self.bf16 and self.fp16:
             raise ValueError("trainer.bf16 and trainer.fp16 are both true: choose one mixed precision")
+        return self
+
+    @model_validator(mode="after")
+    def _heads_split(self) -> "TrainerCfg":
+        sp, m = self.sequence_parallel, self.model
+        if m.heads % sp or m.kv_heads % sp:
+            raise ValueError(f"sequence_parallel ({sp}) must divide model.heads ({m.heads}) and model.kv_heads "
+                             f"({m.kv_heads}): each rank attends with its share of the heads")
         return self

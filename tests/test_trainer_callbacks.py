@@ -20,7 +20,7 @@ class Recorder:
 
     def __init__(self, tokens=0, world=1):
         self.state = SimpleNamespace(step=0, tokens=tokens)
-        self.world, self.rank = world, 0
+        self.world, self.readers, self.rank = world, world, 0
         self.events_seen: list[tuple] = []
         self.checkpoints: list[str] = []
 

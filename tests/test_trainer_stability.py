@@ -206,6 +206,11 @@ def test_fp16_survives_an_overflow_the_step_is_skipped_the_scale_halved_and_trai
     from trainer.callbacks import Callback, default_callbacks
     from trainer.loop import Trainer
 
+    # DeepSpeed's CPU accelerator refuses fp16 where the processor has no fp16 kernels (oneDNN's check; AMD
+    # EPYC has none): torch still computes fp16 there, so the loss scaling under test runs on any CPU
+    from deepspeed.accelerator import get_accelerator
+
+    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: True)
     real, calls = step_module.token_losses, {"n": 0}
 
     def overflowing(*args, **kwargs):  # the 10th micro-batch's gradients overflow fp16 (65504) once scaled
@@ -291,3 +296,41 @@ def test_the_daemon_trains_with_the_document_mask_as_the_dense_mask_would(tmp_pa
     losses = Trainer(recipe, max_steps=10).run()
     assert len(checked) >= 10 and max(checked) < 1e-4, checked
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # and it learns
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_loss_a_piece_at_a_time_gives_the_same_losses_z_terms_and_gradients(tied):
+    import numpy as np
+    import torch
+
+    from lake.recipe import ModelCfg
+    from tests.test_trainer import _packed_rows
+    from trainer.model import build_model, row_layout, token_losses
+
+    ids, spans = _packed_rows(np.random.default_rng(3), 3, 40, ["en", "zh"])
+    cat, pos, seg = row_layout(spans, 40, ["en", "zh"])
+    out = []
+    for chunk in (0, 17):  # 17 does not divide the 3 × 39 positions: the last piece is short
+        torch.manual_seed(0)
+        model = build_model(ModelCfg(hidden=32, layers=2, heads=2, kv_heads=1, tie_embeddings=tied), 300)
+        z = []
+        loss, target_cat = token_losses(model, torch.as_tensor(ids), cat, pos, seg, doc_mask=True, z=z, loss_chunk=chunk)
+        valid = target_cat >= 0
+        (loss[valid].sum() + 1e-2 * z[0][valid].sum()).backward()
+        out.append((loss.detach(), z[0].detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss, zs, grads), (chunked, chunked_z, chunked_grads) = out
+    assert loss.shape == chunked.shape == (3, 39) and (loss > 0).sum() > 60
+    assert torch.allclose(loss, chunked, atol=1e-6) and torch.allclose(zs, chunked_z, atol=1e-5)
+    for name, grad in grads.items():
+        assert torch.allclose(chunked_grads[name], grad, atol=1e-6), name
+
+
+def test_fp16_on_a_device_without_it_is_refused_naming_the_key_and_the_way_out(monkeypatch):
+    from deepspeed.accelerator import get_accelerator
+
+    from lake.trainer_sections import TrainerCfg
+    from trainer.engine import build
+
+    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: False)
+    with pytest.raises(ValueError, match=r"trainer\.fp16: .* no fp16 on this device .* use trainer\.bf16"):
+        build(TrainerCfg(fp16=True), "pretrain", 300, 1)

@@ -70,7 +70,7 @@ class BatchRamp(Callback):
         self.ramp, self.micro = ramp, micro_batch
 
     def on_step_start(self, trainer) -> None:
-        gas = accumulation_steps(batch_at(trainer.state.tokens, self.ramp), self.micro, trainer.world)
+        gas = accumulation_steps(batch_at(trainer.state.tokens, self.ramp), self.micro, trainer.readers)
         trainer.batch_rows = self.micro * gas
 
 

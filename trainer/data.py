@@ -31,11 +31,14 @@ def broadcast(value):
 
 class ChunkFeed:
     def __init__(self, lake: Lake, stage: str, run_name: str, rank: int, world: int, events: store.Events,
-                 tokenizer: str | None = None):
-        """``tokenizer``: the run's (``lake.chunks.tokenizer_id``); a chunk made with another is refused."""
+                 tokenizer: str | None = None, readers: tuple[int, int] | None = None):
+        """``tokenizer``: the run's (``lake.chunks.tokenizer_id``); a chunk made with another is refused.
+        ``readers``: (this rank's reader, readers), the data-parallel rank and world where ranks share rows
+        (sequence parallelism, ``trainer/parallel.data_parallel``); by default every rank reads its own."""
         require_safe_commits(lake.root)  # claims race feed's commits on `chunks`: S3 needs conditional puts
         self.lake, self.stage, self.run_name, self.tokenizer = lake, stage, run_name, tokenizer
         self.rank, self.world, self.events = rank, world, events
+        self.reader, self.readers = readers or (rank, world)
 
     def next_chunk(self, step: int) -> dict | None:
         """The chunk this run holds (after a restart) or a newly claimed one, verified; None when none is
@@ -59,8 +62,8 @@ class ChunkFeed:
     def rows(self, chunk: dict) -> tuple[np.ndarray, list]:
         """This rank's rows of the chunk (token ids [rows, seq_len + 1] and spans), every rank the same count."""
         ids, spans = store.read_rows(self.lake, chunk)
-        n_local = len(ids) // self.world
-        return ids[self.rank :: self.world][:n_local], spans[self.rank :: self.world][:n_local]
+        n_local = len(ids) // self.readers
+        return ids[self.reader :: self.readers][:n_local], spans[self.reader :: self.readers][:n_local]
 
     def finish(self, chunk: dict, outcome: str, step: int, tokens: int) -> None:
         """A chunk trained to its end is consumed; one that kept spiking is quarantined."""

@@ -152,10 +152,16 @@ class Built:
     n_params: int
 
 
-def build(cfg: TrainerCfg, stage: str, vocab_size: int, world: int) -> Built:
-    """Model, optimizer and schedule of the stage, wrapped by DeepSpeed (ZeRO stage, bf16, clipping)."""
+def build(cfg: TrainerCfg, stage: str, vocab_size: int, readers: int) -> Built:
+    """Model, optimizer and schedule of the stage, wrapped by DeepSpeed (ZeRO stage, bf16, clipping);
+    ``readers``: the processes that read rows of their own (the data-parallel world)."""
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
 
+    accelerator = get_accelerator()
+    if cfg.fp16 and not accelerator.is_fp16_supported():
+        raise ValueError(f"trainer.fp16: DeepSpeed's {accelerator.device_name()} accelerator has no fp16 on this device "
+                         f"(a processor without fp16 kernels): use trainer.bf16, or train on a GPU")
     settings = stage_settings(cfg, stage)
     model = build_model(cfg.model, vocab_size, settings.rope_theta, settings.rope_scaling,
                         embedding_grad_scale=cfg.embedding_grad_scale)
@@ -163,7 +169,7 @@ def build(cfg: TrainerCfg, stage: str, vocab_size: int, world: int) -> Built:
     scheduler = TokenSchedule(optimizer, settings.schedule_cfg, settings.lr_peak)
     ds_config = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch,
-        "gradient_accumulation_steps": accumulation_steps(batch_at(0, cfg.batch_ramp), cfg.micro_batch, world),
+        "gradient_accumulation_steps": accumulation_steps(batch_at(0, cfg.batch_ramp), cfg.micro_batch, readers),
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": {"stage": cfg.zero_stage},
         "zero_allow_untested_optimizer": True,  # trainer.engine.AdamW: torch's AdamW with a skippable step

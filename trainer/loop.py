@@ -37,6 +37,7 @@ from trainer.data import ChunkFeed, any_rank, broadcast
 from trainer.engine import build, device_of, init_distributed, stage_settings
 from trainer.lease import RunLock
 from trainer.model import check_base_tokenizer
+from trainer.parallel import data_parallel, sequence_group
 from trainer.schedule import model_flops_per_token, outlier_rows
 from trainer.step import StepResult, probe_rows, train_step
 
@@ -73,6 +74,7 @@ class Trainer:
         self.losses: list[float] = []  # every step's loss, for callers (tests, the demo)
         self.step_ends: list[float] = []  # perf_counter at the end of every step (bench/trainer)
         self.row_seen: dict[int, float] = {}  # the current chunk's trained rows → their worst document's loss
+        self.saved_step: int | None = None  # the step of the checkpoint this process last saved or restored
 
     def run(self) -> list[float]:
         try:
@@ -109,6 +111,8 @@ class Trainer:
     # -- set up and resume ---------------------------------------------------------------------------
     def setup(self) -> None:
         self.rank, self.world = init_distributed()
+        self.sp = sequence_group(self.rank, self.world, self.cfg.sequence_parallel)
+        self.reader, self.readers = data_parallel(self.rank, self.world, self.cfg.sequence_parallel)
         if self.rank == 0:
             self.lock.acquire()  # before anything is built, claimed or restored: one process per run
         torch.manual_seed(self.cfg.seed)
@@ -116,11 +120,11 @@ class Trainer:
         np.random.seed(self.cfg.seed)
         self.tokenizer, self.meta = load_tokenizer(self.recipe)
         check_base_tokenizer(self.cfg.model.init_from, self.tokenizer, self.meta, self.recipe.origin)
-        built = build(self.cfg, self.stage, self.meta["model_vocab_size"], self.world)
+        built = build(self.cfg, self.stage, self.meta["model_vocab_size"], self.readers)
         self.engine, self.scheduler, self.n_params = built.engine, built.scheduler, built.n_params
         self.events = store.Events(self.lake, self.cfg.run_name, enabled=self.rank == 0)
         self.feed = ChunkFeed(self.lake, self.stage, self.cfg.run_name, self.rank, self.world, self.events,
-                              store.tokenizer_id(self.meta))
+                              store.tokenizer_id(self.meta), (self.reader, self.readers))
         restored = self._restore()
         if restored:
             self.events(self.state.step, "resumed", self.state.chunk_id, f"{restored} (row {self.state.row})")
@@ -133,8 +137,10 @@ class Trainer:
             self.scheduler.anneal = (self.state.stage_start_tokens, decay)
         if not restored:  # the initial weights: what a rollback before the first checkpoint goes back to
             self.checkpoint("initial weights")
+        shared = f" ({self.cfg.sequence_parallel} per row: sequence parallel)" if self.sp else ""
         self.log(f"[train] {self.cfg.run_name}: {self.n_params:,} parameters, stage {self.stage}, "
-                 f"{self.world} process(es) on {device_of(self.engine)}, ZeRO-{self.cfg.zero_stage}, run folder {self.run_dir}")
+                 f"{self.world} process(es){shared} on {device_of(self.engine)}, ZeRO-{self.cfg.zero_stage}, "
+                 f"run folder {self.run_dir}")
 
     def _restore(self) -> str | None:
         """The latest checkpoint into engine, loop state and callbacks; its tag, or None without one."""
@@ -157,12 +163,13 @@ class Trainer:
             cb.load_state_dict(states.get(cb.name, {}))
         set_rng(self.state.rng)
         self.scheduler.tokens = self.state.tokens
+        self.saved_step = self.state.step
         return tag
 
     def stop_at_max_steps(self, chunk: dict) -> None:
         """A clean stop mid-chunk: a checkpoint at this step, and the chunk stays claimed by this run, so
         that a restart resumes at the same row (no other run may take it meanwhile)."""
-        if self.checkpoints.tags()[-1:] != [self.checkpoints.tag(self.state.step)]:
+        if self.saved_step != self.state.step:  # every rank knows it (the folder's view may lag behind rank 0's save)
             self.checkpoint(f"stop at --max-steps {self.max_steps}")
         left = f"stays claimed by {self.cfg.run_name} at row {self.state.row}: a restart resumes there"
         self.events(self.state.step, "stopped", chunk["chunk_id"], f"--max-steps {self.max_steps}; the chunk {left}")
@@ -172,6 +179,7 @@ class Trainer:
         self.state.rng = rng_state()
         client = {"state": asdict(self.state), "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks}}
         tag = self.checkpoints.save(self.engine, self.state.step, client, prune=self.rank == 0)
+        self.saved_step = self.state.step
         self.events(self.state.step, "checkpoint", self.state.chunk_id, f"{tag} ({why})")
 
     # -- one chunk ---------------------------------------------------------------------------------------
@@ -196,7 +204,8 @@ class Trainer:
             self._fire("on_step_start")
             take = order[: self.batch_rows]
             result = train_step(self.engine, ids, spans, take, self.cfg.micro_batch, self.categories,
-                                self.cfg.model.doc_mask, self.cfg.z_loss, self._skip_step())
+                                self.cfg.model.doc_mask, self.cfg.z_loss, self._skip_step(), self.sp,
+                                self.cfg.model.loss_chunk)
             step = self._advance(cid, take, result)
             recent.append(take)
             self.row_seen.update(zip(take, result.row_loss))
@@ -222,7 +231,7 @@ class Trainer:
         metrics = {"step": self.state.step, "loss": r.loss, "lr": self.scheduler.get_last_lr()[0],
                    "grad_norm": r.grad_norm, "tokens": self.state.tokens, "tokens_per_s": tokens_per_s,
                    "mfu": tokens_per_s * flops / (self.cfg.peak_flops * self.world),
-                   "batch_sequences": len(take) * self.world, "loss_by_category": r.loss_by_category, "chunk": cid,
+                   "batch_sequences": len(take) * self.readers, "loss_by_category": r.loss_by_category, "chunk": cid,
                    **({"z_loss": r.z_loss} if r.z_loss is not None else {}),
                    **({"loss_scale": r.loss_scale} if r.loss_scale is not None else {})}
         return Step(self.state.step, cid, take, r, metrics)

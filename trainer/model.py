@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer.parallel import SequenceGroup, heads_to_sequence, sequence_to_heads
+
 IGNORE = -100
 ATTENTION = "tokenmill_segments"  # the models' attention (``segment_attention``), registered with transformers
 
@@ -145,14 +147,24 @@ def segment_buckets(seg: np.ndarray) -> Buckets:
 
 
 def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, doc_buckets=None,
-                      **kwargs):
+                      sequence_group: SequenceGroup | None = None, **kwargs):
     """Attention inside each packed document, causal, with no mask: per bucket of ``segment_buckets``,
     the documents' queries, keys and values are gathered to [n, heads, L, dim] and attend with
     ``is_causal`` (SDPA picks its flash kernel: memory linear in the row's length, and no work across
     documents); the outputs go back to their positions. Without ``doc_buckets`` it is transformers' SDPA
-    (causal, or the 4D mask it is given)."""
+    (causal, or the 4D mask it is given). With a ``sequence_group`` (``trainer/parallel.py``) the inputs
+    are this rank's piece of each row: an all-to-all gives it the whole row for its share of the heads
+    (``doc_buckets`` then index whole rows), and another gives the output back as its piece."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if sequence_group is not None:
+        query, key, value = (sequence_to_heads(t, sequence_group) for t in (query, key, value))
+        if doc_buckets is None:
+            out = torch.nn.functional.scaled_dot_product_attention(
+                query, key, value, is_causal=True, scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
+            return heads_to_sequence(out.transpose(1, 2), sequence_group), None
+        out, _ = segment_attention(module, query, key, value, None, scaling, dropout, doc_buckets)
+        return heads_to_sequence(out, sequence_group), None
     if doc_buckets is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     b, heads, s, d = query.shape
@@ -188,32 +200,65 @@ def dense_document_mask(seg: torch.Tensor) -> torch.Tensor:
 
 
 def token_losses(model, ids: torch.Tensor, cat, pos, seg, doc_mask: bool, buckets: Buckets | None = None,
-                 dense: bool = False, z: list | None = None):
+                 dense: bool = False, z: list | None = None, sp: SequenceGroup | None = None, loss_chunk: int = 0):
     """Per-token cross-entropy [rows, width-1] (0 where ignored) and the category of each target (-1 = ignored).
     ``cat``, ``pos``, ``seg`` (``row_layout``'s) are arrays or tensors; all is computed on ``ids``'s device.
     With ``doc_mask`` each document attends only to itself: through ``segment_attention`` (``buckets``
     from ``segment_buckets`` of the inputs' segments, made here when not given), or with ``dense`` through
     today's dense mask (``dense_document_mask``). A list ``z`` receives each position's
-    (log Σ exp logits)² [rows, width-1], the z-loss's terms (on the graph, for the backward pass)."""
+    (log Σ exp logits)² [rows, width-1], the z-loss's terms (on the graph, for the backward pass).
+    With ``sp`` (sequence parallelism) this rank computes its piece of the positions (``SequenceGroup.piece``
+    of the width-1 targets), and both results are that piece's. ``loss_chunk`` > 0: the output layer
+    and the loss a piece of that many positions at a time (``_chunked_head_losses``), same values."""
     device = ids.device
-    inputs, targets = ids[:, :-1], ids[:, 1:]
-    target_cat = torch.as_tensor(cat, device=device)[:, 1:]
+    here = sp.piece(ids.shape[1] - 1) if sp is not None else slice(None)
+    inputs, targets = ids[:, :-1][:, here], ids[:, 1:][:, here]
+    target_cat = torch.as_tensor(cat, device=device)[:, 1:][:, here]
     labels = torch.where(target_cat >= 0, targets, torch.full_like(targets, IGNORE))
-    kwargs = {}
+    kwargs = {} if sp is None else {"sequence_group": sp}
     if doc_mask:
-        kwargs = {"position_ids": torch.as_tensor(pos, device=device)[:, :-1]}
+        kwargs["position_ids"] = torch.as_tensor(pos, device=device)[:, :-1][:, here]
         if dense:
+            if sp is not None:
+                raise ValueError("the dense document mask is the single-process reference: no sequence parallelism")
             kwargs["attention_mask"] = dense_document_mask(torch.as_tensor(seg, device=device)[:, :-1])
         else:
             if buckets is None:
                 buckets = segment_buckets(np.asarray(torch.as_tensor(seg).cpu())[:, :-1])
             kwargs["doc_buckets"] = [tuple(torch.as_tensor(a, device=device) for a in bucket) for bucket in buckets]
-    logits = model(input_ids=inputs, **kwargs).logits.float()
+    elif sp is not None:  # positions count along the whole row, not the piece
+        kwargs["position_ids"] = torch.arange(here.start, here.stop, device=device)[None, :].expand(len(ids), -1)
+    if not loss_chunk:
+        loss, lse = _head_losses(model(input_ids=inputs, **kwargs).logits, labels, z is not None)
+    else:
+        loss, lse = _chunked_head_losses(model, inputs, labels, kwargs, loss_chunk, z is not None)
     if z is not None:
-        z.append(torch.logsumexp(logits, dim=-1) ** 2)
+        z.append(lse ** 2)
+    return loss, target_cat
+
+
+def _head_losses(logits: torch.Tensor, labels: torch.Tensor, lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(cross-entropy, with ``lse`` log Σ exp logits) per position, in float32."""
+    logits = logits.float()
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                              ignore_index=IGNORE, reduction="none").reshape(labels.shape)
-    return loss, target_cat
+    return loss, torch.logsumexp(logits, dim=-1) if lse else None
+
+
+def _chunked_head_losses(model, inputs, labels, kwargs, chunk: int, lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``_head_losses`` a piece of ``chunk`` positions at a time, each piece's logits recomputed in the
+    backward pass (activation checkpointing of the output layer): the logits of one piece live at a time,
+    not [rows, width, vocabulary]."""
+    from torch.utils.checkpoint import checkpoint
+
+    llama = getattr(model, "module", model)  # the DeepSpeed engine's model, or the model
+    hidden = llama.model(input_ids=inputs, **kwargs).last_hidden_state
+    rows, width, size = hidden.shape
+    flat_hidden, flat_labels = hidden.reshape(-1, size), labels.reshape(-1)
+    pieces = [checkpoint(lambda h, y: _head_losses(llama.lm_head(h), y, lse), flat_hidden[a : a + chunk],
+                         flat_labels[a : a + chunk], use_reentrant=False) for a in range(0, len(flat_labels), chunk)]
+    loss = torch.cat([p[0] for p in pieces]).reshape(rows, width)
+    return loss, torch.cat([p[1] for p in pieces]).reshape(rows, width) if lse else None
 
 
 def model_from_state(state_dict: dict, model_cfg, vocab_size: int, rope_theta: float | None = None,

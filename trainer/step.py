@@ -13,6 +13,7 @@ import torch
 
 from trainer.engine import device_of, loss_scale, skip_next_step
 from trainer.model import row_layout, segment_buckets, token_losses
+from trainer.parallel import SequenceGroup
 
 
 @dataclass
@@ -34,18 +35,25 @@ class StepResult:
 MIN_DOC_TOKENS = 8  # a document's part of a row with fewer targets is too noisy to judge on its own
 
 
-def worst_document_loss(loss_tok: torch.Tensor, target_seg: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def worst_document_loss(loss_tok: torch.Tensor, target_seg: torch.Tensor, valid: torch.Tensor,
+                        sp: SequenceGroup | None = None) -> torch.Tensor:
     """Per row [rows]: the highest mean loss of the documents in it (their parts with at least
     ``MIN_DOC_TOKENS`` targets; the row's mean where none has). A row that is mostly clean but holds one
-    corrupted document stands out by that document, not by its average."""
-    rows, width = loss_tok.shape  # a row holds at most ``width`` segments (no host sync to count them)
-    index = (torch.arange(rows, device=loss_tok.device)[:, None] * width + target_seg.clamp(min=0))[valid]
+    corrupted document stands out by that document, not by its average. With ``sp`` the inputs are this
+    rank's piece of each row and the sums are the sequence group's (segments number the whole row)."""
+    rows, width = loss_tok.shape
+    slots = width * (sp.size if sp is not None else 1)  # a row holds at most this many segments (no host sync)
+    index = (torch.arange(rows, device=loss_tok.device)[:, None] * slots + target_seg.clamp(min=0))[valid]
     lt = loss_tok.detach().double()
-    sums = torch.zeros(rows * width, dtype=torch.float64, device=lt.device).index_add_(0, index, lt[valid])
+    sums = torch.zeros(rows * slots, dtype=torch.float64, device=lt.device).index_add_(0, index, lt[valid])
     counts = torch.zeros_like(sums).index_add_(0, index, torch.ones_like(lt[valid]))
+    row_sum = torch.stack([torch.where(valid, lt, torch.zeros_like(lt)).sum(dim=1), valid.sum(dim=1).double()])
+    if sp is not None:
+        for t in (sums, counts, row_sum):
+            sp.all_reduce(t)
     means = torch.where(counts >= MIN_DOC_TOKENS, sums / counts.clamp(min=1), torch.full_like(sums, -math.inf))
-    worst = means.reshape(rows, width).max(dim=1).values
-    row_mean = torch.where(valid, lt, torch.zeros_like(lt)).sum(dim=1) / valid.sum(dim=1).clamp(min=1)
+    worst = means.reshape(rows, slots).max(dim=1).values
+    row_mean = row_sum[0] / row_sum[1].clamp(min=1)
     return torch.where(worst != -math.inf, worst, row_mean)
 
 
@@ -77,8 +85,8 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def train_step(engine, ids_all: np.ndarray, spans_all: list, rows: list[int], micro: int, categories: list[str],
-               doc_mask: bool, z_loss: float = 0.0, skip: Callable[[float, float | None], bool] | None = None
-               ) -> StepResult:
+               doc_mask: bool, z_loss: float = 0.0, skip: Callable[[float, float | None], bool] | None = None,
+               sp: SequenceGroup | None = None, loss_chunk: int = 0) -> StepResult:
     """Forward, backward and the engine's step over ``rows`` of this rank's chunk rows, ``micro`` at a time.
 
     Everything stays on the engine's device; the step's totals come back to the host once, in the one
@@ -87,7 +95,10 @@ def train_step(engine, ids_all: np.ndarray, spans_all: list, rows: list[int], mi
     every rank when ``skip(loss, grad_norm)`` (the step's loss and gradient norm before clipping, the
     same on every rank) says so: skip-step, for an outlier. ``z_loss`` > 0 adds that coefficient times
     the mean (log Σ exp logits)² to the loss that is backpropagated (the reported loss stays the
-    cross-entropy; the z term is ``StepResult.z_loss``)."""
+    cross-entropy; the z term is ``StepResult.z_loss``). With ``sp`` (``trainer/parallel.py``) the ranks of
+    a sequence group hold the same rows and each computes its piece of the positions: its loss is its
+    share of the group's sum, scaled for DeepSpeed's average over every rank. ``loss_chunk``: the output
+    layer and loss that many positions at a time (``trainer.model.token_losses``)."""
     started = time.perf_counter()
     device = device_of(engine)
     scale = loss_scale(engine)  # fp16: the gradients are scaled by it until the step unscales them
@@ -103,14 +114,18 @@ def train_step(engine, ids_all: np.ndarray, spans_all: list, rows: list[int], mi
         batch = rows[m * micro : (m + 1) * micro]
         ids, cat, pos, seg, buckets = _layout(ids_all, spans_all, batch, categories, device, doc_mask)
         z = [] if z_loss > 0 else None
-        loss_tok, target_cat = token_losses(engine, ids, cat, pos, seg, doc_mask, buckets, z=z)
+        loss_tok, target_cat = token_losses(engine, ids, cat, pos, seg, doc_mask, buckets, z=z, sp=sp,
+                                            loss_chunk=loss_chunk)
         valid = target_cat >= 0
         n = valid.sum()
-        loss = loss_tok.sum() / n.clamp(min=1)  # the engine divides by the accumulation steps itself
+        # the engine divides by the accumulation steps itself
+        denominator = n.clamp(min=1) if sp is None else sp.all_reduce(n.double()).clamp(min=1) / sp.loss_factor
+        loss = loss_tok.sum() / denominator
         z_sum = z[0][valid].sum() if z else None
-        engine.backward(loss + z_loss * z_sum / n.clamp(min=1) if z else loss)
+        engine.backward(loss + z_loss * z_sum / denominator if z else loss)
         with torch.no_grad():
-            per_row.append(worst_document_loss(loss_tok, seg[:, 1:], valid))
+            target_seg = seg[:, 1:] if sp is None else seg[:, 1:][:, sp.piece(seg.shape[1] - 1)]
+            per_row.append(worst_document_loss(loss_tok, target_seg, valid, sp))
             lt, tc = loss_tok.detach()[valid].double(), target_cat[valid]
             totals[0] += lt.sum()
             totals[1] += n
