@@ -7,7 +7,8 @@ that keeps state across a restart returns it from ``state_dict`` (saved in every
 its ``name``) and takes it back in ``load_state_dict``, also after a rollback.
 
 ``default_callbacks`` is the order the daemon uses: the ramp sizes the step; the spike guard gives
-the step its verdict, which checkpointing (only after a good step) and metrics read. A callback of
+the step its verdict, which the training signals (only a good step's losses), checkpointing (only
+after a good step) and metrics read. A callback of
 your own goes before ``Metrics`` if what it adds to a step's metrics is to be logged:
 
     callbacks = default_callbacks(recipe.trainer)
