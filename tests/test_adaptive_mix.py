@@ -54,16 +54,16 @@ def test_the_projection_sums_to_one_within_bounds_and_scales_the_free_categories
     weights, bounds = case
     x = project_to_bounds(weights, bounds)
     _assert_in_bounds(x, bounds)
-    free = [c for c in x if bounds[c][0] + 1e-7 < x[c] < bounds[c][1] - 1e-7]
+    free = [c for c in x if bounds[c][0] + TOL < x[c] < bounds[c][1] - TOL]
     if free:
-        lam = x[free[0]] / weights[free[0]]
-        for c in free:
-            assert x[c] / weights[c] == pytest.approx(lam, rel=1e-6)
-        for c in x:
-            if c not in free and x[c] <= bounds[c][0] + 1e-7 and x[c] < bounds[c][1] - 1e-7:
-                assert lam * weights[c] <= bounds[c][0] * (1 + 1e-6) + 1e-12  # held up at its min
-            elif c not in free and x[c] >= bounds[c][1] - 1e-7 and x[c] > bounds[c][0] + 1e-7:
-                assert lam * weights[c] >= bounds[c][1] * (1 - 1e-6) - 1e-12  # held down at its max
+        lam = max(x[c] / weights[c] for c in free)
+        for c, w in weights.items():
+            assert x[c] == pytest.approx(min(max(lam * w, bounds[c][0]), bounds[c][1]), rel=1e-6, abs=1e-12), c
+    else:  # every category at a bound: some λ puts the ones at their max there and the ones at their min there
+        movable = [c for c in x if bounds[c][1] - bounds[c][0] > TOL]
+        at_max = [bounds[c][1] / weights[c] for c in movable if x[c] >= bounds[c][1] - TOL]
+        at_min = [bounds[c][0] / weights[c] for c in movable if x[c] <= bounds[c][0] + TOL]
+        assert max(at_max, default=0.0) <= min(at_min, default=math.inf) * (1 + 1e-6) + 1e-12
 
 
 def test_the_projection_on_a_worked_example_and_inside_its_bounds():
