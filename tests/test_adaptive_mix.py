@@ -141,7 +141,8 @@ def test_without_a_signal_the_base_mix_and_a_category_without_one_keeps_its_base
     assert adaptive_mix(BASE, BOUNDS, early, 3.0, min_tokens=1000) == pytest.approx({"zh": 0.4, "en": 0.4, "code": 0.2})
     # zh falls, en is flat, code has no signal: z = +1/2 and -1/2, code's weight stays its base share
     wide = {c: (0.0, 1.0) for c in BASE}
-    got = adaptive_mix(BASE, wide, {**early, "zh": CategorySignal(3.0, -1e-3, 5000, 9)} | {"en": CategorySignal(3.0, 0.0, 5000, 9)}, 1.0)
+    later = {"zh": CategorySignal(3.0, -1e-3, 5000, 9), "en": CategorySignal(3.0, 0.0, 5000, 9)}
+    got = adaptive_mix(BASE, wide, later, 1.0)
     weights = {"zh": 0.4 * math.exp(0.5), "en": 0.4 * math.exp(-0.5), "code": 0.2}
     assert got == pytest.approx({c: w / sum(weights.values()) for c, w in weights.items()})
     # bounds that exclude the base mix: it is moved into them
