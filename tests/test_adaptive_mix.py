@@ -263,6 +263,7 @@ def test_feed_reads_the_signal_into_the_chunks_mix(tmp_path):
                                                                      "step": 40}
 
 
+@pytest.mark.slow
 def test_a_trainer_run_on_an_adaptive_stage_publishes_by_default(tmp_path):
     from lake.sections import Feed
     from tests.test_trainer import _setup
@@ -305,6 +306,7 @@ def test_a_chunks_table_written_before_the_mix_columns_reads_and_gains_them(tmp_
 # -- feed, end to end -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_feed_writes_a_chunk_with_the_adaptive_mix_and_its_signal(spark, tmp_path, capsys):
     from jobs import feed, train_tokenizer
     from jobs.packing import split_tokens
