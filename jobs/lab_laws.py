@@ -112,7 +112,7 @@ def _check(name: str, values, ok: Callable[[np.ndarray], np.ndarray], need: str)
     bad = ~(np.isfinite(arr) & ok(arr))
     if bad.any():
         i = int(np.argmax(bad))
-        raise ValueError(f"{name}[{i}] = {arr[i]!r}: every value must be finite and {need}; fix or drop that point")
+        raise ValueError(f"{name}[{i}] = {float(arr[i])!r}: every value must be finite and {need}; fix or drop that point")
     return arr
 
 
