@@ -10,6 +10,9 @@ Every law here is fitted the same way, so a fit is deterministic and never needs
 - **Bootstrap intervals.** The points are resampled with replacement (seeded) and refitted; the 2.5
   and 97.5 percentiles of each parameter are its 95% interval. A resample with fewer distinct inputs
   than the law needs is skipped; where every resample is skipped the interval is (nan, nan).
+
+A law needs at least as many points with distinct inputs as it has parameters. With exactly that many
+it passes through every point and its interval has no width: each further run is what tests it.
 """
 
 from __future__ import annotations
@@ -93,7 +96,8 @@ class Fit:
         return float(out) if np.ndim(out) == 0 else out
 
     def describe(self) -> str:
-        parts = [f"{k} = {v:.4g} [{self.ci[k][0]:.4g}, {self.ci[k][1]:.4g}]" for k, v in self.params.items()]
+        parts = [f"{k} = {v:.4g} " + (f"[{lo:.4g}, {hi:.4g}]" if np.isfinite([lo, hi]).all() else "(no interval)")
+                 for k, v in self.params.items() for lo, hi in [self.ci[k]]]
         parts += [f"{k} = {v:.4g} (fixed)" for k, v in self.fixed.items()]
         return (f"{self.name}: {self.formula}; {', '.join(parts)}; {self.n_points} points, "
                 f"rms residual {self.residual:.3g}")
@@ -112,7 +116,8 @@ def _check(name: str, values, ok: Callable[[np.ndarray], np.ndarray], need: str)
     bad = ~(np.isfinite(arr) & ok(arr))
     if bad.any():
         i = int(np.argmax(bad))
-        raise ValueError(f"{name}[{i}] = {float(arr[i])!r}: every value must be finite and {need}; fix or drop that point")
+        raise ValueError(f"{name}[{i}] = {float(arr[i])!r}: every value must be finite and {need}; "
+                         "fix or drop that point")
     return arr
 
 
@@ -282,21 +287,24 @@ def _fit(name: str, solve: Callable[..., dict[str, float]], inputs: list[np.ndar
 
 
 def fit_loss_vs_compute(compute, loss, bootstrap: int = 500, seed: int = 0) -> Fit:
-    """L(C) = E + A·C^-alpha over the runs' compute (FLOPs) and final loss; needs 4 distinct budgets."""
+    """L(C) = E + A·C^-alpha over the runs' compute and final loss; needs 3 distinct computes.
+
+    Compute in a unit near the runs' own (say 1e15 FLOPs) keeps A readable: A is the law at one unit.
+    """
     c, y = _positive(compute=compute, loss=loss)
-    return _fit("loss_vs_compute", _solve_loss_vs_compute, [c], y, 4, bootstrap, seed)
+    return _fit("loss_vs_compute", _solve_loss_vs_compute, [c], y, 3, bootstrap, seed)
 
 
 def fit_chinchilla(params_n, tokens_d, loss, bootstrap: int = 500, seed: int = 0) -> Fit:
-    """L(N, D) = E + A/N^alpha + B/D^beta (Chinchilla's approach 3); needs 6 distinct (N, D) runs."""
+    """L(N, D) = E + A/N^alpha + B/D^beta (Chinchilla's approach 3); needs 5 distinct (N, D) runs."""
     n, d, y = _positive(params_n=params_n, tokens_d=tokens_d, loss=loss)
-    return _fit("chinchilla", _solve_chinchilla, [n, d], y, 6, bootstrap, seed)
+    return _fit("chinchilla", _solve_chinchilla, [n, d], y, 5, bootstrap, seed)
 
 
 def fit_compute_optimal(compute, n_opt, bootstrap: int = 500, seed: int = 0) -> Fit:
     """N*(C) = A·C^alpha, a line in log-log space through each budget's optimum (``isoflop_optimum``).
 
-    Two budgets determine it exactly (then the interval has no width); each further budget tests it.
+    Two budgets determine it exactly; each further budget tests it.
     """
     c, n = _positive(compute=compute, n_opt=n_opt)
     return _fit("compute_optimal", _solve_compute_optimal, [c], n, 2, bootstrap, seed, log_space=True)
@@ -312,7 +320,7 @@ def fit_accuracy(nll, accuracy, chance: float, bootstrap: int = 500, seed: int =
     """Llama 3's second step: a sigmoid from the held-out negative log-likelihood to task accuracy.
 
     acc = chance + (top - chance) / (1 + exp(k·(nll - x0))); ``chance`` (1 / number of choices) is fixed,
-    top is kept in [chance, 1]; needs 4 distinct nll values.
+    top is kept in [chance, 1]; needs 3 distinct nll values.
     """
     x, = _positive(nll=nll)
     acc = _check("accuracy", accuracy, lambda a: (a >= 0) & (a <= 1), "in [0, 1]")
@@ -320,7 +328,7 @@ def fit_accuracy(nll, accuracy, chance: float, bootstrap: int = 500, seed: int =
         raise ValueError(f"nll and accuracy must have one length (one value per run), got {len(x)} and {len(acc)}")
     if not (np.isfinite(chance) and 0 <= chance < 1):
         raise ValueError(f"chance = {chance!r}: it must be the accuracy of guessing, in [0, 1) (1 / choices)")
-    return _fit("accuracy", lambda a, b: _solve_accuracy(a, b, chance), [x], acc, 4, bootstrap, seed,
+    return _fit("accuracy", lambda a, b: _solve_accuracy(a, b, chance), [x], acc, 3, bootstrap, seed,
                 fixed={"chance": float(chance)})
 
 

@@ -75,7 +75,8 @@ def plot_fit(fit: Fit, x, y, path: str, title: str, predicted: tuple[float, floa
     fig = Figure(figsize=(7, 4.6), layout="constrained")
     ax = fig.subplots()
     ax.scatter(xs, ys, s=22, color="#4c78a8", label="runs", zorder=3)
-    ax.plot(*_law_curve(fit, min(ends), max(ends), log_x), color="#e45756", label=fit.formula)
+    label = f"compute-optimal frontier of {fit.formula}" if fit.name == "chinchilla" else fit.formula
+    ax.plot(*_law_curve(fit, min(ends), max(ends), log_x), color="#e45756", label=label)
     if predicted is not None:
         ax.scatter(*predicted, marker="*", s=160, color="#f58518", zorder=4, label=f"predicted {predicted[1]:.4g}")
     if observed is not None:

@@ -129,12 +129,14 @@ def test_chinchilla_optimal_n_is_the_minimum_along_the_budget():
 
 
 def test_errors_name_the_problem():
-    with pytest.raises(ValueError, match="needs at least 4 points with distinct inputs, got 3"):
-        fit_loss_vs_compute([1, 10, 100], [3.0, 2.5, 2.2])
-    with pytest.raises(ValueError, match="needs at least 4 points with distinct inputs, got 3 \\(of 5"):
-        fit_loss_vs_compute([1, 10, 100, 100, 10], [3.0, 2.5, 2.2, 2.2, 2.5])
-    with pytest.raises(ValueError, match="needs at least 6"):
-        fit_chinchilla([1, 2, 3, 4, 5], [1, 2, 3, 4, 5], [3, 2.9, 2.8, 2.7, 2.6])
+    with pytest.raises(ValueError, match="needs at least 3 points with distinct inputs, got 2"):
+        fit_loss_vs_compute([1, 10], [3.0, 2.5])
+    with pytest.raises(ValueError, match="needs at least 3 points with distinct inputs, got 2 \\(of 5"):
+        fit_loss_vs_compute([1, 10, 10, 1, 10], [3.0, 2.5, 2.5, 3.0, 2.5])
+    with pytest.raises(ValueError, match="needs at least 5 points with distinct inputs, got 4"):
+        fit_chinchilla([1, 2, 3, 4, 4], [1, 2, 3, 4, 4], [3, 2.9, 2.8, 2.7, 2.7])
+    with pytest.raises(ValueError, match="needs at least 2 points with distinct inputs, got 1"):
+        fit_compute_optimal([1e20, 1e20], [1e9, 2e9])
     with pytest.raises(ValueError, match=r"loss\[2\] = 0\.0: every value must be finite and > 0"):
         fit_loss_vs_compute([1, 10, 100, 1000], [3.0, 2.5, 0.0, 2.0])
     with pytest.raises(ValueError, match=r"compute\[1\] = -5\.0"):
@@ -170,5 +172,6 @@ def test_plots_are_png_files(tmp_path):
     _png(out)
     n, d, loss = _chinchilla_points()
     chin = fit_chinchilla(n, d, loss, bootstrap=0)
+    assert "alpha = " in chin.describe() and "(no interval)" in chin.describe()
     _png(plot_fit(chin, list(zip(n, d)), loss, str(tmp_path / "chinchilla.png"), "Chinchilla",
                   predicted=(6e9, float(chin.predict(1e5, 1e4)))))
