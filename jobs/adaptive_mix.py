@@ -12,7 +12,9 @@ still falls): the trainer publishes each category's recent loss and its slope pe
 and projects ``w`` onto the shares that sum to 1 and keep each category within its [min, max]
 (``project_to_bounds``). A category whose loss has flattened (or rises) loses share to one whose loss
 is still falling: data the model still learns from gets more tokens, learned or unlearnable data
-fewer. The rule has no memory: the same signal gives the same mix, and the bounds hold whatever it
+fewer. ``favour: lagging`` turns the rule round (z_c → -z_c): the category whose loss falls slowest
+gains share, so that no category is left behind (a balancing choice, for mixes where each category must
+reach its own quality). The rule has no memory: the same signal gives the same mix, and the bounds hold whatever it
 says. Without a signal (the run has not trained ``min_tokens`` yet) the mix is the base mix.
 """
 
@@ -47,17 +49,18 @@ def learning_speed(signal: CategorySignal) -> float:
 
 
 def adaptive_mix(base: dict[str, float], bounds: dict[str, tuple[float, float]], signal: dict[str, CategorySignal],
-                 strength: float, min_tokens: int = 0) -> dict[str, float]:
+                 strength: float, min_tokens: int = 0, favour: str = "falling") -> dict[str, float]:
     """The shares of the next chunk (summing to 1, each within its bounds; a category without bounds
     within [0, 1]): the base mix re-weighted by each category's learning speed against the others'
-    (the module's rule). A category without a signal (or with one from before ``min_tokens``) keeps
+    (the module's rule; ``favour`` "falling" or "lagging"). A category without a signal (or with one from before ``min_tokens``) keeps
     its base weight; with none at all, the normalised base mix (moved into the bounds, should they
     exclude it)."""
     weights = normalised(base)
     speeds = {c: learning_speed(s) for c, s in signal.items() if c in base and s.tokens >= min_tokens}
     if speeds:
         mean, top = sum(speeds.values()) / len(speeds), max(speeds.values())
-        z = {c: (v - mean) / top if top > 0 else 0.0 for c, v in speeds.items()}
+        sign = {"falling": 1.0, "lagging": -1.0}[favour]
+        z = {c: sign * (v - mean) / top if top > 0 else 0.0 for c, v in speeds.items()}
         weights = {c: w * math.exp(strength * z.get(c, 0.0)) for c, w in weights.items()}
     return project_to_bounds(weights, bounds)
 
@@ -121,6 +124,7 @@ def chunk_mix(lake: Lake, stage: FeedStage, default_run: str) -> ChunkMix:
     a = stage.adaptive
     run = a.run or default_run
     signal = {c: CategorySignal.from_row(r) for c, r in latest_signals(lake, run).items() if c in base}
-    shares = adaptive_mix(base, stage.adaptive_bounds(), signal, a.strength, a.min_tokens)
+    shares = adaptive_mix(base, stage.adaptive_bounds(), signal, a.strength, a.min_tokens, a.favour)
     used = {c: asdict(s) for c, s in signal.items() if s.tokens >= a.min_tokens}
-    return ChunkMix(shares, {"run": run, "strength": a.strength, "min_tokens": a.min_tokens, "signals": used})
+    return ChunkMix(shares, {"run": run, "strength": a.strength, "min_tokens": a.min_tokens, "favour": a.favour,
+                             "signals": used})

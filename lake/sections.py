@@ -376,6 +376,9 @@ class AdaptiveMix(Section):
                             "(an early slope is noise); before, the base mix")
     run: str | None = Field(default=None, description="the trainer run whose signals (training_signals) steer the mix; "
                             "unset: trainer.run_name")
+    favour: Literal["falling", "lagging"] = Field(
+        default="falling", description="falling: towards the categories whose loss still falls fastest (ADO); "
+        "lagging: towards those whose loss falls slowest, so none is left behind")
 
 
 class FeedStage(Section):

@@ -130,6 +130,10 @@ def test_the_mix_moves_towards_the_category_whose_loss_still_falls_and_away_from
     extreme = adaptive_mix(BASE, BOUNDS, signal, 50.0)
     assert extreme["zh"] == pytest.approx(BOUNDS["zh"][1]) and extreme["en"] == pytest.approx(BOUNDS["en"][0])
     _assert_in_bounds(extreme, BOUNDS)
+    # favour: lagging turns the rule round: towards the slower-falling en, away from zh
+    lagging = adaptive_mix(BASE, BOUNDS, signal, 2.0, favour="lagging")
+    assert lagging["en"] > 0.4 > lagging["zh"] and lagging["en"] > strong["en"] and lagging["zh"] < strong["zh"]
+    _assert_in_bounds(lagging, BOUNDS)
     # the loss falling as fast in relative terms everywhere: no reason to move
     same = {c: CategorySignal(3.0, -3e-5, now, 50) for c in BASE}
     assert adaptive_mix(BASE, BOUNDS, same, 2.0) == pytest.approx({"zh": 0.4, "en": 0.4, "code": 0.2})
