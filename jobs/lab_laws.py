@@ -23,12 +23,13 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-# N*(C) = A·C^alpha from the Llama 3 paper. There N* is the compute-optimal number of training *tokens*;
-# under C = 6·N·D a parameter-count exponent a corresponds to a token exponent 1 - a.
+# N*(C) = A·C^alpha from the Llama 3 paper (C in FLOPs). There N* is the compute-optimal number of training
+# *tokens*: compare it with ``token_law`` of a size law (under C = 6·N·D a size exponent a is a token exponent 1 - a).
 LLAMA3_COMPUTE_OPTIMAL = {"A": 0.299, "alpha": 0.537}
 MINICPM_BATCH_SIZE = {"a": 1.2110e9, "b": 6.2393}  # BS = a / L^b, in tokens (MiniCPM)
 
 _EXPONENT = (0.005, 2.995)  # the open interval (0, 3) every searched exponent lies in
+_SEARCHED = ("loss_vs_compute", "chinchilla")  # laws whose exponents are searched within _EXPONENT
 
 
 def _loss_vs_compute(p, c):
@@ -95,12 +96,23 @@ class Fit:
         out = form.law({**self.fixed, **self.params}, *(np.asarray(v, dtype=float) for v in x))
         return float(out) if np.ndim(out) == 0 else out
 
+    def at_bound(self) -> list[str]:
+        """The parameters the search left on the edge of what it allows (an exponent at the end of its
+        range, a coefficient at 0): the runs do not determine them, and the law is a poor guide there."""
+        if self.name not in _SEARCHED:
+            return []
+        return [k for k, v in self.params.items()
+                if (k in ("alpha", "beta") and not _EXPONENT[0] * 1.001 < v < _EXPONENT[1] * 0.999)
+                or (k in ("E", "A", "B") and v <= 0)]
+
     def describe(self) -> str:
         parts = [f"{k} = {v:.4g} " + (f"[{lo:.4g}, {hi:.4g}]" if np.isfinite([lo, hi]).all() else "(no interval)")
                  for k, v in self.params.items() for lo, hi in [self.ci[k]]]
         parts += [f"{k} = {v:.4g} (fixed)" for k, v in self.fixed.items()]
+        edge = f"; at the edge of the search: {', '.join(self.at_bound())} (the runs do not determine it)" \
+            if self.at_bound() else ""
         return (f"{self.name}: {self.formula}; {', '.join(parts)}; {self.n_points} points, "
-                f"rms residual {self.residual:.3g}")
+                f"rms residual {self.residual:.3g}{edge}")
 
 
 # -- input checks ----------------------------------------------------------------------------------
@@ -367,6 +379,17 @@ def chinchilla_optimal_n(fit: Fit, compute) -> float | np.ndarray:
     return float(n_opt[0]) if np.ndim(compute) == 0 else n_opt
 
 
+def token_law(fit: Fit) -> Fit:
+    """A compute-optimal size law N*(C) = A·C^alpha as the compute-optimal tokens D*(C) = C / (6·N*(C)) =
+    (1 / 6A)·C^(1 - alpha), the form Llama 3 reports (``LLAMA3_COMPUTE_OPTIMAL``); intervals carried over."""
+    if fit.name != "compute_optimal":
+        raise ValueError(f"token_law needs a compute_optimal fit, got a {fit.name} fit ({fit.formula})")
+    a, alpha = fit.params["A"], fit.params["alpha"]
+    (a_lo, a_hi), (al_lo, al_hi) = fit.ci["A"], fit.ci["alpha"]
+    return Fit(fit.name, "D*(C) = A·C^alpha (tokens, C = 6·N·D)", {"A": 1 / (6 * a), "alpha": 1 - alpha},
+               {"A": (1 / (6 * a_hi), 1 / (6 * a_lo)), "alpha": (1 - al_hi, 1 - al_lo)}, fit.n_points, fit.residual)
+
+
 def compare_with_reference(fit: Fit, reference: dict, label: str = "reference", at: float | None = None) -> str:
     """One line: each parameter the two laws share, ours (with its interval) against the reference, and
     their ratio; with ``at`` also both laws evaluated at that input (a compute, or a loss) and the ratio."""
@@ -377,10 +400,13 @@ def compare_with_reference(fit: Fit, reference: dict, label: str = "reference", 
     parts = []
     for k in shared:
         lo, hi = fit.ci[k]
-        where = "inside" if lo <= reference[k] <= hi else "outside"
+        # a law through exactly its points has no width (up to rounding in the refits)
+        judged = np.isfinite([lo, hi]).all() and hi - lo > 1e-6 * max(abs(fit.params[k]), 1e-12)
+        where = ("inside" if lo <= reference[k] <= hi else "outside") + " our 95% interval" if judged \
+            else "no interval to judge by"
         ratio = f"ratio {fit.params[k] / reference[k]:.3g}, " if reference[k] else ""
         parts.append(f"{k}: ours {fit.params[k]:.4g} [{lo:.4g}, {hi:.4g}], {label} {reference[k]:.4g} "
-                     f"({ratio}{where} our 95% interval)")
+                     f"({ratio}{where})")
     if at is not None:
         missing = sorted(set(fit.params) - set(reference))
         if missing:

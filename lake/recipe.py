@@ -55,6 +55,15 @@ class Recipe(Section):
         return sources
 
     @model_validator(mode="after")
+    def _rows_split(self) -> "Recipe":
+        sp = self.trainer.sequence_parallel
+        uneven = {name: st.seq_len for name, st in self.feed.stages.items() if st.seq_len % sp}
+        if uneven:
+            raise ValueError(f"trainer.sequence_parallel ({sp}) must divide every stage's seq_len: "
+                             + ", ".join(f"feed.stages.{n}.seq_len = {v}" for n, v in uneven.items()))
+        return self
+
+    @model_validator(mode="after")
     def _known_sources(self) -> "Recipe":
         unknown = set(self.filter.source_thresholds) - {s.name for s in self.sources}
         if unknown:

@@ -197,6 +197,13 @@ class TrainerCfg(Section):
         return self
 
     @model_validator(mode="after")
+    def _chunked_loss_outside_zero3(self) -> "TrainerCfg":
+        if self.model.loss_chunk and self.zero_stage == 3:
+            raise ValueError("model.loss_chunk needs zero_stage 0, 1 or 2: under ZeRO-3 the output layer must run "
+                             "inside the engine's forward pass (set loss_chunk: 0, or zero_stage: 2)")
+        return self
+
+    @model_validator(mode="after")
     def _heads_split(self) -> "TrainerCfg":
         sp, m = self.sequence_parallel, self.model
         if m.heads % sp or m.kv_heads % sp:

@@ -36,15 +36,23 @@ def batch() -> tuple[np.ndarray, list]:
     return ids, spans
 
 
-def losses_and_grads(doc_mask: bool, sp: SequenceGroup | None = None) -> tuple[torch.Tensor, dict]:
-    """The whole batch's token losses [rows, width-1] (0 where ignored) and the gradients of their sum."""
+CASES = {"doc_mask": (True, 0, 0.0), "causal": (False, 0, 0.0), "doc_mask, loss_chunk 24, z-loss": (True, 24, 0.1)}
+
+
+def losses_and_grads(case: str, sp: SequenceGroup | None = None) -> tuple[torch.Tensor, dict]:
+    """The whole batch's token losses [rows, width-1] (0 where ignored) and the gradients of their sum
+    (plus the z-loss's terms where the case has a coefficient), for one of ``CASES``."""
+    doc_mask, loss_chunk, z_loss = CASES[case]
     torch.manual_seed(0)
     model = build_model(ModelCfg(hidden=64, layers=2, heads=4, kv_heads=2, doc_mask=doc_mask), 300)
     ids, spans = batch()
     cat, pos, seg = row_layout(spans, WIDTH, list(CATS))
-    loss_tok, target_cat = token_losses(model, torch.as_tensor(ids), cat, pos, seg, doc_mask, sp=sp)
-    loss_tok = torch.where(target_cat >= 0, loss_tok, torch.zeros_like(loss_tok))
-    loss_tok.sum().backward()
+    z = []
+    loss_tok, target_cat = token_losses(model, torch.as_tensor(ids), cat, pos, seg, doc_mask, z=z, sp=sp,
+                                        loss_chunk=loss_chunk)
+    valid = target_cat >= 0
+    loss_tok = torch.where(valid, loss_tok, torch.zeros_like(loss_tok))
+    (loss_tok.sum() + z_loss * z[0][valid].sum()).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     if sp is None:
         return loss_tok.detach(), grads
@@ -59,7 +67,7 @@ def main(out: str) -> None:
     torch.distributed.init_process_group("gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     sp = sequence_group(rank, world, world)
-    results = {mask: losses_and_grads(mask, sp) for mask in (True, False)}
+    results = {case: losses_and_grads(case, sp) for case in CASES}
     if rank == 0:
         torch.save(results, out)
     torch.distributed.destroy_process_group()

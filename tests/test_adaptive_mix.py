@@ -250,6 +250,21 @@ def test_only_rank_zero_publishes(tmp_path):
     assert not lake.exists("training_signals") and set(callback.signals()) == {"zh", "en"}
 
 
+def test_a_publication_that_fails_is_logged_and_training_goes_on(tmp_path, monkeypatch):
+    import trainer.callbacks as callbacks_module
+
+    def broken(*args, **kwargs):
+        raise OSError("the object store said 503")
+
+    monkeypatch.setattr(callbacks_module, "publish_signals", broken)
+    trainer, said = _Trainer(Lake(str(tmp_path / "lake"))), []
+    trainer.log = said.append
+    callback = TrainingSignals(every=2, window=4)
+    _train(callback, trainer, 4, _bent)
+    assert len(said) == 2 and "step 4: training_signals not published (OSError: the object store said 503)" in said[1]
+    assert callback.published == 4 and set(callback.signals()) == {"zh", "en"}
+
+
 def test_feed_reads_the_signal_into_the_chunks_mix(tmp_path):
     lake = Lake(str(tmp_path / "lake"))
     stage = FeedStage(mix=BASE, adaptive=AdaptiveMix(strength=1.0, min_tokens=1000))

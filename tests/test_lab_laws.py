@@ -8,7 +8,7 @@ import pytest
 
 from jobs.lab_laws import (LLAMA3_COMPUTE_OPTIMAL, MINICPM_BATCH_SIZE, Fit, chinchilla_optimal_n,
                            compare_with_reference, fit_accuracy, fit_batch_size, fit_chinchilla, fit_compute_optimal,
-                           fit_loss_vs_compute, isoflop_optimum)
+                           fit_loss_vs_compute, isoflop_optimum, token_law)
 from jobs.lab_plots import plot_curves, plot_fit
 
 BOOTSTRAP = 100
@@ -69,17 +69,33 @@ def test_chinchilla_recovers_the_law_and_extrapolates():
     assert fit.predict(1e5, 1e4) == pytest.approx(_chinchilla_law(1e5, 1e4), rel=0.05)
 
 
-def test_compute_optimal_recovers_llama3_and_compares_with_it():
+def test_compute_optimal_sizes_give_llama3s_token_law_and_compare_with_it():
+    """Sizes N* = C / (6·D*) where D*(C) is Llama 3's token law: the size law's token form is Llama 3's."""
     compute = np.geomspace(1e18, 1e22, 8)
     truth = LLAMA3_COMPUTE_OPTIMAL
-    fit = fit_compute_optimal(compute, _noisy(truth["A"] * compute ** truth["alpha"], seed=1), bootstrap=BOOTSTRAP)
-    _assert_recovers(fit, truth)
-    assert fit.predict(1e24) == pytest.approx(truth["A"] * 1e24 ** truth["alpha"], rel=0.05)
-    line = compare_with_reference(fit, truth, label="Llama 3", at=1e24)
-    assert "Llama 3" in line and "\n" not in line
-    assert f"ratio {fit.params['alpha'] / truth['alpha']:.3g}" in line
-    assert f"ratio {fit.predict(1e24) / (truth['A'] * 1e24 ** truth['alpha']):.3g}" in line
+    tokens = truth["A"] * compute ** truth["alpha"]
+    fit = fit_compute_optimal(compute, _noisy(compute / (6 * tokens), seed=1), bootstrap=BOOTSTRAP)
+    _assert_recovers(fit, {"A": 1 / (6 * truth["A"]), "alpha": 1 - truth["alpha"]})
+    as_tokens = token_law(fit)
+    _assert_recovers(as_tokens, truth)
+    assert as_tokens.predict(1e24) == pytest.approx(1e24 / (6 * fit.predict(1e24)), rel=1e-9)
+    assert as_tokens.predict(1e24) == pytest.approx(truth["A"] * 1e24 ** truth["alpha"], rel=0.05)
+    line = compare_with_reference(as_tokens, truth, label="Llama 3", at=1e24)
+    assert "Llama 3" in line and "\n" not in line and "D*(C)" in line
+    assert f"ratio {as_tokens.params['alpha'] / truth['alpha']:.3g}" in line
+    assert f"ratio {as_tokens.predict(1e24) / (truth['A'] * 1e24 ** truth['alpha']):.3g}" in line
     assert "inside our 95% interval" in line
+    with pytest.raises(ValueError, match="token_law needs a compute_optimal fit"):
+        token_law(fit_batch_size([2.0, 3.0], [1e6, 1e5], bootstrap=0))
+
+
+def test_a_law_without_an_interval_gives_no_verdict_and_an_undetermined_exponent_is_named():
+    exact = fit_compute_optimal([1e18, 1e20], [1e8, 1e9], bootstrap=50)  # two points: through both, no width
+    line = compare_with_reference(exact, {"alpha": 0.3})
+    assert "no interval to judge by" in line and "inside" not in line and "outside" not in line
+    rising = fit_loss_vs_compute([1, 2, 4, 8], [5.0, 6.0, 7.0, 8.0], bootstrap=0)
+    assert rising.at_bound() and "at the edge of the search" in rising.describe()
+    assert not fit_loss_vs_compute([1, 2, 4, 8, 16], [4.0, 3.2, 2.7, 2.4, 2.2], bootstrap=0).at_bound()
 
 
 def test_batch_size_recovers_minicpm_and_a_far_reference_is_outside():

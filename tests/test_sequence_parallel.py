@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
-from tests.sp_worker import losses_and_grads
+from tests.sp_worker import CASES, losses_and_grads
 from tests.test_trainer import _setup
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".tokenmill" / "torch_extensions"))
@@ -43,13 +43,13 @@ def test_the_pieces_of_two_processes_give_one_processs_losses_and_gradients(tmp_
     out = tmp_path / "sp.pt"
     _two_processes([str(ROOT / "tests" / "sp_worker.py"), str(out)])
     shared = torch.load(out)
-    for doc_mask in (True, False):
-        loss, grads = shared[doc_mask]
-        alone, alone_grads = losses_and_grads(doc_mask)
+    assert set(shared) == set(CASES)
+    for case, (loss, grads) in shared.items():
+        alone, alone_grads = losses_and_grads(case)
         assert loss.shape == alone.shape and (alone > 0).sum() > 200
-        assert torch.allclose(loss, alone, atol=1e-5), (doc_mask, (loss - alone).abs().max())
+        assert torch.allclose(loss, alone, atol=1e-5), (case, (loss - alone).abs().max())
         for name, grad in alone_grads.items():
-            assert torch.allclose(grads[name], grad, atol=1e-5, rtol=1e-4), (doc_mask, name)
+            assert torch.allclose(grads[name], grad, atol=1e-5, rtol=1e-4), (case, name)
 
 
 def test_a_row_that_does_not_split_over_the_group_is_refused_naming_the_key():
@@ -59,13 +59,19 @@ def test_a_row_that_does_not_split_over_the_group_is_refused_naming_the_key():
         SequenceGroup(2, 0, None).piece(65)
 
 
-def test_sequence_parallel_must_divide_the_heads():
+def test_sequence_parallel_must_divide_the_heads_and_every_stages_seq_len():
     from lake.recipe import RecipeError
     from tests.conftest import make_recipe
 
+    source = [{"name": "t", "path": "x.jsonl"}]
     with pytest.raises(RecipeError, match="sequence_parallel"):
-        make_recipe(Path("/tmp"), [{"name": "t", "path": "x.jsonl"}],
-                    trainer={"sequence_parallel": 4, "model": {"heads": 4, "kv_heads": 2}})
+        make_recipe(Path("/tmp"), source, trainer={"sequence_parallel": 4, "model": {"heads": 4, "kv_heads": 2}})
+    with pytest.raises(RecipeError, match=r"feed\.stages\.long\.seq_len = 4097"):
+        make_recipe(Path("/tmp"), source, trainer={"sequence_parallel": 2},
+                    feed={"stages": {"pretrain": {"seq_len": 2048}, "long": {"seq_len": 4097}}})
+    recipe = make_recipe(Path("/tmp"), source, trainer={"sequence_parallel": 2},
+                         feed={"stages": {"pretrain": {"seq_len": 2048}, "long": {"seq_len": 4096}}})
+    assert recipe.trainer.sequence_parallel == 2
 
 
 @pytest.mark.slow

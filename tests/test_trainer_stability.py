@@ -334,3 +334,11 @@ def test_fp16_on_a_device_without_it_is_refused_naming_the_key_and_the_way_out(m
     monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: False)
     with pytest.raises(ValueError, match=r"trainer\.fp16: .* no fp16 on this device .* use trainer\.bf16"):
         build(TrainerCfg(fp16=True), "pretrain", 300, 1)
+
+
+def test_the_chunked_loss_is_refused_under_zero_3_naming_both_keys():
+    from lake.trainer_sections import TrainerCfg
+
+    with pytest.raises(ValueError, match=r"model\.loss_chunk needs zero_stage 0, 1 or 2"):
+        TrainerCfg(zero_stage=3, model={"loss_chunk": 1024})
+    assert TrainerCfg(zero_stage=2, model={"loss_chunk": 1024}).model.loss_chunk == 1024

@@ -190,9 +190,16 @@ class TrainingSignals(Callback):
         return out
 
     def publish(self, trainer, step: int) -> None:
+        """Rank 0 writes; a write that fails is logged and training goes on (the signal is advice to feed,
+        and the other ranks are already waiting at the next step's collectives)."""
         self.published = step
-        if trainer.rank == 0:
+        if trainer.rank != 0:
+            return
+        try:
             publish_signals(trainer.lake, trainer.cfg.run_name, step, trainer.state.tokens, self.signals())
+        except Exception as err:  # noqa: BLE001 - any storage or commit failure
+            trainer.log(f"[train] step {step}: training_signals not published ({type(err).__name__}: {err}); "
+                        f"an adaptive feed keeps the last signal it read")
 
     def state_dict(self) -> dict:
         return {"losses": {c: [list(p) for p in points] for c, points in self.losses.items()},

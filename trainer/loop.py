@@ -265,7 +265,7 @@ class Trainer:
         while probing:  # every rank probes as many batches (collectives under ZeRO-3 stay paired)
             probe, ahead = ahead[: self.batch_rows], ahead[self.batch_rows :]
             losses = probe_rows(self.engine, ids, spans, probe or [last], self.cfg.micro_batch, self.categories,
-                                self.cfg.model.doc_mask)
+                                self.cfg.model.doc_mask, self.sp, self.cfg.model.loss_chunk)
             found = outlier_rows(dict(zip(probe, losses)), reference, z, delta)
             bad |= set(found)
             probing = any_rank(bool(found and ahead))

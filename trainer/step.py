@@ -112,28 +112,8 @@ def train_step(engine, ids_all: np.ndarray, spans_all: list, rows: list[int], mi
     skipped = False
     for m in range(gas):
         batch = rows[m * micro : (m + 1) * micro]
-        ids, cat, pos, seg, buckets = _layout(ids_all, spans_all, batch, categories, device, doc_mask)
-        z = [] if z_loss > 0 else None
-        loss_tok, target_cat = token_losses(engine, ids, cat, pos, seg, doc_mask, buckets, z=z, sp=sp,
-                                            loss_chunk=loss_chunk)
-        valid = target_cat >= 0
-        n = valid.sum()
-        # the engine divides by the accumulation steps itself
-        denominator = n.clamp(min=1) if sp is None else sp.all_reduce(n.double()).clamp(min=1) / sp.loss_factor
-        loss = loss_tok.sum() / denominator
-        z_sum = z[0][valid].sum() if z else None
-        engine.backward(loss + z_loss * z_sum / denominator if z else loss)
-        with torch.no_grad():
-            target_seg = seg[:, 1:] if sp is None else seg[:, 1:][:, sp.piece(seg.shape[1] - 1)]
-            per_row.append(worst_document_loss(loss_tok, target_seg, valid, sp))
-            lt, tc = loss_tok.detach()[valid].double(), target_cat[valid]
-            totals[0] += lt.sum()
-            totals[1] += n
-            totals[2] += (~torch.isfinite(loss.detach())).double()
-            if z:
-                totals[3] += z_sum.detach().double()
-            totals[4 : 4 + k] += torch.bincount(tc, weights=lt, minlength=k)[:k]
-            totals[4 + k :] += torch.bincount(tc, minlength=k)[:k].double()
+        per_row.append(_forward_backward(engine, _layout(ids_all, spans_all, batch, categories, device, doc_mask),
+                                         doc_mask, z_loss, sp, loss_chunk, totals, k))
         if m == gas - 1:
             own = _grad_norm(engine.module)  # before the step clips and applies it
             torch.distributed.all_reduce(totals)  # every rank agrees on the step's loss, tokens and finiteness
@@ -163,13 +143,45 @@ def train_step(engine, ids_all: np.ndarray, spans_all: list, rows: list[int], mi
         loss_scale=loss_scale(engine))
 
 
+def _forward_backward(engine, layout, doc_mask: bool, z_loss: float, sp: SequenceGroup | None, loss_chunk: int,
+                      totals: torch.Tensor, k: int) -> torch.Tensor:
+    """One micro-batch (``_layout``'s): forward and backward, its sums added to ``totals`` (``train_step``'s
+    layout of them); its rows' worst document losses."""
+    ids, cat, pos, seg, buckets = layout
+    z = [] if z_loss > 0 else None
+    loss_tok, target_cat = token_losses(engine, ids, cat, pos, seg, doc_mask, buckets, z=z, sp=sp, loss_chunk=loss_chunk)
+    valid = target_cat >= 0
+    n = valid.sum()
+    # the engine divides by the accumulation steps itself
+    denominator = n.clamp(min=1) if sp is None else sp.all_reduce(n.double()).clamp(min=1) / sp.loss_factor
+    loss = loss_tok.sum() / denominator
+    z_sum = z[0][valid].sum() if z else None
+    engine.backward(loss + z_loss * z_sum / denominator if z else loss)
+    with torch.no_grad():
+        lt, tc = loss_tok.detach()[valid].double(), target_cat[valid]
+        totals[0] += lt.sum()
+        totals[1] += n
+        totals[2] += (~torch.isfinite(loss.detach())).double()
+        if z:
+            totals[3] += z_sum.detach().double()
+        totals[4 : 4 + k] += torch.bincount(tc, weights=lt, minlength=k)[:k]
+        totals[4 + k :] += torch.bincount(tc, minlength=k)[:k].double()
+        return worst_document_loss(loss_tok, _target_segments(seg, sp), valid, sp)
+
+
 @torch.no_grad()
 def probe_rows(engine, ids_all: np.ndarray, spans_all: list, rows: list[int], micro: int, categories: list[str],
-               doc_mask: bool) -> list[float]:
-    """Forward only: each row's worst document loss (``worst_document_loss``) under the current weights."""
+               doc_mask: bool, sp: SequenceGroup | None = None, loss_chunk: int = 0) -> list[float]:
+    """Forward only: each row's worst document loss (``worst_document_loss``) under the current weights,
+    computed as the steps are (``sp``, ``loss_chunk``: see ``train_step``)."""
     device, out = device_of(engine), []
     for m in range(0, len(rows), micro):
         ids, cat, pos, seg, buckets = _layout(ids_all, spans_all, rows[m : m + micro], categories, device, doc_mask)
-        loss_tok, target_cat = token_losses(engine, ids, cat, pos, seg, doc_mask, buckets)
-        out.append(worst_document_loss(loss_tok, seg[:, 1:], target_cat >= 0))
+        loss_tok, target_cat = token_losses(engine, ids, cat, pos, seg, doc_mask, buckets, sp=sp, loss_chunk=loss_chunk)
+        out.append(worst_document_loss(loss_tok, _target_segments(seg, sp), target_cat >= 0, sp))
     return torch.cat(out).cpu().tolist() if out else []
+
+
+def _target_segments(seg: torch.Tensor, sp: SequenceGroup | None) -> torch.Tensor:
+    """Each target's segment [rows, width-1]: this rank's piece of them under sequence parallelism."""
+    return seg[:, 1:] if sp is None else seg[:, 1:][:, sp.piece(seg.shape[1] - 1)]
