@@ -41,6 +41,9 @@ class Recipe(Section):
     feed: Feed = Feed()
     trainer: TrainerCfg = TrainerCfg()
     spark: Spark = Spark()
+    namespace: str | None = Field(default=None, description="a folder under the lake holding this run's own chunks, usage and "
+                                  "trainer tables (lake/tables.RUN_TABLES); the document tables stay shared "
+                                  "(tokenmill lab gives each of its runs one)")
     # Where the recipe came from, for messages; not a key a user writes.
     origin: str = Field(default="<memory>", exclude=True)
 
@@ -53,6 +56,15 @@ class Recipe(Section):
                 raise ValueError(f"source name {src.name!r} is used twice; names must be unique")
             seen.add(src.name)
         return sources
+
+    @field_validator("namespace")
+    @classmethod
+    def _relative_folder(cls, value: str | None) -> str | None:
+        parts = value.split("/") if value is not None else []
+        if any(p in ("", ".", "..") or not re.fullmatch(r"[A-Za-z0-9_.-]+", p) for p in parts):
+            raise ValueError(f"namespace {value!r}: folder names of letters, digits, '_', '.', '-' joined by '/', "
+                             f"inside the lake (no '..', no leading '/'), e.g. lab/mixes/baseline")
+        return value
 
     @model_validator(mode="after")
     def _known_sources(self) -> "Recipe":
