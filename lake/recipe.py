@@ -112,7 +112,7 @@ def parse_with_recipe(prog: str, description: str | None, argv: list[str] | None
         return args, None
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+class UniqueKeyLoader(yaml.SafeLoader):
     """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last silently)."""
 
     def construct_mapping(self, node, deep=False):
@@ -133,13 +133,13 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist (pass --recipe with a YAML file; see configs/)")
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a mapping with at least 'lake:' and 'sources:'")
     for dotted, value in (overrides or {}).items():
-        _set_dotted(raw, dotted, value)
+        set_dotted(raw, dotted, value)
     return parse_recipe(raw, base_dir=path.resolve().parent, origin=str(path))
 
 
@@ -172,7 +172,7 @@ def parse_recipe(raw: dict[str, Any], base_dir: Path, origin: str = "<memory>") 
     try:
         return Recipe(**raw, origin=origin)
     except ValidationError as err:
-        raise RecipeError(_explain(err, origin)) from None
+        raise RecipeError(explain(err, origin)) from None
 
 
 def _resolved_at(node: Any, keys: tuple[str, ...], base_dir: Path) -> Any:
@@ -196,7 +196,8 @@ def resolve_path(value: str, base_dir: Path) -> str:
     return str((base_dir / value).resolve())
 
 
-def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """``raw["a"]["b"]["c"] = value`` for ``a.b.c``, making the mappings on the way."""
     node = raw
     *parents, leaf = dotted.split(".")
     for key in parents:
@@ -204,13 +205,15 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _explain(err: ValidationError, origin: str) -> str:
-    lines = [f"recipe {origin} is not valid:"]
+def explain(err: ValidationError, origin: str, root: type[BaseModel] | None = None, what: str = "recipe") -> str:
+    """A validation error of ``root`` (the Recipe unless given) read from ``origin``: every key at fault by
+    its dotted path, with what is wrong (and, for an unknown key, the keys allowed there)."""
+    lines = [f"{what} {origin} is not valid:"]
     for problem in err.errors():
         where = ".".join(str(p) for p in problem["loc"]) or "(top level)"
         kind = problem["type"]
         if kind == "extra_forbidden":
-            parent_model = _model_at(problem["loc"][:-1])
+            parent_model = _model_at(problem["loc"][:-1], root or Recipe)
             allowed = ", ".join(sorted(k for k in parent_model.model_fields if k != "origin"))
             lines.append(f"  {where}: unknown key; allowed here: {allowed}")
         elif kind == "missing":
@@ -222,8 +225,7 @@ def _explain(err: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel]:
-    model: type[BaseModel] = Recipe
+def _model_at(loc: tuple[Any, ...], model: type[BaseModel]) -> type[BaseModel]:
     for part in loc:
         if isinstance(part, int):
             continue
