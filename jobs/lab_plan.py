@@ -119,7 +119,8 @@ class Laws(Section):
     sizes: dict[str, ModelSize] = Field(min_length=3, description="name → model size; at least three")
     budgets: Budgets
     batch_sizes: list[int] = Field(default_factory=list, description="sequences per step: the largest budget "
-                                   "run at each with batch_model, for the batch-size law (three or more)")
+                                   "run at each with batch_model, for the batch-size law (three or more; at the "
+                                   "plan's batch it is the grid's run)")
     batch_model: str | None = Field(default=None, description="the size the batch runs use (default the middle one)")
     predict: Predict | None = None
     bootstrap: int = Field(default=200, ge=20, description="bootstrap resamples of each fit's confidence intervals")
@@ -228,7 +229,7 @@ def plan_runs(plan: Plan, base: Recipe) -> list[Run]:
                             size.parameters()))
     batch_size = laws.sizes[laws.batch_size_name]
     most = max(law_budgets(laws.budgets, batch_size))
-    for batch in laws.batch_sizes:
+    for batch in (b for b in laws.batch_sizes if b != plan.batch):  # at plan.batch: the grid's run of that size
         runs.append(Run(f"batch-{batch}", "batch", batch_size.overrides(), most, batch, laws.batch_size_name,
                         batch_size.parameters()))
     if laws.predict is not None:
@@ -273,10 +274,10 @@ def steps_for(tokens: int, batch: int, seq_len: int) -> int:
     return max(1, math.ceil(tokens / (batch * seq_len)))
 
 
-def run_recipe(plan: Plan, run: Run, recipe_path: str | Path) -> Recipe:
-    """The run's recipe: the base file with the plan's, the run's and the lab's overrides; a RecipeError
-    names the run and the key at fault."""
-    overrides = {**plan.base, **run.overrides}
+def run_recipe(plan: Plan, run: Run, recipe_path: str | Path, lake: str | None = None) -> Recipe:
+    """The run's recipe: the base file (its lake replaced by ``lake``) with the plan's, the run's and the
+    lab's overrides; a PlanError names the run and the key at fault."""
+    overrides = {**({"lake": lake} if lake else {}), **plan.base, **run.overrides}
     try:
         first = load_recipe(recipe_path, overrides)
         return load_recipe(recipe_path, overrides | run_settings(plan, run, first))
