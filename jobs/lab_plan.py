@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from lake.recipe import Recipe, RecipeError, UniqueKeyLoader, explain, load_recipe
+from lake.recipe import Recipe, RecipeError, explain, load_recipe, read_mapping
 from lake.sections import Section
 from lake.trainer_sections import ModelCfg
 
@@ -96,9 +95,7 @@ class Budgets(Section):
 
     @model_validator(mode="after")
     def _one_kind(self) -> "Budgets":
-        if (self.tokens is None) == (self.compute is None):
-            raise ValueError("give the budgets as tokens: [...] or as compute: [...] (FLOPs), one of the two")
-        return self
+        return _tokens_or_compute(self, "the budgets as tokens: [...] or as compute: [...]")
 
 
 class Predict(Section):
@@ -110,9 +107,13 @@ class Predict(Section):
 
     @model_validator(mode="after")
     def _one_budget(self) -> "Predict":
-        if (self.tokens is None) == (self.compute is None):
-            raise ValueError("give the predicted run's budget as tokens: N or as compute: C (FLOPs), one of the two")
-        return self
+        return _tokens_or_compute(self, "the predicted run's budget as tokens: N or as compute: C")
+
+
+def _tokens_or_compute(section, what: str):
+    if (section.tokens is None) == (section.compute is None):
+        raise ValueError(f"give {what} (FLOPs), one of the two")
+    return section
 
 
 class Laws(Section):
@@ -198,14 +199,7 @@ class Run:
 def load_plan(path: str | Path, name: str | None = None) -> Plan:
     """Read and validate a plan file (``--name`` replaces its name); PlanError names the key."""
     path = Path(path)
-    if not path.is_file():
-        raise PlanError(f"plan file {path} does not exist (pass --plan with a lab YAML file; see configs/lab.yaml)")
-    try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
-    except yaml.YAMLError as err:
-        raise PlanError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise PlanError(f"{path}: a plan is a mapping with at least budget_tokens: and variants:")
+    raw = read_mapping(path, "plan", "at least budget_tokens: and variants: (see configs/lab.yaml)", PlanError)
     if name is not None:
         raw["name"] = name
     try:

@@ -112,7 +112,7 @@ def parse_with_recipe(prog: str, description: str | None, argv: list[str] | None
         return args, None
 
 
-class UniqueKeyLoader(yaml.SafeLoader):
+class _UniqueKeyLoader(yaml.SafeLoader):
     """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last silently)."""
 
     def construct_mapping(self, node, deep=False):
@@ -127,17 +127,25 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def read_mapping(path: Path, what: str, shape: str, error: type[RecipeError] | None = None) -> dict[str, Any]:
+    """A YAML file's mapping (no key given twice); ``error`` (RecipeError) names the file and what a
+    ``what`` file is (``shape``) when it is missing, not YAML or not a mapping."""
+    error = error or RecipeError
+    if not path.is_file():
+        raise error(f"{what} file {path} does not exist (pass --{what} with a YAML file; see configs/)")
+    try:
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except yaml.YAMLError as err:
+        raise error(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise error(f"{path}: a {what} is a mapping with {shape}")
+    return raw
+
+
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
     """Read, resolve and validate a recipe file; raise RecipeError naming the key and the fix."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file {path} does not exist (pass --recipe with a YAML file; see configs/)")
-    try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: a recipe is a mapping with at least 'lake:' and 'sources:'")
+    raw = read_mapping(path, "recipe", "at least 'lake:' and 'sources:'")
     for dotted, value in (overrides or {}).items():
         set_dotted(raw, dotted, value)
     return parse_recipe(raw, base_dir=path.resolve().parent, origin=str(path))
