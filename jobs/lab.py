@@ -158,6 +158,16 @@ class Trainers:
         while self.active:
             self.wait_one()
 
+    def stop_all(self) -> None:
+        """Stop the running trainers (the lab itself is stopping): each saves nothing more, and resumes
+        from its last checkpoint when the lab is started again."""
+        for name, (proc, _, _, log) in list(self.active.items()):
+            proc.terminate()
+            proc.wait()
+            log.close()
+            self.journal.record(name, status="stopped")
+            del self.active[name]
+
     def _finished(self, prepared: Prepared, code: int, seconds: float) -> None:
         records = read_metrics(prepared.run_dir / "metrics.jsonl")
         step = records[-1]["step"] if records else 0
@@ -227,11 +237,14 @@ def _train(prepared: list[Prepared], trainers: Trainers, journal: Journal, base:
         return
     spark = get_spark("tokenmill-lab", base)
     tokenizer, meta = load_tokenizer(base)
-    for p, step in todo:
-        made = feed_run(spark, p, tokenizer, meta)
-        _say(f"{p.run.name}: {made} chunk(s) made" + (f"; resuming at step {step}" if step else ""))
-        trainers.start(p)
-    trainers.wait_all()
+    try:
+        for p, step in todo:
+            made = feed_run(spark, p, tokenizer, meta)
+            _say(f"{p.run.name}: {made} chunk(s) made" + (f"; resuming at step {step}" if step else ""))
+            trainers.start(p)
+        trainers.wait_all()
+    finally:
+        trainers.stop_all()  # only where the lab is stopped by an error or an interrupt
     if trainers.failed:
         raise LakeError(f"lab run(s) {', '.join(trainers.failed)} did not reach their budget; their output is "
                                f"in {trainers.logs}. Run tokenmill lab again to resume them")

@@ -113,7 +113,7 @@ def test_a_small_lab_ranks_variants_fits_laws_predicts_and_resumes(spark, tmp_pa
 
     # the laws with their intervals, the prediction with its error, the plots and TensorBoard
     assert "L(C): loss_vs_compute" in out and "[" in out.split("L(C): loss_vs_compute")[1].splitlines()[0]
-    prediction = next(line for line in out.splitlines() if "predicted held-out loss" in line)
+    prediction = next(line for line in out.splitlines() if "predicted held-out loss" in line).removeprefix("[lab] ")
     observed = sum(math.log(p) for p in _metrics(folder, "predict")[-1]["perplexity_by_source"].values()) / \
         len(_metrics(folder, "predict")[-1]["perplexity_by_source"])
     assert f"observed {observed:.4f}" in prediction and "error" in prediction and prediction in report
