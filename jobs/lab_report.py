@@ -67,32 +67,32 @@ def curve_plots(plots: Path, results: list[RunResult]) -> list[tuple[str, Path]]
 
     variants = [r for r in results if r.group == "variant"]
     out = [("training loss against tokens, per variant",
-            Path(plot_curves({r.name: r.curve for r in variants}, plots / "loss_variants.png",
+            Path(plot_curves({r.name: r.curve for r in variants}, str(plots / "loss_variants.png"),
                              "training loss per variant")))]
     for category in sorted({c for r in variants for c in r.category_curves}):
         curves = {r.name: r.category_curves[category] for r in variants if category in r.category_curves}
         out.append((f"training loss of {category} against tokens",
-                    Path(plot_curves(curves, plots / f"loss_{_slug(category)}.png", f"loss of {category} per variant"))))
+                    Path(plot_curves(curves, str(plots / f"loss_{_slug(category)}.png"), f"loss of {category} per variant"))))
     return out
 
 
 def law_plots(plots: Path, outcome) -> list[tuple[str, Path]]:
-    """Each fitted law with its points; L(C) and L(N, D) with the predicted run (predicted and observed)."""
+    """Each fitted law with its points; L(C) and L(N, D) (at compute 6·N·D, along its compute-optimal
+    frontier) with the predicted run, predicted and observed."""
     from jobs.lab_plots import plot_fit
 
     out = []
     for law in outcome.laws:
         if law.fit is None or not law.points:
             continue
-        xs, ys = [x for x, _ in law.points], [y for _, y in law.points]
         predicted = observed = None
-        if law.title == "L(C)" and outcome.predict is not None and outcome.predicted_loss is not None:
-            compute = 6.0 * outcome.predict.parameters * outcome.predict.tokens
-            predicted, observed = (compute, law.fit.predict(compute)), \
-                ((compute, outcome.observed_loss) if outcome.observed_loss is not None else None)
-        if law.title == "L(N, D)":  # two inputs: shown as predicted against observed per run
-            continue
-        path = plot_fit(law.fit, xs, ys, plots / f"law_{_slug(law.title)}.png", law.line()[:90], predicted, observed,
+        if law.title in ("L(C)", "L(N, D)") and outcome.predicted_loss is not None:
+            n, d = outcome.predict.parameters, outcome.predict.tokens
+            compute = 6.0 * n * d
+            predicted = (compute, float(law.fit.predict(n, d) if law.title == "L(N, D)" else law.fit.predict(compute)))
+            observed = (compute, outcome.observed_loss) if outcome.observed_loss is not None else None
+        path = plot_fit(law.fit, [x for x, _ in law.points], [y for _, y in law.points],
+                        str(plots / f"law_{_slug(law.title)}.png"), law.title, predicted, observed,
                         log_x=law.title not in ("acc(NLL)", "BS(L)"))
         out.append((law.title, Path(path)))
     return out

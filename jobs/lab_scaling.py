@@ -23,11 +23,11 @@ from jobs.lab_results import RunResult
 @dataclass(frozen=True)
 class Law:
     """One law: its fit (None where the runs could not support it, ``note`` says why), the points it was
-    fitted to (x, y) and, for the plots, the axis names."""
+    fitted to (x, y; x is the pair (N, D) for L(N, D)) and, for the plots, the axis names."""
 
     title: str
     fit: Fit | None
-    points: list[tuple[float, float]]
+    points: list[tuple]
     xlabel: str
     ylabel: str
     note: str = ""
@@ -85,7 +85,7 @@ def fit_laws(results: list[RunResult], laws: Laws, predict: Run | None) -> Outco
                   [(r.compute, r.heldout_loss) for r in grid], "compute (FLOPs)", "held-out loss")
     chinchilla = _try("L(N, D)", lambda: fit_chinchilla([r.parameters for r in grid], [r.tokens for r in grid],
                                                         [r.heldout_loss for r in grid], boot),
-                      [(r.tokens, r.heldout_loss) for r in grid], "tokens", "held-out loss")
+                      [((r.parameters, r.tokens), r.heldout_loss) for r in grid], "(N, D)", "held-out loss")
     out = [loss_c, chinchilla, optimal_size(grid, chinchilla.fit, boot), batch_law(results, laws, boot)]
     accuracy, nll_c = accuracy_laws(results, boot)
     out += [nll_c, accuracy]
