@@ -35,6 +35,8 @@ from lake.recipe import Recipe, load_recipe, parse_with_recipe
 from lake.tables import Lake
 
 LIVE = (chunks.READY, chunks.TRAINING, chunks.CONSUMED)  # a run's chunks that still count towards its budget
+MAX_REFEEDS = 3  # a run that keeps running dry (its rows keep being skipped) fails after this many refeeds
+IDLE_SECONDS = 5  # a lab run's chunks are made before it starts: a trainer without one has run dry
 
 
 def _say(message: str) -> None:
@@ -78,21 +80,26 @@ def progress(metrics: Path) -> int:
     return records[-1]["step"] if records else 0
 
 
-def rows_to_feed(manifest: list[dict], rows: int) -> int:
-    """Rows of chunks a run still lacks for ``rows`` rows, counting its ready, claimed and trained chunks."""
-    return max(0, rows - sum(r["n_rows"] for r in manifest if r["status"] in LIVE))
+def rows_to_feed(manifest: list[dict], rows: int, counted: tuple[str, ...] = LIVE) -> int:
+    """Rows of chunks a run still lacks for ``rows`` rows, counting its chunks of the ``counted`` statuses
+    (by default its ready, claimed and trained ones)."""
+    return max(0, rows - sum(r["n_rows"] for r in manifest if r["status"] in counted))
 
 
-def feed_run(spark, prepared: Prepared, tokenizer, meta: dict) -> int:
+def feed_run(spark, prepared: Prepared, tokenizer, meta: dict, starved_at: int | None = None) -> int:
     """Make the chunks the run's budget still needs, in its namespace (an interrupted chunk cleaned up
-    first); how many were made."""
+    first); how many were made. A run that ran dry at step ``starved_at`` (the trainer skipped rows
+    around a loss spike) gets ready chunks for the steps it still lacks."""
     from jobs.feed import produce_chunk
 
     lake = Lake.of(prepared.recipe, spark)
     chunks.cleanup_interrupted(lake)
     stage = prepared.recipe.feed.stage
+    rows, counted = prepared.rows, LIVE
+    if starved_at is not None:
+        rows, counted = (prepared.steps - starved_at) * prepared.run.batch, (chunks.READY,)
     made = 0
-    while rows_to_feed(chunks.manifest(lake, stage) if lake.exists("chunks") else [], prepared.rows) > 0:
+    while rows_to_feed(chunks.manifest(lake, stage) if lake.exists("chunks") else [], rows, counted) > 0:
         report = produce_chunk(spark, prepared.recipe, lake, tokenizer, meta)
         if report.n_rows == 0:
             raise LakeError(f"feed made an empty chunk {report.chunk_id} for lab run {prepared.run.name}: "
@@ -127,6 +134,7 @@ class Trainers:
         self.parallel, self.threads, self.journal, self.logs = parallel, threads, journal, logs
         self.active: dict[str, tuple[subprocess.Popen, Prepared, float, object]] = {}
         self.failed: list[str] = []
+        self.starved: list[tuple[Prepared, int]] = []  # runs that ran out of chunks, with the step they reached
         logs.mkdir(parents=True, exist_ok=True)
 
     def start(self, prepared: Prepared) -> None:
@@ -137,7 +145,7 @@ class Trainers:
         env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(prepared.recipe.lake).parent / "torch_extensions"))
         log = open(self.logs / f"{prepared.run.name}.log", "a", encoding="utf-8")
         args = [sys.executable, "-m", "trainer.daemon", "--recipe", str(prepared.recipe_file),
-                "--max-steps", str(prepared.steps), "--exit-when-idle", "60"]
+                "--max-steps", str(prepared.steps), "--exit-when-idle", str(IDLE_SECONDS)]
         self.active[prepared.run.name] = (subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env),
                                           prepared, time.perf_counter(), log)
         self.journal.record(prepared.run.name, status="training", steps=prepared.steps)
@@ -171,7 +179,12 @@ class Trainers:
     def _finished(self, prepared: Prepared, code: int, seconds: float) -> None:
         records = read_metrics(prepared.run_dir / "metrics.jsonl")
         step = records[-1]["step"] if records else 0
-        if code != 0 or step < prepared.steps:
+        if code == 0 and step < prepared.steps:
+            self.starved.append((prepared, step))
+            _say(f"{prepared.run.name} ran out of chunks at step {step} of {prepared.steps} (rows skipped around a "
+                 f"loss spike): feeding it more")
+            return
+        if code != 0:
             self.failed.append(prepared.run.name)
             self.journal.record(prepared.run.name, status="failed", step=step, exit_code=code)
             _say(f"run {prepared.run.name} stopped at step {step} of {prepared.steps} (exit code {code}); its "
@@ -243,6 +256,15 @@ def _train(prepared: list[Prepared], trainers: Trainers, journal: Journal, base:
             _say(f"{p.run.name}: {made} chunk(s) made" + (f"; resuming at step {step}" if step else ""))
             trainers.start(p)
         trainers.wait_all()
+        for _ in range(MAX_REFEEDS):
+            starved, trainers.starved = trainers.starved, []
+            if not starved:
+                break
+            for p, step in starved:
+                feed_run(spark, p, tokenizer, meta, starved_at=step)
+                trainers.start(p)
+            trainers.wait_all()
+        trainers.failed += [p.run.name for p, _ in trainers.starved]
     finally:
         trainers.stop_all()  # only where the lab is stopped by an error or an interrupt
     if trainers.failed:

@@ -59,10 +59,12 @@ class RunResult:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """A run's step records (none before its first step)."""
+    """A run's step records in step order, one per step: where a rollback trained steps again after a loss
+    spike, the later record of a step (none before the first step)."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return sorted({r["step"]: r for r in records}.values(), key=lambda r: r["step"])
 
 
 def heldout_loss(perplexity_by_source: dict[str, float]) -> float:

@@ -109,6 +109,7 @@ def test_resume_counts_what_a_run_has(tmp_path):
     manifest = [{"status": "consumed", "n_rows": 40}, {"status": "training", "n_rows": 40},
                 {"status": "quarantined", "n_rows": 40}, {"status": "ready", "n_rows": 10}]
     assert rows_to_feed(manifest, 100) == 10 and rows_to_feed(manifest, 80) == 0 and rows_to_feed([], 5) == 5
+    assert rows_to_feed(manifest, 30, ("ready",)) == 20  # a run that ran dry: only ready chunks count
     metrics = tmp_path / "metrics.jsonl"
     assert progress(metrics) == 0
     metrics.write_text("".join(json.dumps({"step": s, "loss": 1.0, "tokens": 10 * s}) + "\n" for s in (1, 2, 3)))
@@ -140,6 +141,13 @@ def test_results_are_read_from_the_metrics_at_equal_tokens():
     with pytest.raises(ValueError, match="lab run v has no held-out evaluation"):
         run_result(Run("v", "variant", {}, 2000, 4), _records(5, 10), 64)
     assert read_metrics(Path("/nonexistent/metrics.jsonl")) == []
+
+
+def test_a_step_trained_again_after_a_rollback_counts_once(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    steps = [1, 2, 3, 2, 3, 4]  # a spike at 3: rolled back to 1, steps 2 and 3 trained again
+    path.write_text("".join(json.dumps({"step": s, "loss": float(i)}) + "\n" for i, s in enumerate(steps)))
+    assert [(r["step"], r["loss"]) for r in read_metrics(path)] == [(1, 0.0), (2, 3.0), (3, 4.0), (4, 5.0)]
 
 
 def test_batch_points_pick_the_batch_that_reaches_each_loss_first():
