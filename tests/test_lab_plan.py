@@ -176,3 +176,36 @@ def test_the_report_ranks_variants_and_its_html_keeps_tables_and_figures(tmp_pat
     assert f"{good.heldout_loss:.4f}" in markdown and "5.5000" in markdown
     page = markdown_to_html(markdown, "lab")
     assert '<img src="plots/loss.png"' in page and page.count("<table>") == 2 and "<th>rank</th>" in page
+
+
+def _law_result(name: str, n: int, d: int, loss: float, group: str = "law"):
+    from jobs.lab_results import RunResult
+
+    return RunResult(name=name, group=group, size=name, parameters=n, batch=8, seq_len=64, budget=d, steps=d // 512,
+                     tokens=d, heldout_loss=loss, perplexity_by_source={}, loss_by_category={}, curve=[],
+                     category_curves={}, heldout_curve=[])
+
+
+def test_laws_fitted_to_runs_of_a_known_law_predict_the_larger_run():
+    """Runs whose losses follow a Chinchilla law: the lab's prediction of a larger run is that law's value."""
+    from jobs.lab_plan import Laws
+    from jobs.lab_scaling import fit_laws
+
+    def law(n, d):
+        return 2.0 + 400.0 / n ** 0.34 + 1000.0 / d ** 0.28
+
+    grid = [_law_result(f"law-{n}-{d}", n, d, law(n, d)) for n in (100_000, 400_000, 1_600_000)
+            for d in (1_000_000, 4_000_000, 16_000_000)]
+    laws = Laws(sizes={"s": SIZES["s"], "m": SIZES["m"], "l": SIZES["l"]}, budgets={"tokens": [1, 2]}, bootstrap=20)
+    target = Run("predict", "predict", {}, 64_000_000, 8, "predict", 6_400_000)
+    outcome = fit_laws(grid, laws, target)
+    assert outcome.predicted_by == "L(N, D)"
+    assert outcome.predicted_loss == pytest.approx(law(6_400_000, 64_000_000), rel=0.01)
+    titles = {item.title: item for item in outcome.laws}
+    assert titles["L(C)"].fit is not None and titles["N*(C)"].fit is not None and "Llama 3" in titles["N*(C)"].note
+    assert titles["BS(L)"].fit is None and "batch_sizes" in titles["BS(L)"].note  # no batch runs: said, not fitted
+    assert titles["acc(NLL)"].fit is None  # no few-shot evaluations
+    observed = _law_result("predict", 6_400_000, 64_000_000, law(6_400_000, 64_000_000) * 1.02, "predict")
+    done = outcome.with_observed(observed)
+    assert done.error == pytest.approx(outcome.predicted_loss / observed.heldout_loss - 1)
+    assert f"error {done.error:+.2%}" in done.prediction_line()
