@@ -67,7 +67,8 @@ def by_hand(recipe_path: Path, name: str, budget: int) -> None:
         tool = [sys.executable, "-m", "jobs.cli"]
         subprocess.run([*tool, "feed", "--recipe", str(p.recipe_file), "--until-ready",
                         str(math.ceil(p.rows / chunk_rows))], check=True, stdout=subprocess.DEVNULL)
-        subprocess.run([*tool, "train", "--recipe", str(p.recipe_file), "--max-steps", str(p.steps)], check=True,
+        subprocess.run([*tool, "train", "--recipe", str(p.recipe_file), "--max-steps", str(p.steps),
+                        "--exit-when-idle", "5"], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -93,6 +94,7 @@ def main() -> None:
     from jobs.demo_corpus import demo_recipe_in
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-lab-"))
+    work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(work / "torch_extensions"))
     recipe_path = demo_recipe_in(work, {"zh_news": 200, "zh_reviews": 100, "en_docs": 200, "code": 100})
     started = time.perf_counter()
