@@ -74,6 +74,27 @@ def prepare(plan: Plan, run: Run, recipe_path: str, lake: str | None) -> Prepare
     return Prepared(run, recipe, path, steps_for(run.tokens, run.batch, recipe.feed.current.seq_len))
 
 
+def training_key(p: Prepared) -> tuple[str, int]:
+    """What a run trains, apart from its name and folders: two runs with one key (a law run at the
+    variants' size and budget, say) would train the same model on the same chunks, step for step."""
+    recipe = p.recipe.model_copy(update={"namespace": None, "trainer": p.recipe.trainer.model_copy(
+        update={"run_name": "run", "runs_dir": None})})
+    return recipe.fingerprint(), p.steps
+
+
+def twins(prepared: list[Prepared]) -> dict[str, Prepared]:
+    """Each run that another, earlier run of the plan already trains → that run (trained once, read twice)."""
+    first: dict[tuple[str, int], Prepared] = {}
+    out = {}
+    for p in prepared:
+        key = training_key(p)
+        if key in first:
+            out[p.run.name] = first[key]
+        else:
+            first[key] = p
+    return out
+
+
 def progress(metrics: Path) -> int:
     """The last step a run logged (0 before its first)."""
     records = read_metrics(metrics)
@@ -192,7 +213,7 @@ class Trainers:
             return
         tokens = records[-1]["tokens"]
         self.journal.record(prepared.run.name, status="done", step=step, tokens=tokens, seconds=round(seconds, 2))
-        _say(f"finished {prepared.run.name}: {tokens:,} tokens in {seconds:.1f} s "
+        _say(f"finished {prepared.run.name}: {tokens:,} tokens in {seconds:.1f} s, start-up included "
              f"({records[-1].get('tokens_per_s', 0):,.0f} tokens/s in its last step), loss {records[-1]['loss']:.3f}")
 
 
@@ -208,10 +229,14 @@ def run_lab(recipe_path: str, plan: Plan, lake: str | None = None, parallel: int
     journal.data["plan"] = plan.model_dump(mode="json")
     runs = plan_runs(plan, base)
     prepared = [prepare(plan, run, recipe_path, lake) for run in runs]  # every run's recipe checked first
+    same = twins(prepared)
+    for name, twin in same.items():
+        _say(f"{name} trains what {twin.run.name} trains: its results are {twin.run.name}'s")
+        journal.record(name, status=f"same as {twin.run.name}")
     trainers = Trainers(parallel or plan.parallel, plan.threads_per_run, journal, folder / "logs")
     first = [p for p in prepared if p.run.group != "predict"]
-    _train(first, trainers, journal, base)
-    results = [_result(p) for p in first]
+    _train([p for p in first if p.run.name not in same], trainers, journal, base)
+    results = [_result(p, same.get(p.run.name, p)) for p in first]
     outcome = None
     predicted = [p for p in prepared if p.run.group == "predict"]
     if plan.laws is not None:
@@ -222,7 +247,7 @@ def run_lab(recipe_path: str, plan: Plan, lake: str | None = None, parallel: int
             _say(line)
         if predicted:
             _train(predicted, trainers, journal, base)
-            results.append(_result(predicted[0]))
+            results.append(_result(predicted[0], predicted[0]))
             outcome = outcome.with_observed(results[-1])
             _say(outcome.prediction_line())
     report = write_report(folder, plan, results, outcome)
@@ -272,8 +297,9 @@ def _train(prepared: list[Prepared], trainers: Trainers, journal: Journal, base:
                                f"in {trainers.logs}. Run tokenmill lab again to resume them")
 
 
-def _result(p: Prepared) -> RunResult:
-    return run_result(p.run, read_metrics(p.run_dir / "metrics.jsonl"), p.recipe.feed.current.seq_len)
+def _result(p: Prepared, trained: Prepared) -> RunResult:
+    """``p``'s results from the metrics of the run that trained it (itself, or its twin)."""
+    return run_result(p.run, read_metrics(trained.run_dir / "metrics.jsonl"), p.recipe.feed.current.seq_len)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -86,8 +86,10 @@ def test_a_small_lab_ranks_variants_fits_laws_predicts_and_resumes(spark, tmp_pa
 
     # the report's numbers are the runs' own: tokens, last step, held-out loss from the final evaluation
     runs = ["baseline", "zh_heavy", "easy_first"] + [f"law-{s}-{t}" for s in "sml" for t in (3072, 6144)] + ["predict"]
+    trained = [run for run in runs if run != "law-m-6144"]  # the base size at the variants' budget: baseline's twin
+    assert not (folder / "runs" / "law-m-6144").exists() and "law-m-6144 trains what baseline trains" in out
     for run in runs:
-        records = _metrics(folder, run)
+        records = _metrics(folder, "baseline" if run == "law-m-6144" else run)
         steps = math.ceil((6144 if run in PLAN["variants"] or run.endswith("6144") or run == "predict" else 3072)
                           / (4 * 64))
         assert records[-1]["step"] == steps and "perplexity_by_source" in records[-1]  # evaluated at its last step
@@ -123,11 +125,12 @@ def test_a_small_lab_ranks_variants_fits_laws_predicts_and_resumes(spark, tmp_pa
     assert all(f"plots/{p}" in (folder / "report.html").read_text() for p in plots)
     assert all(list((folder / "tensorboard" / run).glob("events.out.tfevents.*")) for run in runs)
     state = json.loads((folder / "lab.json").read_text())
-    assert {name for name, r in state["runs"].items() if r["status"] == "done"} == set(runs)
+    assert {name for name, r in state["runs"].items() if r["status"] == "done"} == set(trained)
+    assert state["runs"]["law-m-6144"]["status"] == "same as baseline"
 
     # started again, the lab trains nothing: every run reached its budget
-    before = {run: (folder / "runs" / run / "metrics.jsonl").stat().st_mtime_ns for run in runs}
+    before = {run: (folder / "runs" / run / "metrics.jsonl").stat().st_mtime_ns for run in trained}
     assert cli(["lab", "--recipe", str(recipe_path), "--plan", str(plan_path)]) == 0
     again = capsys.readouterr().out
-    assert again.count("not run again") == len(runs) and "started" not in again
-    assert before == {run: (folder / "runs" / run / "metrics.jsonl").stat().st_mtime_ns for run in runs}
+    assert again.count("not run again") == len(trained) and "started" not in again
+    assert before == {run: (folder / "runs" / run / "metrics.jsonl").stat().st_mtime_ns for run in trained}

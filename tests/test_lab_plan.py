@@ -209,3 +209,17 @@ def test_laws_fitted_to_runs_of_a_known_law_predict_the_larger_run():
     done = outcome.with_observed(observed)
     assert done.error == pytest.approx(outcome.predicted_loss / observed.heldout_loss - 1)
     assert f"error {done.error:+.2%}" in done.prediction_line()
+
+
+def test_a_law_run_that_trains_what_a_variant_trains_is_its_twin(tmp_path):
+    """The variants' size at their budget and batch: the law run is read from the variant, not trained again."""
+    from jobs.lab import prepare, twins
+
+    recipe, path = _files(tmp_path, {"budget_tokens": 2048, "batch": 4, "base": {"trainer.model.hidden": 32,
+                                     "trainer.model.layers": 1, "trainer.model.heads": 2, "trainer.model.kv_heads": 1},
+                                     "variants": {"base": {}, "more_zh": {"mix": {"zh": 9, "en": 1}}},
+                                     "laws": {"sizes": SIZES, "budgets": {"tokens": [1024, 2048]}}})
+    plan = load_plan(path)
+    prepared = [prepare(plan, run, str(recipe), None) for run in plan_runs(plan, _base(recipe))]
+    assert {name: twin.run.name for name, twin in twins(prepared).items()} == {"law-m-2048": "base"}
+    assert (tmp_path / "lake" / "lab" / "lab" / "recipes" / "law-m-2048.yaml").is_file()
