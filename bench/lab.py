@@ -9,7 +9,9 @@ On one refined demo lake (built once), each round times, in turn:
 Each lab round gets a fresh name, so it trains everything again. Medians of the rounds with their
 spread; the lab's overhead is against the by-hand median.
 
-    python bench/lab.py [--rounds 2] [--budget 32768] [--work DIR]
+    python bench/lab.py [--rounds 2] [--budget 16384] [--work DIR]
+
+A ``--work`` folder whose lake is refined already is reused (its refinement is not timed anyway).
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ def _plan_file(recipe_path: Path, name: str, budget: int, parallel: int, threads
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--budget", type=int, default=32768, help="tokens per variant")
+    parser.add_argument("--budget", type=int, default=16384, help="tokens per variant")
     parser.add_argument("--work", help="folder for the lake (default: a temporary one)")
     args = parser.parse_args()
     from jobs.demo_corpus import demo_recipe_in
@@ -96,19 +98,24 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-lab-"))
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(work / "torch_extensions"))
-    recipe_path = demo_recipe_in(work, {"zh_news": 200, "zh_reviews": 100, "en_docs": 200, "code": 100})
-    started = time.perf_counter()
-    refine(recipe_path)
-    print(f"demo lake refined in {time.perf_counter() - started:.0f} s: {work / 'lake'}")
-    counter = iter(range(1000))
+    recipe_path = work / "recipe.yaml"
+    if (work / "lake" / "tables" / "documents_dedup").is_dir() and (work / "lake" / "models").is_dir():
+        print(f"reusing the refined lake {work / 'lake'}")
+    else:
+        recipe_path = demo_recipe_in(work, {"zh_news": 200, "zh_reviews": 100, "en_docs": 200, "code": 100})
+        started = time.perf_counter()
+        refine(recipe_path)
+        print(f"demo lake refined in {time.perf_counter() - started:.0f} s: {work / 'lake'}")
+    stamp = int(time.time())  # each lab and each by-hand set of runs gets folders of its own
     times: dict[str, list[float]] = {"hand": [], "lab1": [], "lab2": []}
-    for _ in range(args.rounds):
+    for i in range(args.rounds):
         for key, run in (("hand", lambda n: by_hand(recipe_path, n, args.budget)),
                          ("lab1", lambda n: lab(recipe_path, n, args.budget, 1, 2)),
                          ("lab2", lambda n: lab(recipe_path, n, args.budget, 2, 1))):
             began = time.perf_counter()
-            run(f"{key}{next(counter)}")
+            run(f"{key}-{stamp}-{i}")
             times[key].append(time.perf_counter() - began)
+            print(f"round {i + 1} {key}: {times[key][-1]:.1f} s", flush=True)
     tokens = args.budget * len(VARIANTS)
     print(f"\n{len(VARIANTS)} variants × {args.budget:,} tokens, {args.rounds} rounds, {os.cpu_count()} cores")
     print_rounds(times, {"hand": "by hand: feed + train per variant, in turn", "lab1": "tokenmill lab --parallel 1 (2 threads)",
