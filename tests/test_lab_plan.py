@@ -223,3 +223,14 @@ def test_a_law_run_that_trains_what_a_variant_trains_is_its_twin(tmp_path):
     prepared = [prepare(plan, run, str(recipe), None) for run in plan_runs(plan, _base(recipe))]
     assert {name: twin.run.name for name, twin in twins(prepared).items()} == {"law-m-2048": "base"}
     assert (tmp_path / "lake" / "lab" / "lab" / "recipes" / "law-m-2048.yaml").is_file()
+
+
+def test_tokenmill_lab_with_a_bad_plan_is_one_line_naming_the_key_and_exit_code_2(tmp_path, capsys):
+    from jobs.cli import main as cli
+
+    recipe, path = _files(tmp_path, {"budget_tokens": 1000, "variants": {"a": {"lr": -1}}})
+    assert cli(["lab", "--recipe", str(recipe), "--plan", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "lab plan" in err and "variants.a.lr" in err and "Traceback" not in err
+    assert cli(["lab", "--recipe", str(recipe), "--plan", str(tmp_path / "none.yaml")]) == 2
+    assert "plan file" in capsys.readouterr().err
