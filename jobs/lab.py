@@ -36,6 +36,8 @@ from lake.tables import Lake
 
 LIVE = (chunks.READY, chunks.TRAINING, chunks.CONSUMED)  # a run's chunks that still count towards its budget
 MAX_REFEEDS = 3  # a run that keeps running dry (its rows keep being skipped) fails after this many refeeds
+TOP_UP_SECONDS = 2.0  # how often the lab checks whether a training adaptive run has a ready chunk
+ADAPTIVE_IDLE_SECONDS = 600  # an adaptive run waits for the lab to make its next chunk
 IDLE_SECONDS = 5  # a lab run's chunks are made before it starts: a trainer without one has run dry
 
 
@@ -107,10 +109,11 @@ def rows_to_feed(manifest: list[dict], rows: int, counted: tuple[str, ...] = LIV
     return max(0, rows - sum(r["n_rows"] for r in manifest if r["status"] in counted))
 
 
-def feed_run(spark, prepared: Prepared, tokenizer, meta: dict, starved_at: int | None = None) -> int:
-    """Make the chunks the run's budget still needs, in its namespace (an interrupted chunk cleaned up
-    first); how many were made. A run that ran dry at step ``starved_at`` (the trainer skipped rows
-    around a loss spike) gets ready chunks for the steps it still lacks."""
+def feed_run(spark, prepared: Prepared, tokenizer, meta: dict, starved_at: int | None = None,
+             most: int | None = None) -> int:
+    """Make the chunks the run's budget still needs (``most`` of them at most), in its namespace (an
+    interrupted chunk cleaned up first); how many were made. A run that ran dry at step ``starved_at``
+    (the trainer skipped rows around a loss spike) gets ready chunks for the steps it still lacks."""
     from jobs.feed import produce_chunk
 
     lake = Lake.of(prepared.recipe, spark)
@@ -120,7 +123,8 @@ def feed_run(spark, prepared: Prepared, tokenizer, meta: dict, starved_at: int |
     if starved_at is not None:
         rows, counted = (prepared.steps - starved_at) * prepared.run.batch, (chunks.READY,)
     made = 0
-    while rows_to_feed(chunks.manifest(lake, stage) if lake.exists("chunks") else [], rows, counted) > 0:
+    while (most is None or made < most) and \
+            rows_to_feed(chunks.manifest(lake, stage) if lake.exists("chunks") else [], rows, counted) > 0:
         report = produce_chunk(spark, prepared.recipe, lake, tokenizer, meta)
         if report.n_rows == 0:
             raise LakeError(f"feed made an empty chunk {report.chunk_id} for lab run {prepared.run.name}: "
@@ -151,8 +155,10 @@ class Trainers:
     """Trainer processes, at most ``parallel`` at a time, each with ``threads`` torch threads; a line as
     each starts and ends (with its throughput)."""
 
-    def __init__(self, parallel: int, threads: int, journal: Journal, logs: Path):
-        self.parallel, self.threads, self.journal, self.logs = parallel, threads, journal, logs
+    def __init__(self, parallel: int, threads: int, journal: Journal, logs: Path, top_up=None):
+        """``top_up(running)``: called every few seconds while the lab waits, with the running adaptive
+        runs (their chunks are made as they train, each mixed by the signals so far)."""
+        self.parallel, self.threads, self.journal, self.logs, self.top_up = parallel, threads, journal, logs, top_up
         self.active: dict[str, tuple[subprocess.Popen, Prepared, float, object]] = {}
         self.failed: list[str] = []
         self.starved: list[tuple[Prepared, int]] = []  # runs that ran out of chunks, with the step they reached
@@ -166,7 +172,8 @@ class Trainers:
         env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(prepared.recipe.lake).parent / "torch_extensions"))
         log = open(self.logs / f"{prepared.run.name}.log", "a", encoding="utf-8")
         args = [sys.executable, "-m", "trainer.daemon", "--recipe", str(prepared.recipe_file),
-                "--max-steps", str(prepared.steps), "--exit-when-idle", str(IDLE_SECONDS)]
+                "--max-steps", str(prepared.steps), "--exit-when-idle",
+                str(ADAPTIVE_IDLE_SECONDS if prepared.run.adaptive else IDLE_SECONDS)]
         self.active[prepared.run.name] = (subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env),
                                           prepared, time.perf_counter(), log)
         self.journal.record(prepared.run.name, status="training", steps=prepared.steps)
@@ -174,6 +181,7 @@ class Trainers:
              f"{prepared.recipe.feed.current.seq_len} tokens ({len(self.active)} running)")
 
     def wait_one(self) -> None:
+        topped = time.perf_counter()
         while True:
             for name, (proc, prepared, started, log) in list(self.active.items()):
                 if proc.poll() is not None:
@@ -181,6 +189,10 @@ class Trainers:
                     del self.active[name]
                     self._finished(prepared, proc.returncode, time.perf_counter() - started)
                     return
+            adaptive = [p for _, p, _, _ in self.active.values() if p.run.adaptive]
+            if self.top_up and adaptive and time.perf_counter() - topped > TOP_UP_SECONDS:
+                self.top_up(adaptive)
+                topped = time.perf_counter()
             time.sleep(0.2)  # the lab waits on child processes it started
 
     def wait_all(self) -> None:
@@ -275,9 +287,16 @@ def _train(prepared: list[Prepared], trainers: Trainers, journal: Journal, base:
         return
     spark = get_spark("tokenmill-lab", base)
     tokenizer, meta = load_tokenizer(base)
+
+    def top_up(running: list[Prepared]) -> None:  # the next chunk of an adaptive run, once it took its last
+        for p in running:
+            if chunks.backlog(Lake.of(p.recipe, spark), p.recipe.feed.stage) == 0:
+                feed_run(spark, p, tokenizer, meta, most=1)
+
+    trainers.top_up = top_up
     try:
         for p, step in todo:
-            made = feed_run(spark, p, tokenizer, meta)
+            made = feed_run(spark, p, tokenizer, meta, most=1 if p.run.adaptive else None)
             _say(f"{p.run.name}: {made} chunk(s) made" + (f"; resuming at step {step}" if step else ""))
             trainers.start(p)
         trainers.wait_all()

@@ -23,6 +23,7 @@ from lake.sections import Section
 from lake.trainer_sections import ModelCfg
 
 NAME = r"^[A-Za-z0-9_.-]+$"
+ADAPTIVE_CHUNKS = 4  # an adaptive variant's budget comes in this many chunks (or more), made as it trains
 
 
 class ModelSize(Section):
@@ -194,6 +195,7 @@ class Run:
     batch: int
     size: str | None = None  # laws: the size's name
     parameters: int | None = None  # laws: non-embedding parameters
+    adaptive: bool = False  # its mix follows the trainer's signals: chunks are made while it trains
 
 
 def load_plan(path: str | Path, name: str | None = None) -> Plan:
@@ -212,7 +214,7 @@ def plan_runs(plan: Plan, base: Recipe) -> list[Run]:
     """Every run of the plan, in the order the lab starts them: variants, the laws' grid, the batch runs,
     then the predicted run (which needs the laws fitted first)."""
     runs = [Run(name, "variant", variant.recipe_overrides(base.feed.stage), plan.budget_tokens, variant.batch or plan.batch,
-                parameters=_size_of(variant.model, base).parameters())
+                parameters=_size_of(variant.model, base).parameters(), adaptive=variant.adaptive is not None)
             for name, variant in plan.variants.items()]
     laws = plan.laws
     if laws is None:
@@ -249,12 +251,14 @@ def _size_of(model: ModelSize | None, base: Recipe) -> ModelSize:
 def run_settings(plan: Plan, run: Run, recipe: Recipe) -> dict[str, Any]:
     """The lab's own overrides of a run (``recipe``: its recipe before them): its namespace, run folder,
     batch, schedule length, chunks whose rows are whole steps (a chunk's last step is never short, so
-    every step trains ``batch`` rows), and when it is evaluated (``plan.evaluations`` times, the last at
+    every step trains ``batch`` rows; an adaptive run's budget in ``ADAPTIVE_CHUNKS`` chunks at least, each
+    mixed by the signals of the steps before it), and when it is evaluated (``plan.evaluations`` times, the last at
     its final step; few-shot too, for the accuracy law)."""
     seq_len = recipe.feed.current.seq_len
     steps = steps_for(run.tokens, run.batch, seq_len)
     every = max(1, steps // plan.evaluations)
-    steps_per_chunk = max(1, min(steps, recipe.feed.chunk_tokens // ((seq_len + 1) * run.batch)))
+    steps_per_chunk = max(1, min(math.ceil(steps / ADAPTIVE_CHUNKS) if run.adaptive else steps,
+                                 recipe.feed.chunk_tokens // ((seq_len + 1) * run.batch)))
     fewshot = every if plan.laws is not None and plan.laws.accuracy else 0
     return {"namespace": f"lab/{plan.name}/{run.name}",
             "trainer.runs_dir": f"{recipe.lake.rstrip('/')}/lab/{plan.name}/runs", "trainer.run_name": run.name,

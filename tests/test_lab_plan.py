@@ -234,3 +234,27 @@ def test_tokenmill_lab_with_a_bad_plan_is_one_line_naming_the_key_and_exit_code_
     assert "lab plan" in err and "variants.a.lr" in err and "Traceback" not in err
     assert cli(["lab", "--recipe", str(recipe), "--plan", str(tmp_path / "none.yaml")]) == 2
     assert "plan file" in capsys.readouterr().err
+
+
+def test_an_adaptive_run_gets_its_budget_in_chunks_made_while_it_trains(tmp_path):
+    """Its chunks hold a quarter of its steps; while it trains, the lab is asked every few seconds to top
+    it up; a trainer that ends short of its steps (no metrics here) is counted as run dry, to be fed."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    from jobs.lab import Journal, Trainers, prepare
+
+    recipe, path = _files(tmp_path, {"budget_tokens": 16 * 4 * 64, "batch": 4, "variants": {"a": {}}})
+    plan = load_plan(path)
+    run = dataclasses.replace(plan_runs(plan, _base(recipe))[0], adaptive=True)
+    got = run_recipe(plan, run, recipe)
+    assert got.feed.chunk_tokens == 4 * 4 * 65  # 16 steps in 4 chunks of 4 steps
+    prepared = prepare(plan, run, str(recipe), None)
+    calls = []
+    trainers = Trainers(1, 1, Journal(tmp_path / "lab.json"), tmp_path / "logs", top_up=calls.append)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
+    trainers.active["a"] = (proc, prepared, 0.0, open(tmp_path / "logs" / "a.log", "w"))
+    trainers.wait_all()
+    assert calls and all(c == [prepared] for c in calls)
+    assert trainers.starved == [(prepared, 0)] and not trainers.failed
