@@ -3,7 +3,9 @@
     tokenmill feed --recipe R [--until-ready N] [--follow]   |   spark-submit jobs/feed.py --recipe R
 
 One chunk, in the phases ``produce_chunk`` calls in order:
-1. ``open_chunk``: a ``writing`` row in ``chunks`` (invisible to the trainer) and the chunk's folder;
+1. ``open_chunk``: the chunk's mix (the stage's, or its adaptive mix from the trainer's latest signal:
+   ``jobs/adaptive_mix.chunk_mix``), a ``writing`` row in ``chunks`` (invisible to the trainer) and
+   the chunk's folder;
 2. ``eligible_documents`` of ``documents_dedup`` (else ``documents_scored``) and ``plan_chunk``:
    budgets per category from the stage's mix (``jobs/packing.plan_budgets``); ``sampling_keys`` and
    ``select_documents``: documents weighted by quality × ``decay ** times_used`` and drawn without
@@ -44,6 +46,7 @@ from dataclasses import dataclass
 from pyspark.sql import Window
 from pyspark.sql import functions as F
 
+from jobs.adaptive_mix import chunk_mix
 from jobs.feed_executors import id_dtype, tokenize_batches, write_files_batches
 from jobs.feed_reports import ChunkReport, FeedError, FeedReport
 from jobs.packing import Plan, curriculum_rank, pack_examples, plan_budgets
@@ -70,8 +73,9 @@ class OpenChunk:
     chunk_id: str
     base_row: dict  # its manifest row, status ``writing``
     directory: str  # <lake>/chunks/<chunk_id>
-    mix: dict[str, float]  # the stage's categories with a positive share
+    mix: dict[str, float]  # the shares of the categories it is planned with (each positive; they sum to 1)
     row_len: int  # seq_len + 1
+    signal: dict | None = None  # an adaptive mix's signal (``jobs.adaptive_mix.ChunkMix``)
 
 
 def produce_chunk(spark, recipe: Recipe, lake: Lake, tokenizer=None, meta: dict | None = None) -> ChunkReport:
@@ -108,26 +112,29 @@ def produce_chunk(spark, recipe: Recipe, lake: Lake, tokenizer=None, meta: dict 
     done = time.perf_counter()
     return ChunkReport(chunk.chunk_id, feed.stage, int(total), n_rows, len(written), per_category, plan.budgets,
                        increments.num_rows, plan.warnings, done - started,
-                       {"plan": planned - started, "tokenise_pack": packed - planned, "publish": done - packed})
+                       {"plan": planned - started, "tokenise_pack": packed - planned, "publish": done - packed},
+                       chunk.mix, chunk.signal)
 
 
 # -- the phases, in order ------------------------------------------------------------------------------
 
 
 def open_chunk(recipe: Recipe, lake: Lake, meta: dict) -> OpenChunk:
-    """The next chunk id of the stage, its ``writing`` row in ``chunks`` and its (empty) folder."""
+    """The next chunk id of the stage, its mix, its ``writing`` row in ``chunks`` (with the mix and
+    the signal behind it) and its (empty) folder."""
     feed = recipe.feed
     chunk_id = chunks.next_chunk_id(lake, feed.stage)
+    mix = chunk_mix(lake, feed.current, recipe.trainer.run_name)
     now = chunks.now()
     base_row = {"chunk_id": chunk_id, "stage": feed.stage, "status": "writing", "n_tokens": 0, "n_rows": 0, "files": [],
-                "sha256": [], "mix": None, "times_consumed": 0, "recipe_hash": recipe.fingerprint(),
+                "sha256": [], "mix": None, "mix_weights": list(mix.shares.items()), "mix_signal": mix.signal_json(),
+                "times_consumed": 0, "recipe_hash": recipe.fingerprint(),
                 "tokenizer_version": chunks.tokenizer_id(meta), "run_id": None, "reason": None,
                 "created_at": now, "updated_at": now}
     chunks.put(lake, base_row, job=f"feed:{chunk_id}")
     directory = chunks.chunk_dir(lake.run_root, chunk_id)
     make_dirs(directory)
-    mix = {c: s for c, s in feed.current.mix.items() if s > 0}
-    return OpenChunk(chunk_id, base_row, directory, mix, feed.current.seq_len + 1)
+    return OpenChunk(chunk_id, base_row, directory, mix.shares, feed.current.seq_len + 1, mix.signal)
 
 
 def eligible_documents(lake: Lake, recipe: Recipe, meta: dict, mix: dict[str, float]):

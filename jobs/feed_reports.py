@@ -25,6 +25,8 @@ class ChunkReport:
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)  # plan / tokenise_pack / publish seconds
+    shares: dict[str, float] = field(default_factory=dict)  # the mix it was planned with
+    signal: dict | None = None  # an adaptive mix's signal (``jobs.adaptive_mix.ChunkMix``); None: a fixed mix
 
     def __str__(self) -> str:
         share = ", ".join(f"{c} {n:,} ({n / max(self.n_tokens, 1):.1%}, target {self.target.get(c, 0):,})"
@@ -33,8 +35,21 @@ class ChunkReport:
                  f"{self.files} files, {self.documents:,} documents, {self.seconds:.1f} s "
                  f"({self.n_tokens / max(self.seconds, 1e-9):,.0f} tokens/s; "
                  + ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items()) + ")", f"  mix: {share}"]
+        if self.signal is not None:
+            lines.append(adaptive_line(self.shares, self.signal))
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
+
+
+def adaptive_line(shares: dict[str, float], signal: dict) -> str:
+    """An adaptive chunk's mix, each category with the loss and slope that moved it."""
+    head = f"  adaptive mix (run {signal['run']}, strength {signal['strength']:g}): "
+    seen = signal["signals"]
+    if not seen:
+        return head + "no signal yet, the base mix: " + ", ".join(f"{c} {s:.3f}" for c, s in sorted(shares.items()))
+    return head + ", ".join(
+        f"{c} {s:.3f} (" + (f"loss {seen[c]['loss']:.3f}, slope {seen[c]['slope']:.3g}/token at step {seen[c]['step']}"
+                            if c in seen else "no signal") + ")" for c, s in sorted(shares.items()))
 
 
 @dataclass

@@ -134,7 +134,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("tokenizer", "train_tokenizer", ("documents_dedup",), ("models/tokenizer",),
           "a new byte-level BPE tokenizer version from a mix-weighted sample, or an exported model's "
           "tokenizer extended, checked on held-out documents (--extend-from)", TokenizerOptions),
-    Stage("feed", "feed", ("documents_dedup", "usage", "holdout"), ("chunks", "usage", "holdout", "chunks/<chunk_id>/"),
+    Stage("feed", "feed", ("documents_dedup", "usage", "holdout", "training_signals"), ("chunks", "usage", "holdout", "chunks/<chunk_id>/"),
           "mixed, curriculum-ordered, packed token chunks for the trainer", FeedOptions),
 )
 

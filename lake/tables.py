@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 from deltalake import DeltaTable, write_deltalake
+from deltalake.schema import Field as DeltaField
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 from lake import bridge, native
@@ -29,7 +30,7 @@ from lake.native import delta_jar_available as native_available
 from lake.commits import commit_properties, sql_predicate
 from lake.errors import ConflictError, LakeError, SchemaMismatchError, TableMissingError
 from lake.fs import make_dirs, require_safe_commits, write_bytes
-from schemas import Table, arrow_differences, conform, table
+from schemas import Table, added_columns, arrow_differences, conform, table
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -138,7 +139,7 @@ class Lake:
         df = df.select(*spec.columns)
         snapshot = DeltaTable(self.uri(name)) if self.exists(name) else None
         if snapshot is not None:
-            self._check_table_schema(spec, snapshot)
+            snapshot = self._upgraded(spec, snapshot)
         if self.native:
             return native.write(self.uri(name), df, mode, replace_where, job, lambda: self.delta(name).version())
         return bridge.write(self.uri(name), snapshot, spec, df, mode, replace_where, job)
@@ -220,7 +221,7 @@ class Lake:
         spec = table(name)
         data = _conformed(spec, data)
         if self.exists(name):
-            self._check_table_schema(spec, self.delta(name))
+            self._upgraded(spec, self.delta(name))
         try:
             write_deltalake(
                 self.uri(name),
@@ -260,6 +261,9 @@ class Lake:
         require_safe_commits(self.root)
         spec = table(name)
         data = _conformed(spec, data)
+        if added_columns(spec, pa.schema(snapshot.schema().to_arrow())):  # an older lake: add them, then decide again
+            self._upgraded(spec, snapshot)
+            raise ConflictError(f"table {name!r} gained its new columns since version {snapshot.version()}; re-read it")
         try:
             write_deltalake(snapshot, data, mode="overwrite", predicate=sql_predicate(replace_where),
                             commit_properties=commit_properties(job, data.num_rows, strict=True))
@@ -281,6 +285,7 @@ class Lake:
         spec = table(name)
         updates = _conformed(spec, updates)
         self.ensure(name)
+        self._upgraded(spec, self.delta(name))
         set_exprs = {c: f"t.{c} + s.{c}" for c in add} | {c: f"s.{c}" for c in assign}
         try:
             (
@@ -364,14 +369,27 @@ class Lake:
                 f"schemas/tables.py: " + "; ".join(problems)
             )
 
-    @staticmethod
-    def _check_table_schema(spec: Table, dt: DeltaTable) -> None:
+    def _upgraded(self, spec: Table, dt: DeltaTable) -> DeltaTable:
+        """The table, with the nullable columns its definition gained since it was written added (a
+        metadata commit; its old rows read them as null), so a lake made by an older tokenmill takes
+        today's rows; SchemaMismatchError for any other difference."""
+        for _ in range(3):
+            added = added_columns(spec, pa.schema(dt.schema().to_arrow()))
+            if not added:
+                break
+            try:
+                dt.alter.add_columns([DeltaField.from_arrow(f) for f in added], commit_properties=commit_properties(
+                    "add columns " + ", ".join(f.name for f in added), 0, strict=False))
+            except CommitFailedError:  # a concurrent commit (or another writer's upgrade) won: look again
+                pass
+            dt = DeltaTable(self.uri(spec.name))
         problems = arrow_differences(spec, pa.schema(dt.schema().to_arrow()))
         if problems:
             raise SchemaMismatchError(
                 f"table {spec.name!r} at {dt.table_uri} was written with another schema than "
                 f"schemas/tables.py defines ({'; '.join(problems)}); write to a new lake or migrate the table"
             )
+        return dt
 
 
 def groups(data: pa.Table, keys: list[str], value: str) -> Counter:

@@ -118,6 +118,22 @@ class FewShotCfg(Section):
         return value
 
 
+class SignalsCfg(Section):
+    """Per-category loss and its slope, published to ``training_signals`` for an adaptive feed mix
+    (``trainer.callbacks.TrainingSignals``). A Delta commit every ``every`` steps is cheap, but a lake
+    whose feed never reads them need not grow a table: unset, it publishes only when the stage it
+    trains has ``adaptive`` in its feed stage."""
+
+    every: int | None = Field(default=None, ge=0, description="steps between publications (and one at the run's "
+                              "end); 0: off; unset: 10 when the stage's feed mix is adaptive, else off")
+    window: int = Field(default=20, ge=2, description="a category's last losses (one per step that held it) the "
+                        "slope is fitted on, by least squares against the run's tokens")
+
+    def steps(self, adaptive_feed: bool) -> int:
+        """Steps between publications; 0: none."""
+        return self.every if self.every is not None else (10 if adaptive_feed else 0)
+
+
 class TrainerCfg(Section):
     run_name: str = Field(default="tiny", pattern=r"^[A-Za-z0-9_.-]+$")
     runs_dir: str | None = Field(default=None, description="default: <lake>/runs")
@@ -156,6 +172,8 @@ class TrainerCfg(Section):
     fewshot: FewShotCfg = Field(default_factory=FewShotCfg, description="few-shot accuracy on multiple-choice sets")
     peak_flops: float = Field(default=1e12, gt=0, description="per device, for MFU (H100 bf16 dense: 989e12)")
     spike: SpikeCfg = SpikeCfg()
+    signals: SignalsCfg = Field(default_factory=SignalsCfg, description="per-category loss slopes for an adaptive "
+                                "feed mix (training_signals)")
     poll_seconds: float = Field(default=5.0, gt=0)
     seed: int = 0
 

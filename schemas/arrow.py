@@ -24,6 +24,12 @@ def arrow_differences(table: Table, actual: pa.Schema) -> list[str]:
     return problems
 
 
+def added_columns(table: Table, actual: pa.Schema) -> list[pa.Field]:
+    """The nullable columns of the definition that ``actual`` lacks: what a table written before the
+    definition gained them needs added (its old rows read them as null) to take today's rows."""
+    return [f for f in table.schema if f.nullable and actual.get_field_index(f.name) < 0]
+
+
 def conform(table: Table, data: pa.Table) -> pa.Table:
     """``data`` with the table's column order and exact types; raises ValueError on any difference."""
     problems = arrow_differences(table, data.schema)

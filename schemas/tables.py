@@ -103,6 +103,10 @@ TABLES: dict[str, Table] = {
                 ("sha256", pa.list_(pa.string()), False),
                 # tokens per mixing category actually packed into the chunk
                 ("mix", pa.map_(pa.string(), pa.int64()), True),
+                # the shares the chunk was planned with (an adaptive stage's, moved by the trainer's signal)
+                ("mix_weights", pa.map_(pa.string(), pa.float64()), True),
+                # the training signal behind an adaptive mix, as JSON (jobs/adaptive_mix.py); null for a fixed mix
+                ("mix_signal", pa.string(), True),
                 ("times_consumed", pa.int64(), False),
                 ("recipe_hash", pa.string(), True),
                 ("tokenizer_version", pa.string(), True),
@@ -146,6 +150,20 @@ TABLES: dict[str, Table] = {
             ),
             ("run_id", "step", "event"),
             "claimed / consumed / checkpoint / resumed / stopped / spike / rollback / quarantine",
+        ),
+        Table(
+            "training_signals",
+            _schema(
+                ("run_id", pa.string(), False),
+                ("step", pa.int64(), False),
+                ("tokens", pa.int64(), False),  # the run's tokens when the row was published
+                ("category", pa.string(), False),
+                ("loss", pa.float64(), False),  # the category's mean loss over the trainer's window
+                ("slope", pa.float64(), False),  # its least-squares loss change per token (negative while falling)
+                ("published_at", _TS, False),
+            ),
+            ("run_id", "step", "category"),
+            "a category's recent loss and its slope, which an adaptive feed mix reads",
         ),
     ]
 }

@@ -131,6 +131,7 @@ def test_chunks_trace_to_documents_and_hold_the_mix(fed):
         for cat, share in target.items():
             assert abs(per_cat[cat] / chunk["n_tokens"] - share) <= 0.01
         assert dict(chunk["mix"]) == dict(per_cat)
+        assert dict(chunk["mix_weights"]) == target and chunk["mix_signal"] is None  # a fixed mix: no signal
 
 
 def test_usage_counts_equal_appearances_in_ready_chunks(fed):

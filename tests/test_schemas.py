@@ -17,6 +17,8 @@ DESIGN_KEY_COLUMNS = {
     "usage": ["doc_id", "times_used", "last_chunk_id"],
     "holdout": ["doc_id", "source"],  # not in DESIGN's contract (read-only): the frozen evaluation set
     "trainer_events": ["run_id", "step", "chunk_id", "event", "detail"],
+    # not in DESIGN's table (issue #15): what an adaptive feed mix reads
+    "training_signals": ["run_id", "step", "tokens", "category", "loss", "slope", "published_at"],
 }
 
 
@@ -30,6 +32,16 @@ def test_document_tables_extend_each_other_in_pipeline_order():
     chain = ["documents_raw", "documents_filtered", "documents_clean", "documents_scored", "documents_dedup"]
     for before, after in zip(chain, chain[1:]):
         assert table(after).columns[: len(table(before).columns)] == table(before).columns
+
+
+def test_a_table_written_before_its_definition_gained_nullable_columns_needs_only_those_added():
+    from schemas import added_columns
+
+    older = pa.schema([f for f in table("chunks").schema if f.name not in ("mix_weights", "mix_signal")])
+    assert [f.name for f in added_columns(table("chunks"), older)] == ["mix_weights", "mix_signal"]
+    assert added_columns(table("chunks"), table("chunks").schema) == []
+    without_key = pa.schema([f for f in table("chunks").schema if f.name != "chunk_id"])
+    assert added_columns(table("chunks"), without_key) == []  # a required column is not added: that is a mismatch
 
 
 def test_spark_schema_is_derived_from_arrow():

@@ -7,7 +7,8 @@ that keeps state across a restart returns it from ``state_dict`` (saved in every
 its ``name``) and takes it back in ``load_state_dict``, also after a rollback.
 
 ``default_callbacks`` is the order the daemon uses: the ramp sizes the step; the spike guard gives
-the step its verdict, which checkpointing (only after a good step) and metrics read. A callback of
+the step its verdict, which the training signals (only a good step's losses), checkpointing (only
+after a good step) and metrics read. A callback of
 your own goes before ``Metrics`` if what it adds to a step's metrics is to be logged:
 
     callbacks = default_callbacks(recipe.trainer)
@@ -18,10 +19,12 @@ your own goes before ``Metrics`` if what it adds to a step's metrics is to be lo
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from lake.signals import publish_signals
 from lake.trainer_sections import FewShotCfg, SpikeCfg, TrainerCfg
 from trainer.evaluation import holdout_examples, perplexity_by_source
 from trainer.schedule import SkipStep, SpikeGuard, accumulation_steps, batch_at
@@ -143,6 +146,67 @@ def evaluates_at(step: int, every: int, max_steps: int | None) -> bool:
     """Every ``every`` steps, and at a run's last step (``--max-steps``): a run stopped at its budget is
     measured where it stopped (the lab compares runs there)."""
     return step % every == 0 or step == max_steps
+
+
+def least_squares_slope(points: list[tuple[float, float]]) -> float | None:
+    """The slope of y on x fitted by least squares to ``(x, y)`` points; None without two distinct x."""
+    n = len(points)
+    if n < 2:
+        return None
+    mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    return sum((x - mx) * (y - my) for x, y in points) / sxx if sxx > 0 else None
+
+
+class TrainingSignals(Callback):
+    """Each category's recent loss and how fast it falls, for an adaptive feed mix (``jobs/adaptive_mix.py``):
+    every ``every`` steps and at the run's end, rank 0 publishes to ``training_signals`` one row per
+    category, its mean over its last ``window`` losses and their least-squares slope per token of the
+    run. A step the spike guard did not pass is left out (a spike is not what the category teaches).
+    The windows are in the checkpoint: a resumed or rolled-back run fits on its losses as of then."""
+
+    name = "training_signals"
+
+    def __init__(self, every: int, window: int):
+        self.every, self.window = every, window
+        self.losses: dict[str, list[tuple[float, float]]] = {}  # category → its last (run tokens, loss)
+        self.published = 0  # the step of the last publication
+
+    def on_step_end(self, trainer, step: Step) -> None:
+        if step.verdict == "ok":
+            for category, loss in step.result.loss_by_category.items():
+                if math.isfinite(loss):
+                    points = self.losses.setdefault(category, [])
+                    points.append((trainer.state.tokens, loss))
+                    del points[: -self.window]
+        if step.number % self.every == 0:
+            self.publish(trainer, step.number)
+
+    def on_run_end(self, trainer) -> None:
+        if trainer.state.step != self.published:
+            self.publish(trainer, trainer.state.step)
+
+    def signals(self) -> dict[str, tuple[float, float]]:
+        """Category → (mean loss, slope per token) over its window, where a slope can be fitted."""
+        out = {}
+        for category, points in self.losses.items():
+            slope = least_squares_slope(points)
+            if slope is not None:
+                out[category] = (sum(y for _, y in points) / len(points), slope)
+        return out
+
+    def publish(self, trainer, step: int) -> None:
+        self.published = step
+        if trainer.rank == 0:
+            publish_signals(trainer.lake, trainer.cfg.run_name, step, trainer.state.tokens, self.signals())
+
+    def state_dict(self) -> dict:
+        return {"losses": {c: [list(p) for p in points] for c, points in self.losses.items()},
+                "published": self.published}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.losses = {c: [tuple(p) for p in points] for c, points in state.get("losses", {}).items()}
+        self.published = state.get("published", 0)
 
 
 class Evaluation(Callback):
@@ -279,9 +343,12 @@ class Checkpointing(Callback):
         trainer.checkpoint("chunk end")
 
 
-def default_callbacks(cfg: TrainerCfg) -> list[Callback]:
+def default_callbacks(cfg: TrainerCfg, adaptive_feed: bool = False) -> list[Callback]:
     """The daemon's callbacks, built from the recipe's trainer section, in the order they must run
-    (few-shot evaluation only when ``trainer.fewshot.every`` is set)."""
+    (few-shot evaluation only when ``trainer.fewshot.every`` is set; training signals when
+    ``trainer.signals`` asks, by default when the stage's feed mix is ``adaptive_feed``)."""
+    every = cfg.signals.steps(adaptive_feed)
     return [BatchRamp(cfg.batch_ramp, cfg.micro_batch), SpikeGuardCallback(cfg.spike), Starvation(),
+            *([TrainingSignals(every, cfg.signals.window)] if every else []),
             Evaluation(cfg.eval_every, cfg.eval_docs), *([FewShotEvaluation(cfg.fewshot)] if cfg.fewshot.every else []),
             Metrics(), Checkpointing(cfg.checkpoint_every)]

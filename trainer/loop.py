@@ -65,7 +65,9 @@ class Trainer:
         self.lake = Lake.of(recipe)
         self.run_dir = Path(self.cfg.runs_dir or f"{recipe.lake}/runs") / self.cfg.run_name
         self.checkpoints = Checkpoints(self.run_dir / "checkpoints", self.cfg.keep_checkpoints)
-        self.callbacks = default_callbacks(self.cfg) if callbacks is None else callbacks
+        fed_by = recipe.feed.stages.get(self.stage)
+        adaptive = fed_by is not None and fed_by.adaptive is not None
+        self.callbacks = default_callbacks(self.cfg, adaptive) if callbacks is None else callbacks
         self.state = State()
         self.categories: list[str] = list(recipe.feed.current.mix)
         self.batch_rows = self.cfg.micro_batch  # rows of the next step (the batch ramp sets it)
