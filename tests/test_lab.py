@@ -22,7 +22,8 @@ PLAN = {
     "base": {"trainer.model.hidden": 32, "trainer.model.layers": 1, "trainer.model.heads": 2,
              "trainer.model.kv_heads": 1, "trainer.lr_peak": 0.01},
     "variants": {"baseline": {}, "zh_heavy": {"mix": {"zh": 6, "en": 2, "code": 2}},
-                 "easy_first": {"curriculum": "easy_first", "lr": 0.005}},
+                 "easy_first": {"curriculum": "easy_first", "lr": 0.005},
+                 "adaptive": {"adaptive": {"strength": 2.0}, "overrides": {"trainer.signals.every": 3}}},
     "laws": {"sizes": {"s": {"hidden": 16, "layers": 1, "heads": 2, "kv_heads": 1},
                        "m": {"hidden": 32, "layers": 1, "heads": 2, "kv_heads": 1},
                        "l": {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2}},
@@ -85,7 +86,7 @@ def test_a_small_lab_ranks_variants_fits_laws_predicts_and_resumes(spark, tmp_pa
     table = report.split("## Runs")[1]  # one row per run: name, group, N, batch, steps, tokens, held-out loss
 
     # the report's numbers are the runs' own: tokens, last step, held-out loss from the final evaluation
-    runs = ["baseline", "zh_heavy", "easy_first"] + [f"law-{s}-{t}" for s in "sml" for t in (3072, 6144)] + ["predict"]
+    runs = ["baseline", "zh_heavy", "easy_first", "adaptive"] + [f"law-{s}-{t}" for s in "sml" for t in (3072, 6144)] + ["predict"]
     trained = [run for run in runs if run != "law-m-6144"]  # the base size at the variants' budget: baseline's twin
     assert not (folder / "runs" / "law-m-6144").exists() and "law-m-6144 trains what baseline trains" in out
     for run in runs:
@@ -96,7 +97,8 @@ def test_a_small_lab_ranks_variants_fits_laws_predicts_and_resumes(spark, tmp_pa
         loss = sum(math.log(p) for p in records[-1]["perplexity_by_source"].values()) / len(records[-1]["perplexity_by_source"])
         row = next(line for line in table.splitlines() if line.startswith(f"| {run} |"))
         assert f"{records[-1]['tokens']:,}" in row and f"{loss:.4f}" in row
-    ranked = [line.split("|")[2].strip() for line in report.splitlines() if line[:4] in ("| 1 ", "| 2 ", "| 3 ")]
+    ranked = [line.split("|")[2].strip() for line in report.split("## Ranking")[1].split("##")[0].splitlines()
+              if line.startswith("| ") and line[2].isdigit()]
     losses = {r: float(next(line for line in table.splitlines() if line.startswith(f"| {r} |")).split("|")[-2])
               for r in ranked}
     assert sorted(ranked) == sorted(PLAN["variants"]) and [losses[r] for r in ranked] == sorted(losses.values())
@@ -112,6 +114,10 @@ def test_a_small_lab_ranks_variants_fits_laws_predicts_and_resumes(spark, tmp_pa
     base = Lake(str(lake), namespace="lab/tiny/baseline").read_arrow("chunks").to_pylist()
     share = lambda rows: sum(n for r in rows for c, n in r["mix"] if c == "zh") / sum(r["n_tokens"] for r in rows)  # noqa: E731
     assert share(zh) > share(base) + 0.1
+    # the adaptive variant's chunks were made while it trained: the later ones mixed by its own run's signals
+    adaptive = sorted(Lake(str(lake), namespace="lab/tiny/adaptive").read_arrow("chunks").to_pylist(),
+                      key=lambda r: r["chunk_id"])
+    assert len(adaptive) >= 4 and any(r["mix_signal"] for r in adaptive[1:])
 
     # the laws with their intervals, the prediction with its error, the plots and TensorBoard
     assert "L(C): loss_vs_compute" in out and "[" in out.split("L(C): loss_vs_compute")[1].splitlines()[0]
