@@ -128,7 +128,7 @@ def feed_run(spark, prepared: Prepared, tokenizer, meta: dict, starved_at: int |
         report = produce_chunk(spark, prepared.recipe, lake, tokenizer, meta)
         if report.n_rows == 0:
             raise LakeError(f"feed made an empty chunk {report.chunk_id} for lab run {prepared.run.name}: "
-                                   f"the mix of stage {stage!r} has no documents; check the variant's mix")
+                            f"the mix of stage {stage!r} has no documents; check the variant's mix")
         made += 1
     return made
 
@@ -313,7 +313,7 @@ def _train(prepared: list[Prepared], trainers: Trainers, journal: Journal, base:
         trainers.stop_all()  # only where the lab is stopped by an error or an interrupt
     if trainers.failed:
         raise LakeError(f"lab run(s) {', '.join(trainers.failed)} did not reach their budget; their output is "
-                               f"in {trainers.logs}. Run tokenmill lab again to resume them")
+                        f"in {trainers.logs}. Run tokenmill lab again to resume them")
 
 
 def _result(p: Prepared, trained: Prepared) -> RunResult:
