@@ -1,5 +1,5 @@
 """The ``tokenmill`` command: one subcommand per declared stage (``jobs/stages.py``), plus ``refine``,
-``status``, ``vacuum``, ``models``, ``demo``, ``jars``, ``trace``, ``card``, ``report``, and the trainer's ``train``, ``plan`` and ``eval``. Nothing imports this module:
+``status``, ``vacuum``, ``models``, ``demo``, ``jars``, ``trace``, ``card``, ``report``, ``lab``, and the trainer's ``train``, ``plan`` and ``eval``. Nothing imports this module:
 it is the edge where the refinery and the trainer meet."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ DEMO_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 OWN_PARSERS = {**{s.name: f"jobs.{s.module}" for s in STAGES},
                "plan": "trainer.planner", "train": "trainer.daemon", "eval": "trainer.evaluate",
                "package": "jobs.package", "jars": "lake.jars", "trace": "jobs.trace", "card": "jobs.card",
-               "report": "jobs.report"}
+               "report": "jobs.report", "lab": "jobs.lab"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("card", help="a Hugging Face-style dataset card (README.md) of the lake's chunk set", add_help=False)
     sub.add_parser("report", help="one static HTML page of the whole lake: funnel, rules, PII, scores, dedup, chunks, training",
                    add_help=False)
+
+    sub.add_parser("lab", help="variants and model sizes as small runs to equal tokens: ranking, scaling laws, the "
+                   "predicted larger run, a report", add_help=False)
 
     refine = sub.add_parser("refine", help="run refinery stages in order on one Spark session")
     recipe_arguments(refine)

@@ -132,7 +132,7 @@ def open_chunk(recipe: Recipe, lake: Lake, meta: dict) -> OpenChunk:
                 "tokenizer_version": chunks.tokenizer_id(meta), "run_id": None, "reason": None,
                 "created_at": now, "updated_at": now}
     chunks.put(lake, base_row, job=f"feed:{chunk_id}")
-    directory = chunks.chunk_dir(lake.root, chunk_id)
+    directory = chunks.chunk_dir(lake.run_root, chunk_id)
     make_dirs(directory)
     return OpenChunk(chunk_id, base_row, directory, mix.shares, feed.current.seq_len + 1, mix.signal)
 
@@ -375,7 +375,7 @@ def publish(lake: Lake, chunk: OpenChunk, plan: Plan, written: list, per_categor
             total: int, n_rows: int) -> None:
     """``usage`` first (its increments saved beside the files, so a cleanup can take them back), then
     the manifest row ``ready`` with the files, their checksums, the mix and the plan's warnings."""
-    write_parquet(chunks.usage_increments_path(lake.root, chunk.chunk_id), increments)
+    write_parquet(chunks.usage_increments_path(lake.run_root, chunk.chunk_id), increments)
     lake.merge_counters("usage", increments, key=["doc_id"], add=["times_used"], assign=["last_chunk_id"],
                         job=chunks.usage_job(chunk.base_row))
     chunks.put(lake, {**chunk.base_row, "status": chunks.READY, "n_tokens": int(total), "n_rows": n_rows,
@@ -408,7 +408,7 @@ def _release(*frames) -> None:
 def run(spark, recipe: Recipe, options: FeedOptions = FeedOptions()) -> FeedReport:
     """Clean up interrupted chunks, then produce chunks until the backlog is full (or one chunk)."""
     started = time.perf_counter()
-    lake = Lake(recipe.lake, spark)
+    lake = Lake.of(recipe, spark)
     cleaned = chunks.cleanup_interrupted(lake)
     quarantined = chunks.verify_ready(lake) if options.verify else []
     until, follow = options.until_ready, options.follow

@@ -91,7 +91,7 @@ def add_chunk(lake: Lake, chunk_id: str, docs: list[dict], tok, meta: dict, seq_
                      "input_ids": pa.array(rows, schema.field("input_ids").type),
                      "spans": pa.array([[s.__dict__ for s in row] for row in spans], schema.field("spans").type)},
                     schema=schema)
-    folder = Path(chunk_dir(lake.root, chunk_id))
+    folder = Path(chunk_dir(lake.run_root, chunk_id))
     folder.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     pq.write_table(data, buffer, compression="zstd")

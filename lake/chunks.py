@@ -115,7 +115,7 @@ def verify_ready(lake: Lake, job: str = "verify") -> list[tuple[str, str]]:
     """Check every ready chunk's files; quarantine the bad ones. Returns (chunk_id, reason) of those."""
     bad = []
     for row in manifest(lake, status=READY):
-        reason = verify(lake.root, row)
+        reason = verify(lake.run_root, row)
         if reason:
             quarantine(lake, row, reason, job)
             bad.append((row["chunk_id"], reason))
@@ -134,7 +134,7 @@ def cleanup_interrupted(lake: Lake) -> list[str]:
     for row in manifest(lake, status=WRITING):
         chunk_id = row["chunk_id"]
         take_back_usage(lake, row)
-        remove_dir(chunk_dir(lake.root, chunk_id))
+        remove_dir(chunk_dir(lake.run_root, chunk_id))
         delete(lake, chunk_id, job=f"feed-cleanup:{chunk_id}")
         cleaned.append(chunk_id)
     return cleaned
@@ -161,7 +161,7 @@ def take_back_usage(lake: Lake, row: dict) -> bool:
         return False
     else:
         undo = f"feed-undo:{row['chunk_id']}"
-    saved = usage_increments_path(lake.root, row["chunk_id"])
+    saved = usage_increments_path(lake.run_root, row["chunk_id"])
     if not exists(saved):  # the chunk's folder is gone with them: what it counted cannot be known any more
         return False
     increments = read_parquet(saved)
@@ -182,7 +182,7 @@ def usage_disagreements(lake: Lake) -> list[tuple[str, int, int]] | None:
     for row in manifest(lake):
         if row["status"] not in (READY, TRAINING, CONSUMED):
             continue
-        saved = usage_increments_path(lake.root, row["chunk_id"])
+        saved = usage_increments_path(lake.run_root, row["chunk_id"])
         if not exists(saved):
             return None
         increments = read_parquet(saved)
@@ -208,10 +208,10 @@ def placements(lake: Lake, doc_id: str) -> list[Placement]:
     increments tell which chunks to open, then only their ``spans`` column is read."""
     found = []
     for row in manifest(lake):
-        saved = usage_increments_path(lake.root, row["chunk_id"])
+        saved = usage_increments_path(lake.run_root, row["chunk_id"])
         if not exists(saved) or not read_parquet(saved, filters=[("doc_id", "==", doc_id)]).num_rows:
             continue
-        folder = chunk_dir(lake.root, row["chunk_id"])
+        folder = chunk_dir(lake.run_root, row["chunk_id"])
         data = pa.concat_tables([read_parquet(f"{folder}/{name}", columns=["row", "spans"]) for name in row["files"]])
         pieces = pc.list_flatten(data.column("spans"))
         mine = pc.equal(pc.struct_field(pieces, "doc_id"), doc_id)
@@ -258,7 +258,7 @@ def find_claimed(lake: Lake, stage: str, run_id: str) -> dict | None:
 
 def read_rows(lake: Lake, row: dict) -> tuple[np.ndarray, list[list[dict]]]:
     """(input_ids as an int64 array [rows, seq_len + 1], spans per row), in row order."""
-    folder = chunk_dir(lake.root, row["chunk_id"])
+    folder = chunk_dir(lake.run_root, row["chunk_id"])
     data = pa.concat_tables([read_parquet(f"{folder}/{name}") for name in row["files"]]).sort_by("row")
     ids = data.column("input_ids").combine_chunks()
     width = len(ids[0]) if len(ids) else 0
@@ -286,6 +286,6 @@ def backlog_below(recipe_path: str, wanted: int) -> bool:
     from lake.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
-    waiting = backlog(Lake(recipe.lake), recipe.feed.stage)
+    waiting = backlog(Lake.of(recipe), recipe.feed.stage)
     print(f"{waiting} ready chunk(s) of {recipe.feed.stage}; the backlog wants {wanted}")
     return waiting < wanted

@@ -41,6 +41,9 @@ class Recipe(Section):
     feed: Feed = Feed()
     trainer: TrainerCfg = TrainerCfg()
     spark: Spark = Spark()
+    namespace: str | None = Field(default=None, description="a folder under the lake holding this run's own chunks, usage and "
+                                  "trainer tables (lake/tables.RUN_TABLES); the document tables stay shared "
+                                  "(tokenmill lab gives each of its runs one)")
     # Where the recipe came from, for messages; not a key a user writes.
     origin: str = Field(default="<memory>", exclude=True)
 
@@ -53,6 +56,15 @@ class Recipe(Section):
                 raise ValueError(f"source name {src.name!r} is used twice; names must be unique")
             seen.add(src.name)
         return sources
+
+    @field_validator("namespace")
+    @classmethod
+    def _relative_folder(cls, value: str | None) -> str | None:
+        parts = value.split("/") if value is not None else []
+        if any(p in ("", ".", "..") or not re.fullmatch(r"[A-Za-z0-9_.-]+", p) for p in parts):
+            raise ValueError(f"namespace {value!r}: folder names of letters, digits, '_', '.', '-' joined by '/', "
+                             f"inside the lake (no '..', no leading '/'), e.g. lab/mixes/baseline")
+        return value
 
     @model_validator(mode="after")
     def _rows_split(self) -> "Recipe":
@@ -124,19 +136,27 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
-    """Read, resolve and validate a recipe file; raise RecipeError naming the key and the fix."""
-    path = Path(path)
+def read_mapping(path: Path, what: str, shape: str, error: type[RecipeError] | None = None) -> dict[str, Any]:
+    """A YAML file's mapping (no key given twice); ``error`` (RecipeError) names the file and what a
+    ``what`` file is (``shape``) when it is missing, not YAML or not a mapping."""
+    error = error or RecipeError
     if not path.is_file():
-        raise RecipeError(f"recipe file {path} does not exist (pass --recipe with a YAML file; see configs/)")
+        raise error(f"{what} file {path} does not exist (pass --{what} with a YAML file; see configs/)")
     try:
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+        raise error(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: a recipe is a mapping with at least 'lake:' and 'sources:'")
+        raise error(f"{path}: a {what} is a mapping with {shape}")
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Read, resolve and validate a recipe file; raise RecipeError naming the key and the fix."""
+    path = Path(path)
+    raw = read_mapping(path, "recipe", "at least 'lake:' and 'sources:'")
     for dotted, value in (overrides or {}).items():
-        _set_dotted(raw, dotted, value)
+        set_dotted(raw, dotted, value)
     return parse_recipe(raw, base_dir=path.resolve().parent, origin=str(path))
 
 
@@ -169,7 +189,7 @@ def parse_recipe(raw: dict[str, Any], base_dir: Path, origin: str = "<memory>") 
     try:
         return Recipe(**raw, origin=origin)
     except ValidationError as err:
-        raise RecipeError(_explain(err, origin)) from None
+        raise RecipeError(explain(err, origin)) from None
 
 
 def _resolved_at(node: Any, keys: tuple[str, ...], base_dir: Path) -> Any:
@@ -193,7 +213,8 @@ def resolve_path(value: str, base_dir: Path) -> str:
     return str((base_dir / value).resolve())
 
 
-def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """``raw["a"]["b"]["c"] = value`` for ``a.b.c``, making the mappings on the way."""
     node = raw
     *parents, leaf = dotted.split(".")
     for key in parents:
@@ -201,13 +222,15 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _explain(err: ValidationError, origin: str) -> str:
-    lines = [f"recipe {origin} is not valid:"]
+def explain(err: ValidationError, origin: str, root: type[BaseModel] | None = None, what: str = "recipe") -> str:
+    """A validation error of ``root`` (the Recipe unless given) read from ``origin``: every key at fault by
+    its dotted path, with what is wrong (and, for an unknown key, the keys allowed there)."""
+    lines = [f"{what} {origin} is not valid:"]
     for problem in err.errors():
         where = ".".join(str(p) for p in problem["loc"]) or "(top level)"
         kind = problem["type"]
         if kind == "extra_forbidden":
-            parent_model = _model_at(problem["loc"][:-1])
+            parent_model = _model_at(problem["loc"][:-1], root or Recipe)
             allowed = ", ".join(sorted(k for k in parent_model.model_fields if k != "origin"))
             lines.append(f"  {where}: unknown key; allowed here: {allowed}")
         elif kind == "missing":
@@ -219,8 +242,7 @@ def _explain(err: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel]:
-    model: type[BaseModel] = Recipe
+def _model_at(loc: tuple[Any, ...], model: type[BaseModel]) -> type[BaseModel]:
     for part in loc:
         if isinstance(part, int):
             continue

@@ -37,6 +37,11 @@ if TYPE_CHECKING:
 
 Mode = Literal["append", "overwrite"]
 
+# The tables of one training run: its chunks' manifest, their documents' usage, what its trainer did and
+# published. A lake with a namespace (the recipe's ``namespace``: the lab gives each run its own) keeps
+# them, and the chunk folders, under <lake>/<namespace>/; every other table stays shared.
+RUN_TABLES = frozenset({"chunks", "usage", "trainer_events", "training_signals"})
+
 
 @dataclass(frozen=True)
 class TableVersion:
@@ -57,17 +62,29 @@ class TableSummary:
 
 
 class Lake:
-    def __init__(self, root: str, spark: SparkSession | None = None, native: bool | None = None):
+    def __init__(self, root: str, spark: SparkSession | None = None, native: bool | None = None,
+                 namespace: str | None = None):
         self.root = root.rstrip("/")
         self.spark = spark
         if native is None and spark is not None:
             native = native_available(spark)
         self.native = bool(native)
+        self.namespace = namespace.strip("/") if namespace else None
+
+    @classmethod
+    def of(cls, recipe, spark: SparkSession | None = None) -> "Lake":
+        """The lake a recipe names, in the recipe's namespace (if it has one)."""
+        return cls(recipe.lake, spark, namespace=recipe.namespace)
 
     # -- locations --------------------------------------------------------------------------
+    @property
+    def run_root(self) -> str:
+        """Where the run tables (``RUN_TABLES``) and the chunk folders live: the namespace's folder, or the root."""
+        return f"{self.root}/{self.namespace}" if self.namespace else self.root
+
     def uri(self, name: str) -> str:
         table(name)  # unknown names fail here, with the list of tables
-        return f"{self.root}/tables/{name}"
+        return f"{self.run_root if name in RUN_TABLES else self.root}/tables/{name}"
 
     def exists(self, name: str) -> bool:
         return DeltaTable.is_deltatable(self.uri(name))

@@ -55,7 +55,9 @@ def test_the_highest_likelihood_choice_wins_and_acc_norm_divides_by_characters()
     result = fewshot.evaluate_set(TaskSet("s", items, 0, []), score)
     assert result.acc == pytest.approx(2 / 3) and result.acc_norm == pytest.approx(1 / 3)
     assert result.items == 3 and result.chance == pytest.approx((1 / 3 + 1 / 2 + 1 / 2) / 3)
-    assert fewshot.as_metrics({"s": result}) == {"s/acc": result.acc, "s/acc_norm": result.acc_norm}
+    assert result.nll == pytest.approx((1.0 / 1 + 2.0 / 1 + 2.0 / 2) / 3)  # per token of the right choice
+    assert fewshot.as_metrics({"s": result}) == {"s/acc": result.acc, "s/acc_norm": result.acc_norm,
+                                                 "s/nll": result.nll, "s/chance": result.chance}
 
 
 def test_shots_are_other_items_of_the_set_prepended_never_the_item_asked():
@@ -258,7 +260,8 @@ def test_builtin_accuracy_rises_above_chance_in_the_metrics_and_eval_reads_the_c
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [(r["step"], r["fewshot"]) for r in records if "fewshot" in r]
     assert [s for s, _ in evals] == list(range(2, 31, 2))
-    assert all(set(f) == {"builtin/acc", "builtin/acc_norm", "counting/acc", "counting/acc_norm"} for _, f in evals)
+    assert all(set(f) == {f"{s}/{k}" for s in ("builtin", "counting") for k in ("acc", "acc_norm", "nll", "chance")}
+               for _, f in evals)
     acc = [f["builtin/acc"] for _, f in evals]
     with capsys.disabled():
         print(f"\nbuilt-in accuracy by step: {dict(zip(range(2, 31, 2), acc))}")

@@ -189,6 +189,34 @@ def test_merge_counters_increments_and_inserts(lake_root):
     ]
 
 
+def test_a_namespace_keeps_its_run_tables_apart_and_shares_the_documents(lake_root):
+    """Two lab runs in one lake: each its own usage counters and manifest, both the same document tables."""
+    from lake.chunks import chunk_dir
+
+    plain, a, b = Lake(lake_root), Lake(lake_root, namespace="lab/x/a"), Lake(lake_root, namespace="lab/x/b")
+    increment = pa.table({"doc_id": ["d1"], "times_used": [1], "last_chunk_id": ["c1"]})
+    a.merge_counters("usage", increment, key=["doc_id"], add=["times_used"], assign=["last_chunk_id"])
+    a.merge_counters("usage", increment, key=["doc_id"], add=["times_used"], assign=["last_chunk_id"])
+    assert a.read_arrow("usage").to_pylist() == [{"doc_id": "d1", "times_used": 2, "last_chunk_id": "c1"}]
+    assert b.read_arrow("usage").num_rows == 0 and not plain.exists("usage")
+    assert a.uri("usage") == f"{lake_root}/lab/x/a/tables/usage" != b.uri("usage")
+    assert a.uri("trainer_events") == f"{lake_root}/lab/x/a/tables/trainer_events"
+    holdout = pa.table({"doc_id": ["d9"], "source": ["s"], "chosen_at": [NOW]})
+    a.write_arrow("holdout", holdout)
+    assert b.read_arrow("holdout", ["doc_id"]).to_pylist() == [{"doc_id": "d9"}] == plain.read_arrow("holdout", ["doc_id"]).to_pylist()
+    assert a.uri("documents_dedup") == plain.uri("documents_dedup") == f"{lake_root}/tables/documents_dedup"
+    assert chunk_dir(a.run_root, "pretrain-000000") == f"{lake_root}/lab/x/a/chunks/pretrain-000000"
+    recipe = make_recipe(Path(lake_root).parent, [{"name": "s", "path": "s.jsonl"}], namespace="lab/x/b")
+    assert Lake.of(recipe).uri("chunks") == b.uri("chunks")
+
+
+def test_a_namespace_is_a_relative_folder():
+    from lake.recipe import RecipeError, parse_recipe
+
+    with pytest.raises(RecipeError, match="namespace"):
+        parse_recipe({"lake": "/l", "sources": [{"name": "s", "path": "/s.jsonl"}], "namespace": "../up"}, Path("/"))
+
+
 def _race(monkeypatch, target, attr, writes):
     """Run the writes in threads that all reach the commit before any of them commits."""
     barrier = threading.Barrier(len(writes), timeout=120)

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 from lake.trainer_sections import SpikeCfg, TrainerCfg
 from tests.conftest import ROOT
-from trainer.callbacks import (BatchRamp, Callback, Checkpointing, SpikeGuardCallback, Starvation, Step,
+from trainer.callbacks import (BatchRamp, Callback, Checkpointing, Evaluation, SpikeGuardCallback, Starvation, Step,
                                default_callbacks)
 from trainer.step import StepResult
 
@@ -89,6 +89,22 @@ def test_starvation_counts_the_waits_into_the_metrics():
     other = Starvation()
     other.load_state_dict(starve.state_dict())
     assert other.seconds == 1.5
+
+
+def test_evaluation_runs_every_n_steps_and_at_the_last_step(monkeypatch):
+    """A run stopped at --max-steps is measured where it stopped, between the every-N evaluations too."""
+    import trainer.callbacks as callbacks
+
+    measured = []
+    monkeypatch.setattr(callbacks, "perplexity_by_source", lambda model, docs: measured.append(1) or {"s": 2.0})
+    trainer = Recorder()
+    trainer.max_steps, trainer.engine = 7, SimpleNamespace(module=None)
+    evaluation = Evaluation(every=3, docs_per_source=1)
+    evaluation.documents = {"s": [([1, 2, 3], 0)]}
+    steps = [_step(n, 3.0) for n in range(1, 8)]
+    for step in steps:
+        evaluation.on_step_end(trainer, step)
+    assert [s.number for s in steps if "perplexity_by_source" in s.metrics] == [3, 6, 7] and len(measured) == 3
 
 
 def test_the_default_callbacks_run_the_guard_before_checkpointing_and_metrics():

@@ -142,6 +142,12 @@ class Starvation(Callback):
         self.seconds = state.get("seconds", 0.0)
 
 
+def evaluates_at(step: int, every: int, max_steps: int | None) -> bool:
+    """Every ``every`` steps, and at a run's last step (``--max-steps``): a run stopped at its budget is
+    measured where it stopped (the lab compares runs there)."""
+    return step % every == 0 or step == max_steps
+
+
 def least_squares_slope(points: list[tuple[float, float]]) -> float | None:
     """The slope of y on x fitted by least squares to ``(x, y)`` points; None without two distinct x."""
     n = len(points)
@@ -211,8 +217,8 @@ class TrainingSignals(Callback):
 
 
 class Evaluation(Callback):
-    """Every ``every`` steps, perplexity per source on the held-out documents of the lake's
-    ``holdout`` table (read once, cut to the chunks' sequence length)."""
+    """Every ``every`` steps and at the last, perplexity per source on the held-out documents of the
+    lake's ``holdout`` table (read once, cut to the chunks' sequence length)."""
 
     name = "evaluation"
 
@@ -221,7 +227,7 @@ class Evaluation(Callback):
         self.documents: dict[str, list[list[int]]] | None = None
 
     def on_step_end(self, trainer, step: Step) -> None:
-        if step.number % self.every:
+        if not evaluates_at(step.number, self.every, trainer.max_steps):
             return
         if self.documents is None:
             self.documents = holdout_examples(trainer.lake, trainer.tokenizer, self.docs_per_source,
@@ -235,7 +241,7 @@ class Evaluation(Callback):
 
 
 class FewShotEvaluation(Callback):
-    """Every ``trainer.fewshot.every`` steps, multiple-choice accuracy per set (``trainer/fewshot.py``)
+    """Every ``trainer.fewshot.every`` steps and at the last, multiple-choice accuracy per set (``trainer/fewshot.py``)
     into the step's metrics as ``fewshot: {<set>/acc, <set>/acc_norm}`` (TensorBoard: fewshot/<set>/acc).
     Every rank scores (under ZeRO-3 a forward pass needs them all); rank 0 logs. Prompts are cut to the
     width of the rows the step trained on."""
@@ -247,7 +253,7 @@ class FewShotEvaluation(Callback):
         self.sets: list | None = None
 
     def on_step_end(self, trainer, step: Step) -> None:
-        if step.number % self.cfg.every:
+        if not evaluates_at(step.number, self.cfg.every, trainer.max_steps):
             return
         from trainer import fewshot
 

@@ -52,7 +52,7 @@ class ChunkFeed:
                     self.events(step, "claimed", row["chunk_id"], f"{row['n_tokens']:,} tokens")
             if row is not None:
                 problem = (store.tokenizer_mismatch(row, self.tokenizer) if self.tokenizer else None) or \
-                    store.verify(self.lake.root, row)
+                    store.verify(self.lake.run_root, row)
                 if problem:
                     store.quarantine(self.lake, row, problem, job="trainer")
                     self.events(step, "quarantine", row["chunk_id"], problem)

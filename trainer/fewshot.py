@@ -66,6 +66,8 @@ class SetResult:
     acc_norm: float
     items: int
     chance: float  # the accuracy of guessing: the mean of 1 / choices
+    nll: float = float("nan")  # mean negative log-likelihood per token of the correct choice (Llama 3's
+    # two-step method predicts accuracy from it: tokenmill lab fits the sigmoid)
 
 
 # -- the sets ------------------------------------------------------------------------------------------
@@ -224,16 +226,19 @@ def requests_of(task: TaskSet, seed: int, max_length: int | None) -> list[Reques
 
 def evaluate_set(task: TaskSet, loglikelihood: LogLikelihood, seed: int = 0, max_length: int | None = None) -> SetResult:
     """acc and acc_norm of the set under ``loglikelihood`` (summed log-probability per request)."""
-    scores = loglikelihood(requests_of(task, seed, max_length))
+    requests = requests_of(task, seed, max_length)
+    scores = loglikelihood(requests)
     right = right_norm = 0
+    nll = 0.0
     at = 0
     for item in task.items:
         ll = scores[at : at + len(item.choices)]
+        nll -= ll[item.answer] / len(requests[at + item.answer][1])
         at += len(item.choices)
         right += max(range(len(ll)), key=lambda k: ll[k]) == item.answer
         right_norm += max(range(len(ll)), key=lambda k: ll[k] / item.chars[k]) == item.answer
     n = len(task.items)
-    return SetResult(right / n, right_norm / n, n, sum(1 / len(it.choices) for it in task.items) / n)
+    return SetResult(right / n, right_norm / n, n, sum(1 / len(it.choices) for it in task.items) / n, nll / n)
 
 
 def model_loglikelihood(model, batch_tokens: int = 8192, pad_id: int = 0) -> LogLikelihood:
@@ -284,9 +289,10 @@ def evaluate(sets: list[TaskSet], loglikelihood: LogLikelihood, seed: int = 0,
 
 
 def as_metrics(results: dict[str, SetResult]) -> dict[str, float]:
-    """``{<set>/acc, <set>/acc_norm}``: logged under ``fewshot`` (TensorBoard: fewshot/<set>/acc)."""
+    """``{<set>/acc, <set>/acc_norm, <set>/nll, <set>/chance}``: logged under ``fewshot`` (TensorBoard:
+    fewshot/<set>/acc)."""
     return {f"{name}/{key}": value for name, r in sorted(results.items())
-            for key, value in (("acc", r.acc), ("acc_norm", r.acc_norm))}
+            for key, value in (("acc", r.acc), ("acc_norm", r.acc_norm), ("nll", r.nll), ("chance", r.chance))}
 
 
 def summary(results: dict[str, SetResult]) -> str:

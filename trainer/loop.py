@@ -63,7 +63,7 @@ class Trainer:
         self.recipe, self.cfg = recipe, recipe.trainer
         self.max_steps, self.exit_when_idle, self.log = max_steps, exit_when_idle, log
         self.stage = self.cfg.stage or recipe.feed.stage
-        self.lake = Lake(recipe.lake)
+        self.lake = Lake.of(recipe)
         self.run_dir = Path(self.cfg.runs_dir or f"{recipe.lake}/runs") / self.cfg.run_name
         self.checkpoints = Checkpoints(self.run_dir / "checkpoints", self.cfg.keep_checkpoints)
         fed_by = recipe.feed.stages.get(self.stage)
