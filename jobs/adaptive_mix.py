@@ -24,7 +24,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
-from lake.sections import FeedStage
+from lake.feed_sections import FeedStage
 from lake.signals import latest_signals
 from lake.tables import Lake
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 from jobs.lab_laws import (LLAMA3_COMPUTE_OPTIMAL, MINICPM_BATCH_SIZE, Fit, chinchilla_optimal_n, compare_with_reference,
                            fit_accuracy, fit_batch_size, fit_chinchilla, fit_compute_optimal, fit_loss_vs_compute,
-                           isoflop_optimum)
+                           isoflop_optimum, token_law)
 from jobs.lab_plan import Laws, Run
 from jobs.lab_results import RunResult
 
@@ -127,7 +127,9 @@ def optimal_size(grid: list[RunResult], chinchilla: Fit | None, boot: int) -> La
                "compute (FLOPs)", "compute-optimal N")
     if law.fit is None:
         return law
-    return replace(law, note=f"from {source}; " + compare_with_reference(law.fit, LLAMA3_COMPUTE_OPTIMAL, "Llama 3"))
+    # Llama 3 reports the compute-optimal *tokens*: compare our size law in that form (D* = C / 6N*)
+    return replace(law, note=f"from {source}; " + compare_with_reference(token_law(law.fit), LLAMA3_COMPUTE_OPTIMAL,
+                                                                         "Llama 3"))
 
 
 def batch_points(curves: dict[int, list[tuple[int, float]]], levels: int = 6) -> list[tuple[float, float]]:

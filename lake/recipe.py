@@ -18,7 +18,8 @@ from typing import Any, Callable
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from lake.sections import (Cascade, Curriculum, Dedup, Feed, FeedStage, Filter, Ingest, LineDedup,  # noqa: F401
+from lake.feed_sections import Curriculum, Feed, FeedStage  # noqa: F401
+from lake.sections import (Cascade, Dedup, Filter, Ingest, LineDedup,  # noqa: F401
                            ModelPin, Pii, Score, Section, Shingling, Source, Spark, TokenizerCfg, WeakLabels)
 from lake.trainer_sections import ModelCfg, SpikeCfg, TrainerCfg, TrainerStageCfg  # noqa: F401
 

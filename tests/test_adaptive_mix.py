@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from jobs.adaptive_mix import CategorySignal, adaptive_mix, chunk_mix, learning_speed, project_to_bounds
 from lake import chunks
 from lake.recipe import RecipeError
-from lake.sections import AdaptiveMix, FeedStage
+from lake.feed_sections import AdaptiveMix, FeedStage
 from lake.signals import latest_signals, publish_signals
 from lake.tables import Lake
 from lake.trainer_sections import SignalsCfg, TrainerCfg
@@ -284,7 +284,7 @@ def test_feed_reads_the_signal_into_the_chunks_mix(tmp_path):
 
 @pytest.mark.slow
 def test_a_trainer_run_on_an_adaptive_stage_publishes_by_default(tmp_path):
-    from lake.sections import Feed
+    from lake.feed_sections import Feed
     from tests.test_trainer import _setup
     from trainer.loop import Trainer
 
