@@ -258,3 +258,26 @@ def test_an_adaptive_run_gets_its_budget_in_chunks_made_while_it_trains(tmp_path
     trainers.wait_all()
     assert calls and all(c == [prepared] for c in calls)
     assert trainers.starved == [(prepared, 0)] and not trainers.failed
+
+
+def test_batch_runs_give_a_batch_size_law_compared_with_minicpm():
+    """Three batch runs whose curves cross (a larger batch starts slower and goes lower): the batch that
+    reaches each loss first grows as the loss falls, so BS(L) = a / L^b has b > 0, next to MiniCPM's."""
+    from jobs.lab_plan import Laws
+    from jobs.lab_results import RunResult
+    from jobs.lab_scaling import batch_law
+
+    def curve(batch):
+        floor, tau = 1.5 + 2.0 / batch ** 0.5, 400.0 * batch ** 0.5
+        return [(t, floor + (4.0 - floor) * math.exp(-t / tau)) for t in range(100, 40_001, 100)]
+
+    runs = [RunResult(name=f"batch-{b}", group="batch", size="m", parameters=1000, batch=b, seq_len=64,
+                      budget=40_000, steps=400, tokens=40_000, heldout_loss=curve(b)[-1][1], perplexity_by_source={},
+                      loss_by_category={}, curve=curve(b), category_curves={}, heldout_curve=[])
+            for b in (4, 16, 64)]
+    laws = Laws(sizes=SIZES, budgets={"tokens": [1, 2]}, batch_sizes=[4, 16, 64], bootstrap=20)
+    law = batch_law(runs, laws, boot=20)
+    assert law.fit is not None and law.fit.params["b"] > 0 and len(law.points) >= 3
+    assert law.note.startswith("batch_size (BS(L) = a / L^b) vs MiniCPM: a: ours")
+    assert [bs for _, bs in law.points] == sorted(bs for _, bs in law.points)  # lower loss, larger batch
+    assert batch_law(runs[:2], laws, boot=20).fit is None  # two batches: said, not fitted
